@@ -1,0 +1,199 @@
+use super::*;
+
+fn file() -> &'static Path {
+    Path::new("/etc/storerelay/config.yaml")
+}
+
+const FULL: &str = r#"
+listen: 0.0.0.0:8089
+admin: 0.0.0.0:9089
+paths: [/apple/notifications]
+upstream:
+  url: http://127.0.0.1:8080
+  timeout: 5s
+ack: upstream
+ackTimeout: 5s
+spool:
+  path: /var/lib/storerelay/spool.db
+  maxBytes: 256Mi
+  sync: full
+  retainDelivered: 168h
+limits: {maxBodyBytes: 1Mi, headerTimeout: 5s, bodyTimeout: 10s, maxConcurrentRequests: 256}
+shutdownGracePeriod: 20s
+destinations:
+  - name: revenuecat
+    url: https://example.invalid/hook
+    headers: {}
+    timeout: 10s
+    concurrency: 4
+    retry: {initialBackoff: 1s, maxBackoff: 10m, maxAge: 168h}
+"#;
+
+#[test]
+fn the_documented_example_equals_the_defaults() {
+    let full = parse(FULL, file()).unwrap();
+    let minimal = parse(
+        "upstream: {url: http://127.0.0.1:8080}\ndestinations: [{name: revenuecat, url: https://example.invalid/hook}]\n",
+        file(),
+    )
+    .unwrap();
+    assert_eq!(full.ack, Some(AckMode::Upstream));
+    let mut minimal_with_ack = minimal.clone();
+    minimal_with_ack.ack = Some(AckMode::Upstream);
+    assert_eq!(full, minimal_with_ack);
+    assert_eq!(minimal.effective_ack(), AckMode::Upstream);
+}
+
+#[test]
+fn ack_defaults_to_spooled_without_upstream() {
+    let config = parse("", file()).unwrap();
+    assert_eq!(config.effective_ack(), AckMode::Spooled);
+    assert_eq!(config.listen.port(), 8089);
+    assert_eq!(config.spool.max_bytes, ByteSize(256 << 20));
+}
+
+#[test]
+fn unknown_keys_name_the_key_and_file() {
+    let err = parse(
+        "destinations:\n  - name: rc\n    url: https://x.invalid/\n    retry: {maxAgee: 1h}\n",
+        file(),
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with("/etc/storerelay/config.yaml: key `destinations[0].retry"),
+        "{text}"
+    );
+    assert!(text.contains("maxAgee"), "{text}");
+
+    let err = parse("listn: 0.0.0.0:1\n", file()).unwrap_err().to_string();
+    assert!(err.contains("listn"), "{err}");
+}
+
+#[test]
+fn bad_values_name_the_key() {
+    let err = parse("limits: {headerTimeout: 5 seconds}\n", file())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("limits.headerTimeout"), "{err}");
+    assert!(err.contains("`5 seconds` is not a duration"), "{err}");
+}
+
+#[test]
+fn validation_reports_every_problem_with_its_key() {
+    let text = r#"
+listen: 127.0.0.1:1
+admin: 127.0.0.1:1
+paths: [apple, /a, /a]
+ack: upstream
+spool: {maxBytes: 1Ki}
+destinations:
+  - {name: RevenueCat, url: "ftp://x"}
+  - {name: b, url: "https://x.invalid/a", urlFile: /f, concurrency: 0, headers: {"bad header": x}}
+  - {name: b, retry: {initialBackoff: 10s, maxBackoff: 1s}}
+"#;
+    let ConfigError::Invalid { problems, .. } = parse(text, file()).unwrap_err() else {
+        panic!("expected validation problems");
+    };
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    for expected in [
+        "admin",
+        "paths[0]",
+        "paths[2]",
+        "ack",
+        "spool.maxBytes",
+        "destinations[0].name",
+        "destinations[0].url",
+        "destinations[1].url",
+        "destinations[1].headers.bad header",
+        "destinations[1].concurrency",
+        "destinations[2].name",
+        "destinations[2].url",
+        "destinations[2].retry.maxBackoff",
+    ] {
+        assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
+    }
+}
+
+#[test]
+fn spooled_ack_with_an_upstream_is_refused() {
+    let err = parse(
+        "upstream: {url: http://127.0.0.1:8080}\nack: spooled\n",
+        file(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("`ack`"), "{err}");
+}
+
+#[test]
+fn errors_never_echo_destination_urls() {
+    let secret = "https://user:tok3n@example.invalid/hook/SECRET";
+    let err = parse(
+        &format!("destinations: [{{name: rc, url: \"{secret}\"}}]\n"),
+        file(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(!err.contains("tok3n") && !err.contains("SECRET"), "{err}");
+}
+
+#[test]
+fn redaction_hides_tokens_and_header_values() {
+    let text = "destinations:\n  - name: rc\n    url: https://api.example.invalid:8443/v1/hook/SECRET?k=SECRET\n    headers: {Authorization: Bearer SECRET}\n";
+    let config = parse(text, file()).unwrap();
+    let printed = config.redacted().to_yaml();
+    assert!(!printed.contains("SECRET"), "{printed}");
+    assert!(
+        printed.contains("https://api.example.invalid:8443/<redacted>"),
+        "{printed}"
+    );
+    assert!(printed.contains("Authorization: <redacted>"), "{printed}");
+    assert!(printed.contains("ack: spooled"), "{printed}");
+    // What `check` prints parses back to a config with the same shape.
+    let reparsed = parse(&printed, file()).unwrap();
+    assert_eq!(reparsed.destinations.len(), 1);
+}
+
+#[test]
+fn rendered_yaml_round_trips() {
+    let config = parse(FULL, file()).unwrap();
+    assert_eq!(parse(&config.to_yaml(), file()).unwrap(), config);
+}
+
+#[test]
+fn secret_files_are_listed_for_watching() {
+    let config = parse(
+        "destinations:\n  - {name: a, urlFile: /s/a/url, headersFile: /s/a/headers}\n  - {name: b, url: https://b.invalid/}\n",
+        file(),
+    )
+    .unwrap();
+    assert_eq!(
+        config.secret_files(),
+        vec![Path::new("/s/a/url"), Path::new("/s/a/headers")]
+    );
+}
+
+#[test]
+fn schema_describes_camel_case_keys() {
+    let schema = json_schema().to_string();
+    for key in [
+        "maxBodyBytes",
+        "retainDelivered",
+        "urlFile",
+        "headersFile",
+        "shutdownGracePeriod",
+    ] {
+        assert!(schema.contains(key), "{key}");
+    }
+}
+
+#[test]
+fn load_names_a_missing_file() {
+    let err = load(Path::new("/nonexistent/storerelay.yaml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("/nonexistent/storerelay.yaml: cannot read"),
+        "{err}"
+    );
+}
