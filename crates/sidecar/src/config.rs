@@ -1,0 +1,318 @@
+//! The config in force: the file's values plus each destination's secrets, read from its `urlFile` /
+//! `headersFile`, and the reload loop that follows changes to any of those files.
+//!
+//! Kubernetes updates mounted ConfigMaps and Secrets by swapping a symlink, which file-change
+//! notifications report unreliably; comparing the files' contents on a short interval sees every swap.
+
+use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use storerelay_config::{ConfigError, RetryPolicy, SidecarConfig, check_http_url, redact_url};
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+
+/// A destination ready to be delivered to.
+#[derive(Debug, Clone)]
+pub struct ResolvedDestination {
+    pub name: String,
+    /// `None` while its `urlFile` cannot be read: its deliveries wait in the spool.
+    pub url: Option<reqwest::Url>,
+    /// `scheme://host[:port]`: the only form of the URL that is ever shown.
+    pub display: String,
+    pub headers: HeaderMap,
+    pub timeout: Duration,
+    pub concurrency: usize,
+    pub retry: RetryPolicy,
+    /// Why the destination cannot be delivered to, if it cannot (never contains a secret).
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub file: SidecarConfig,
+    pub destinations: Vec<Arc<ResolvedDestination>>,
+}
+
+impl RuntimeConfig {
+    pub fn destination(&self, name: &str) -> Option<&Arc<ResolvedDestination>> {
+        self.destinations.iter().find(|d| d.name == name)
+    }
+
+    pub fn destination_names(&self) -> Vec<String> {
+        self.destinations.iter().map(|d| d.name.clone()).collect()
+    }
+
+    /// Problems that leave the sidecar working but a destination stalled.
+    pub fn problems(&self) -> Vec<String> {
+        self.destinations
+            .iter()
+            .filter_map(|d| {
+                d.problem
+                    .as_ref()
+                    .map(|p| format!("destination {}: {p}", d.name))
+            })
+            .collect()
+    }
+}
+
+/// Resolves every destination's secrets. A destination whose secret files fail keeps the values it had
+/// in `previous`, so a half-written Secret never stops delivery that was working.
+pub fn resolve(
+    file: SidecarConfig,
+    previous: Option<&RuntimeConfig>,
+    metrics: &Metrics,
+) -> RuntimeConfig {
+    let destinations = file
+        .destinations
+        .iter()
+        .map(|d| {
+            let earlier = previous.and_then(|p| p.destination(&d.name));
+            let resolved = resolve_destination(d);
+            let (url, display, headers, problem) = match resolved {
+                Ok((url, headers)) => (Some(url.clone()), redact_url(url.as_str()), headers, None),
+                Err(problem) => {
+                    metrics.secret_file_errors.inc(&[&d.name]);
+                    tracing::error!(destination = %d.name, problem = %problem, "destination secrets unusable; its deliveries wait in the spool");
+                    match earlier.filter(|e| e.url.is_some()) {
+                        Some(e) => (e.url.clone(), e.display.clone(), e.headers.clone(), Some(format!("{problem} (using the previous values)"))),
+                        None => (None, "<unresolved>".to_string(), HeaderMap::new(), Some(problem)),
+                    }
+                }
+            };
+            Arc::new(ResolvedDestination {
+                name: d.name.clone(),
+                url,
+                display,
+                headers,
+                timeout: d.timeout.get(),
+                concurrency: d.concurrency as usize,
+                retry: d.retry,
+                problem,
+            })
+        })
+        .collect();
+    RuntimeConfig { file, destinations }
+}
+
+fn resolve_destination(
+    d: &storerelay_config::Destination,
+) -> Result<(reqwest::Url, HeaderMap), String> {
+    let url_text = match (&d.url, &d.url_file) {
+        (Some(url), _) => url.clone(),
+        (None, Some(file)) => read_secret(file)?.trim().to_string(),
+        (None, None) => return Err("no url".into()),
+    };
+    if let Some(file) = &d.url_file {
+        check_http_url(&url_text, true)
+            .map_err(|e| format!("urlFile {}: the URL {e}", file.display()))?;
+    }
+    let url = reqwest::Url::parse(&url_text).map_err(|e| format!("url: {e}"))?;
+
+    let mut pairs: BTreeMap<String, String> = d.headers.clone();
+    if let Some(file) = &d.headers_file {
+        let text = read_secret(file)?;
+        let from_file: BTreeMap<String, String> = serde_yaml::from_str(&text).map_err(|_| {
+            format!(
+                "headersFile {}: not a YAML or JSON map of header names to strings",
+                file.display()
+            )
+        })?;
+        pairs.extend(from_file);
+    }
+    let mut headers = HeaderMap::new();
+    for (name, value) in pairs {
+        let header_name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("header `{name}`: invalid name"))?;
+        let mut header_value =
+            HeaderValue::from_str(&value).map_err(|_| format!("header `{name}`: invalid value"))?;
+        header_value.set_sensitive(true);
+        headers.insert(header_name, header_value);
+    }
+    Ok((url, headers))
+}
+
+fn read_secret(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))
+}
+
+/// Settings bound when the process starts; a change to them waits for a restart.
+fn restart_only_changes(old: &SidecarConfig, new: &SidecarConfig) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    if old.listen != new.listen {
+        keys.push("listen");
+    }
+    if old.admin != new.admin {
+        keys.push("admin");
+    }
+    if old.spool.path != new.spool.path {
+        keys.push("spool.path");
+    }
+    if old.spool.sync != new.spool.sync {
+        keys.push("spool.sync");
+    }
+    if old.limits.header_timeout != new.limits.header_timeout {
+        keys.push("limits.headerTimeout");
+    }
+    if old.limits.max_concurrent_requests != new.limits.max_concurrent_requests {
+        keys.push("limits.maxConcurrentRequests");
+    }
+    keys
+}
+
+/// A hash of the config file and every secret file it names, to notice any change cheaply.
+fn fingerprint(path: &Path, secret_files: &[PathBuf]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    for file in std::iter::once(path).chain(secret_files.iter().map(PathBuf::as_path)) {
+        match std::fs::read(file) {
+            Ok(bytes) => bytes.hash(&mut hasher),
+            Err(e) => e.kind().hash(&mut hasher),
+        }
+    }
+    hasher.finish()
+}
+
+fn owned_secret_files(config: &SidecarConfig) -> Vec<PathBuf> {
+    config
+        .secret_files()
+        .into_iter()
+        .map(Path::to_path_buf)
+        .collect()
+}
+
+/// Follows the config file and its secret files, publishing each valid change. An invalid change is
+/// logged, counted and ignored: the config in force stays.
+pub async fn follow(
+    path: PathBuf,
+    interval: Duration,
+    current: watch::Sender<Arc<RuntimeConfig>>,
+    metrics: Arc<Metrics>,
+) {
+    let mut secret_files = owned_secret_files(&current.borrow().file);
+    let mut seen = fingerprint(&path, &secret_files);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let now_seen = fingerprint(&path, &secret_files);
+        if now_seen == seen {
+            continue;
+        }
+        seen = now_seen;
+        match storerelay_config::load(&path) {
+            Ok(mut file) => {
+                let previous = current.borrow().clone();
+                let pending_restart = restart_only_changes(&previous.file, &file);
+                if !pending_restart.is_empty() {
+                    tracing::warn!(keys = ?pending_restart, "these settings change only when the sidecar restarts; the running values stay in force");
+                    keep_running_values(&previous.file, &mut file);
+                }
+                secret_files = owned_secret_files(&file);
+                seen = fingerprint(&path, &secret_files);
+                let next = resolve(file, Some(&previous), &metrics);
+                tracing::info!(destinations = ?next.destination_names(), ack = %next.file.effective_ack(), "config reloaded");
+                metrics.config_reloads.inc(&["success"]);
+                current.send_replace(Arc::new(next));
+            }
+            Err(error) => {
+                let error: ConfigError = error;
+                tracing::error!(error = %error, "config reload refused; the previous config stays in force");
+                metrics.config_reloads.inc(&["error"]);
+            }
+        }
+    }
+}
+
+fn keep_running_values(running: &SidecarConfig, new: &mut SidecarConfig) {
+    new.listen = running.listen;
+    new.admin = running.admin;
+    new.spool.path = running.spool.path.clone();
+    new.spool.sync = running.spool.sync;
+    new.limits.header_timeout = running.limits.header_timeout;
+    new.limits.max_concurrent_requests = running.limits.max_concurrent_requests;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> SidecarConfig {
+        storerelay_config::parse(text, Path::new("test.yaml")).unwrap()
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_merge_headers() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("url"),
+            "https://hooks.example.invalid/v1/TOKEN\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("headers"),
+            "{\"Authorization\": \"Bearer s3cret\"}",
+        )
+        .unwrap();
+        let config = parse(&format!(
+            "destinations:\n  - name: rc\n    urlFile: {0}/url\n    headersFile: {0}/headers\n    headers: {{X-Source: storerelay}}\n",
+            dir.path().display()
+        ));
+        let resolved = resolve(config, None, &Metrics::default());
+        let rc = &resolved.destinations[0];
+        assert_eq!(
+            rc.url.as_ref().unwrap().as_str(),
+            "https://hooks.example.invalid/v1/TOKEN"
+        );
+        assert_eq!(rc.display, "https://hooks.example.invalid");
+        assert_eq!(rc.headers["authorization"], "Bearer s3cret");
+        assert_eq!(rc.headers["x-source"], "storerelay");
+        assert!(rc.problem.is_none());
+    }
+
+    #[test]
+    fn a_missing_secret_is_a_problem_without_the_secret() {
+        let metrics = Metrics::default();
+        let dir = tempfile::tempdir().unwrap();
+        let url_file = dir.path().join("url");
+        let config = parse(&format!(
+            "destinations:\n  - {{name: rc, urlFile: {}}}\n",
+            url_file.display()
+        ));
+        let resolved = resolve(config.clone(), None, &metrics);
+        let problem = resolved.destinations[0].problem.clone().unwrap();
+        assert!(
+            problem.contains("cannot read") && problem.contains("url"),
+            "{problem}"
+        );
+        assert!(resolved.destinations[0].url.is_none());
+        assert_eq!(metrics.secret_file_errors.get(&["rc"]), 1);
+
+        // Once readable it resolves; if it breaks again, the last good URL stays in use.
+        std::fs::write(&url_file, "https://a.example.invalid/SECRET").unwrap();
+        let good = resolve(config.clone(), Some(&resolved), &metrics);
+        assert!(good.destinations[0].problem.is_none());
+        std::fs::write(&url_file, "not a url SECRET").unwrap();
+        let kept = resolve(config, Some(&good), &metrics);
+        let problem = kept.destinations[0].problem.clone().unwrap();
+        assert!(!problem.contains("SECRET"), "{problem}");
+        assert_eq!(
+            kept.destinations[0].url.as_ref().unwrap().as_str(),
+            "https://a.example.invalid/SECRET"
+        );
+    }
+
+    #[test]
+    fn restart_only_keys_are_named() {
+        let old = parse("listen: 127.0.0.1:1\n");
+        let new = parse("listen: 127.0.0.1:2\nspool: {sync: normal}\n");
+        assert_eq!(
+            restart_only_changes(&old, &new),
+            vec!["listen", "spool.sync"]
+        );
+    }
+}

@@ -1,0 +1,306 @@
+//! Delivery: one dispatcher per destination takes due rows from the spool, POSTs them with bounded
+//! concurrency, and records each outcome back in the spool.
+//!
+//! Destinations never share a queue or a connection pool, so a slow or failing one cannot delay another
+//! nor the ack of new notifications. The spool is the only queue: a crash loses nothing but the attempts
+//! in flight, which are simply made again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::clock::now_ms;
+use crate::config::{ResolvedDestination, RuntimeConfig};
+use crate::metrics::Metrics;
+use crate::retry::{self, AttemptResult};
+use crate::spool::{DueDelivery, Outcome, Spool};
+
+/// A dispatcher re-reads the spool at least this often, so rows that `spool redeliver` changed from
+/// outside are picked up without a signal.
+const MAX_IDLE: Duration = Duration::from_secs(1);
+
+pub const USER_AGENT: &str = concat!("storerelay/", env!("CARGO_PKG_VERSION"));
+
+/// What dispatchers share.
+#[derive(Clone)]
+pub struct Delivery {
+    pub spool: Spool,
+    pub metrics: Arc<Metrics>,
+    pub config: watch::Receiver<Arc<RuntimeConfig>>,
+    pub waiters: Arc<Waiters>,
+    /// Attempts under way across all destinations (shutdown waits for them).
+    pub in_flight: Arc<AtomicUsize>,
+}
+
+/// Requests waiting for `ack: delivered`, woken when one of their deliveries finishes.
+#[derive(Default)]
+pub struct Waiters {
+    by_notification: Mutex<HashMap<i64, Arc<Notify>>>,
+}
+
+impl Waiters {
+    pub fn register(&self, notification_id: i64) -> Arc<Notify> {
+        let mut map = self
+            .by_notification
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.entry(notification_id).or_default().clone()
+    }
+
+    pub fn release(&self, notification_id: i64) {
+        self.by_notification
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&notification_id);
+    }
+
+    fn finished(&self, notification_id: i64) {
+        let map = self
+            .by_notification
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(notify) = map.get(&notification_id) {
+            notify.notify_waiters();
+        }
+    }
+}
+
+/// Runs a dispatcher for every configured destination, starting new ones as the config gains
+/// destinations (a removed destination's dispatcher ends by itself; its rows wait in the spool in case
+/// it comes back). Returns when `stop` turns true.
+pub async fn supervise(delivery: Delivery, mut stop: watch::Receiver<bool>) {
+    let mut config = delivery.config.clone();
+    let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    loop {
+        running.retain(|_, task| !task.is_finished());
+        let names = config.borrow_and_update().destination_names();
+        for name in names {
+            if !running.contains_key(&name) {
+                let task = tokio::spawn(dispatch(name.clone(), delivery.clone(), stop.clone()));
+                running.insert(name, task);
+            }
+        }
+        tokio::select! {
+            changed = config.changed() => if changed.is_err() { break },
+            _ = crate::server::stopped(&mut stop) => break,
+        }
+    }
+    for (_, task) in running {
+        let _ = task.await;
+    }
+}
+
+async fn dispatch(name: String, delivery: Delivery, mut stop: watch::Receiver<bool>) {
+    let mut inserts = delivery.spool.subscribe_inserts();
+    let mut config = delivery.config.clone();
+    let mut in_flight: HashSet<i64> = HashSet::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<i64>();
+    let mut client: Option<(Arc<ResolvedDestination>, reqwest::Client)> = None;
+    tracing::debug!(destination = %name, "dispatcher started");
+
+    while !*stop.borrow() {
+        let Some(destination) = config.borrow_and_update().destination(&name).cloned() else {
+            tracing::info!(destination = %name, "destination removed from the config; its pending deliveries stay in the spool");
+            break;
+        };
+        if client
+            .as_ref()
+            .is_none_or(|(seen, _)| !Arc::ptr_eq(seen, &destination))
+        {
+            client = match build_client(&destination) {
+                Ok(built) => Some((destination.clone(), built)),
+                Err(error) => {
+                    tracing::error!(destination = %name, %error, "cannot build an HTTP client");
+                    None
+                }
+            };
+        }
+
+        let mut wait = MAX_IDLE;
+        let free = destination.concurrency.saturating_sub(in_flight.len());
+        if let (Some((_, http)), true, true) = (&client, destination.url.is_some(), free > 0) {
+            let now = now_ms();
+            let (limit, query_name) = (free + in_flight.len(), name.clone());
+            let fetched = delivery
+                .spool
+                .read(move |db| {
+                    Ok((
+                        db.due(&query_name, now, limit)?,
+                        db.next_due_after(&query_name, now)?,
+                    ))
+                })
+                .await;
+            match fetched {
+                Ok((due, next_due)) => {
+                    let fresh: Vec<DueDelivery> = due
+                        .into_iter()
+                        .filter(|row| !in_flight.contains(&row.notification_id))
+                        .take(free)
+                        .collect();
+                    for row in fresh {
+                        in_flight.insert(row.notification_id);
+                        delivery.in_flight.fetch_add(1, Ordering::SeqCst);
+                        let (delivery, destination, http, done) = (
+                            delivery.clone(),
+                            destination.clone(),
+                            http.clone(),
+                            done_tx.clone(),
+                        );
+                        tokio::spawn(async move {
+                            let id = row.notification_id;
+                            attempt(&delivery, &destination, &http, row).await;
+                            delivery.in_flight.fetch_sub(1, Ordering::SeqCst);
+                            let _ = done.send(id);
+                        });
+                    }
+                    if let Some(next) = next_due {
+                        wait = wait.min(Duration::from_millis((next - now).max(0) as u64));
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(destination = %name, %error, "cannot read due deliveries")
+                }
+            }
+        }
+
+        tokio::select! {
+            Some(id) = done_rx.recv() => { in_flight.remove(&id); }
+            _ = inserts.changed() => {}
+            _ = config.changed() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => {}
+        }
+        // Collect every attempt that finished meanwhile before computing free slots again.
+        while let Ok(id) = done_rx.try_recv() {
+            in_flight.remove(&id);
+        }
+    }
+}
+
+fn build_client(destination: &ResolvedDestination) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(destination.timeout)
+        .connect_timeout(destination.timeout.min(Duration::from_secs(5)))
+        .user_agent(USER_AGENT)
+        .pool_max_idle_per_host(destination.concurrency)
+        .build()
+}
+
+/// One POST of the stored bytes, its outcome recorded in the spool, counted and logged.
+async fn attempt(
+    delivery: &Delivery,
+    destination: &ResolvedDestination,
+    http: &reqwest::Client,
+    row: DueDelivery,
+) {
+    let Some(url) = destination.url.clone() else {
+        return;
+    };
+    let started = Instant::now();
+    let result = post(http, url, destination, row.body).await;
+    let took = started.elapsed();
+    let outcome = retry::decide(
+        &result,
+        &destination.retry,
+        row.attempts,
+        row.received_at,
+        now_ms(),
+        fastrand::f64(),
+    );
+
+    let name = destination.name.as_str();
+    delivery.metrics.delivery_duration.observe(name, took);
+    let (label, next_attempt_at) = match &outcome {
+        Outcome::Delivered { .. } => ("delivered", None),
+        Outcome::Retry {
+            next_attempt_at, ..
+        } => ("retried", Some(crate::clock::format_ms(*next_attempt_at))),
+        Outcome::Dead { .. } => ("dead", None),
+    };
+    delivery.metrics.deliveries.inc(&[name, label]);
+    let error = match &outcome {
+        Outcome::Retry { error, .. } | Outcome::Dead { error, .. } => Some(error.as_str()),
+        Outcome::Delivered { .. } => None,
+    };
+    tracing::info!(
+        notification = row.notification_id,
+        destination = name,
+        target = %destination.display,
+        outcome = label,
+        result = %result.describe(),
+        attempt = row.attempts + 1,
+        duration_ms = took.as_millis() as u64,
+        next_attempt_at,
+        error,
+        "delivery"
+    );
+
+    let finished = !matches!(outcome, Outcome::Retry { .. });
+    if let Err(error) = delivery
+        .spool
+        .record(name.to_string(), row.notification_id, outcome)
+        .await
+    {
+        // The row stays as it was and is attempted again: at least once, never lost.
+        tracing::error!(destination = name, notification = row.notification_id, %error, "cannot record delivery outcome");
+    }
+    if finished {
+        delivery.waiters.finished(row.notification_id);
+    }
+}
+
+async fn post(
+    http: &reqwest::Client,
+    url: reqwest::Url,
+    destination: &ResolvedDestination,
+    body: Bytes,
+) -> AttemptResult {
+    let request = http
+        .post(url)
+        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+        .headers(destination.headers.clone())
+        .body(body);
+    match request.send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| retry::parse_retry_after(v, SystemTime::now()));
+            // Read the answer so the connection can be reused; its content does not matter.
+            let _ = response.bytes().await;
+            AttemptResult::Response {
+                status,
+                retry_after,
+            }
+        }
+        Err(error) if error.is_timeout() => AttemptResult::Timeout,
+        Err(error) => AttemptResult::Failed(describe_error(&error)),
+    }
+}
+
+/// The error's kind and innermost cause, without the URL reqwest would print.
+fn describe_error(error: &reqwest::Error) -> String {
+    let kind = if error.is_connect() {
+        "connect error"
+    } else {
+        "request error"
+    };
+    let mut source: &dyn std::error::Error = error;
+    while let Some(next) = source.source() {
+        source = next;
+    }
+    let cause = source.to_string();
+    if cause.contains("://") {
+        kind.to_string()
+    } else {
+        format!("{kind}: {cause}")
+    }
+}

@@ -1,0 +1,336 @@
+//! Receiving: Apple's POST is stored byte-exact in the spool before anything is acknowledged, and,
+//! in proxy mode, passed to the app whose answer goes back to Apple.
+//!
+//! Every refusal is a status Apple retries (5xx) unless the request itself is wrong (404, 405, 413):
+//! a 4xx for a transient problem could make Apple give up on a notification.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use storerelay_config::AckMode;
+use tokio::sync::{Semaphore, watch};
+
+use crate::config::RuntimeConfig;
+use crate::delivery::Waiters;
+use crate::metrics::Metrics;
+use crate::spool::{Spool, SpoolError};
+
+/// What the ingest handler needs.
+pub struct IngestState {
+    pub spool: Spool,
+    pub metrics: Arc<Metrics>,
+    pub config: watch::Receiver<Arc<RuntimeConfig>>,
+    pub waiters: Arc<Waiters>,
+    /// Requests being handled; sized by `limits.maxConcurrentRequests`.
+    pub permits: Arc<Semaphore>,
+    /// The client for the app container: no redirects, no proxy, timeouts per request.
+    pub upstream: reqwest::Client,
+}
+
+pub fn router(state: Arc<IngestState>) -> Router {
+    Router::new().fallback(receive).with_state(state)
+}
+
+pub fn upstream_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+}
+
+fn json(status: StatusCode, body: &'static str) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+fn refuse(metrics: &Metrics, reason: &str, status: StatusCode, body: &'static str) -> Response {
+    metrics.rejected.inc(&[reason]);
+    let mut response = json(status, body);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+async fn receive(State(state): State<Arc<IngestState>>, request: Request) -> Response {
+    let config = state.config.borrow().clone();
+    let path = request.uri().path().to_string();
+    if !config.file.paths.iter().any(|p| *p == path) {
+        return json(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#);
+    }
+    if request.method() != Method::POST {
+        let mut response = json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            r#"{"error":"method not allowed"}"#,
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return response;
+    }
+    let Ok(_permit) = state.permits.clone().try_acquire_owned() else {
+        return refuse(
+            &state.metrics,
+            "overloaded",
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"error":"busy, retry"}"#,
+        );
+    };
+
+    let limits = &config.file.limits;
+    let max_body = limits.max_body_bytes.get();
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body) {
+        return too_large(&state.metrics);
+    }
+    let (parts, body) = request.into_parts();
+    let limited = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
+    let body = match tokio::time::timeout(limits.body_timeout.get(), limited.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
+            return too_large(&state.metrics);
+        }
+        Ok(Err(_)) => {
+            return refuse(
+                &state.metrics,
+                "body_error",
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"incomplete body"}"#,
+            );
+        }
+        Err(_) => {
+            let mut response = refuse(
+                &state.metrics,
+                "body_timeout",
+                StatusCode::REQUEST_TIMEOUT,
+                r#"{"error":"body too slow"}"#,
+            );
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
+    };
+
+    let ack = config.file.effective_ack();
+    let store = state
+        .spool
+        .insert(path.clone(), body.clone(), config.destination_names());
+    let (stored, app_answer) = match &config.file.upstream {
+        Some(upstream) => {
+            let url = format!(
+                "{}{}",
+                upstream.url.trim_end_matches('/'),
+                parts.uri.path_and_query().map_or("/", |p| p.as_str())
+            );
+            let forward = forward(
+                &state,
+                url,
+                upstream.timeout.get(),
+                &parts.method,
+                &parts.headers,
+                body.clone(),
+            );
+            let (stored, answer) = tokio::join!(store, forward);
+            (stored, Some(answer))
+        }
+        None => (store.await, None),
+    };
+
+    let notification_id = match stored {
+        Ok(id) => id,
+        Err(error) => {
+            // Not durable, so not acknowledged: Apple retries and the app's copy (if any) is a duplicate
+            // it already has to tolerate, since Apple retries on its own too.
+            tracing::error!(path = %path, bytes = body.len(), %error, "notification not stored; answering 503");
+            let message = match error {
+                SpoolError::Full { .. } => r#"{"error":"spool full, retry"}"#,
+                _ => r#"{"error":"spool unavailable, retry"}"#,
+            };
+            return refuse(
+                &state.metrics,
+                error.reason(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                message,
+            );
+        }
+    };
+    state
+        .metrics
+        .received
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+
+    let response = match (ack, app_answer) {
+        (AckMode::Upstream, Some(answer)) => answer,
+        (AckMode::Delivered, Some(answer)) if !answer.status().is_success() => answer,
+        (AckMode::Delivered, answer) => {
+            let delivered =
+                wait_for_delivery(&state, notification_id, config.file.ack_timeout.get()).await;
+            match (delivered, answer) {
+                (true, Some(answer)) => answer,
+                (true, None) => json(StatusCode::OK, "{}"),
+                (false, _) => {
+                    let mut response = json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        r#"{"error":"not yet delivered, retry"}"#,
+                    );
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                    response
+                }
+            }
+        }
+        _ => json(StatusCode::OK, "{}"),
+    };
+    tracing::info!(
+        notification = notification_id,
+        path = %path,
+        bytes = body.len(),
+        ack = %ack,
+        status = response.status().as_u16(),
+        "notification received"
+    );
+    response
+}
+
+fn too_large(metrics: &Metrics) -> Response {
+    let mut response = refuse(
+        metrics,
+        "too_large",
+        StatusCode::PAYLOAD_TOO_LARGE,
+        r#"{"error":"body too large"}"#,
+    );
+    // The rest of the body is never read, so the connection cannot be reused.
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Waits until every destination has the notification (true), or one gave up on it or the time ran
+/// out (false). Delivery goes on in the background either way.
+async fn wait_for_delivery(state: &IngestState, notification_id: i64, within: Duration) -> bool {
+    let notify = state.waiters.register(notification_id);
+    let deadline = tokio::time::Instant::now() + within;
+    let outcome = loop {
+        let finished = notify.notified();
+        tokio::pin!(finished);
+        finished.as_mut().enable();
+        match state
+            .spool
+            .read(move |db| db.delivery_states(notification_id))
+            .await
+        {
+            Ok((0, _, 0)) => break true,
+            Ok((_, _, dead)) if dead > 0 => break false,
+            Ok(_) => {}
+            Err(_) => break false,
+        }
+        if tokio::time::timeout_at(deadline, finished).await.is_err() {
+            break false;
+        }
+    };
+    state.waiters.release(notification_id);
+    outcome
+}
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1) and those the client recomputes.
+fn is_end_to_end(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+/// Passes the request to the app and its answer back. The app unreachable or too slow is a 503, never
+/// a 4xx.
+async fn forward(
+    state: &IngestState,
+    url: String,
+    timeout: Duration,
+    method: &Method,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut request = state
+        .upstream
+        .request(method.clone(), url)
+        .timeout(timeout)
+        .body(body);
+    for (name, value) in headers.iter().filter(|(name, _)| is_end_to_end(name)) {
+        request = request.header(name, value);
+    }
+    let answer = match request.send().await {
+        Ok(answer) => answer,
+        Err(error) => {
+            let code = if error.is_timeout() {
+                "timeout"
+            } else {
+                "unreachable"
+            };
+            state.metrics.upstream_responses.inc(&[code]);
+            tracing::warn!(upstream = code, "app did not answer; answering 503");
+            return json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                r#"{"error":"app unavailable, retry"}"#,
+            );
+        }
+    };
+    let status = answer.status();
+    state.metrics.upstream_responses.inc(&[status.as_str()]);
+    let mut response_headers = HeaderMap::new();
+    for (name, value) in answer
+        .headers()
+        .iter()
+        .filter(|(name, _)| is_end_to_end(name))
+    {
+        response_headers.append(name.clone(), value.clone());
+    }
+    match answer.bytes().await {
+        Ok(bytes) => {
+            let mut response = Response::new(Body::from(bytes));
+            *response.status_mut() = status;
+            *response.headers_mut() = response_headers;
+            response
+        }
+        Err(_) => {
+            state.metrics.upstream_responses.inc(&["unreachable"]);
+            json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                r#"{"error":"app answer broken, retry"}"#,
+            )
+        }
+    }
+}

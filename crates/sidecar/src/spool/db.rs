@@ -1,0 +1,756 @@
+//! The spool's SQL: one SQLite file in WAL mode, two tables.
+//!
+//! `notifications` holds each body exactly as received; `deliveries` holds one row per (destination,
+//! notification) with its state. Everything here is synchronous and owned by one thread at a time: the
+//! sidecar's writer thread, or a `spool` tool running beside it (WAL lets both read while one writes).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+use storerelay_config::SyncMode;
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS notifications (
+    id          INTEGER PRIMARY KEY,
+    received_at INTEGER NOT NULL,          -- unix milliseconds
+    path        TEXT    NOT NULL,
+    body        BLOB    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    destination     TEXT    NOT NULL,
+    notification_id INTEGER NOT NULL,
+    state           TEXT    NOT NULL,      -- pending | delivered | dead
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,      -- unix milliseconds; meaningful while pending
+    finished_at     INTEGER,               -- when it became delivered or dead
+    last_status     INTEGER,               -- last HTTP status, if any
+    last_error      TEXT,                  -- last failure, never containing the URL
+    PRIMARY KEY (destination, notification_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_by_notification ON deliveries (notification_id);
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool is full ({stored} of {max} bytes hold undelivered notifications)")]
+    Full { stored: u64, max: u64 },
+    #[error("spool {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("spool {path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("spool {0}: the writer has stopped")]
+    Closed(PathBuf),
+}
+
+impl SpoolError {
+    /// A short label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SpoolError::Full { .. } => "spool_full",
+            SpoolError::Sqlite { .. } | SpoolError::Io { .. } | SpoolError::Closed(_) => {
+                "spool_error"
+            }
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, SpoolError>;
+
+/// What happened to one delivery attempt, as the spool records it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Delivered {
+        status: u16,
+    },
+    Retry {
+        next_attempt_at: i64,
+        status: Option<u16>,
+        error: String,
+    },
+    Dead {
+        status: Option<u16>,
+        error: String,
+    },
+}
+
+/// A delivery that is due now, with the body to send.
+#[derive(Debug, Clone)]
+pub struct DueDelivery {
+    pub notification_id: i64,
+    pub received_at: i64,
+    pub attempts: u32,
+    pub body: bytes::Bytes,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct DestinationStats {
+    pub destination: String,
+    pub pending: u64,
+    pub delivered: u64,
+    pub dead: u64,
+    /// `received_at` of the oldest pending notification, unix milliseconds.
+    pub oldest_pending_received_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeliveryRow {
+    pub notification_id: i64,
+    pub destination: String,
+    pub state: String,
+    pub attempts: u32,
+    pub received_at: i64,
+    pub next_attempt_at: i64,
+    pub finished_at: Option<i64>,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub destination: Option<String>,
+    pub state: Option<String>,
+    pub limit: u32,
+}
+
+/// What opening found: a corrupt file that was set aside, if any.
+#[derive(Debug, Default)]
+pub struct OpenReport {
+    pub quarantined: Option<PathBuf>,
+    pub corruption: Option<String>,
+}
+
+pub struct SpoolDb {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl SpoolDb {
+    /// Opens (creating if needed) and checks the spool. A file that is not a database or fails its
+    /// integrity check is renamed aside and replaced, so a damaged volume never becomes a crash loop.
+    pub fn open_checked(path: &Path, sync: SyncMode) -> Result<(SpoolDb, OpenReport)> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| sqlite_io_error(path, e))?;
+        }
+        let problem = match SpoolDb::open(path, sync) {
+            Ok(db) => match db.quick_check() {
+                Ok(None) => return Ok((db, OpenReport::default())),
+                Ok(Some(problem)) => problem,
+                Err(SpoolError::Sqlite { source, .. }) if is_corruption(&source) => {
+                    source.to_string()
+                }
+                Err(other) => return Err(other),
+            },
+            Err(SpoolError::Sqlite { source, .. }) if is_corruption(&source) => source.to_string(),
+            Err(other) => return Err(other),
+        };
+        let aside = quarantine(path).map_err(|e| sqlite_io_error(path, e))?;
+        let db = SpoolDb::open(path, sync)?;
+        Ok((
+            db,
+            OpenReport {
+                quarantined: Some(aside),
+                corruption: Some(problem),
+            },
+        ))
+    }
+
+    /// Opens without the integrity check: for tools beside a running sidecar.
+    pub fn open(path: &Path, sync: SyncMode) -> Result<SpoolDb> {
+        let err = |source| SpoolError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        let sync = match sync {
+            SyncMode::Full => "FULL",
+            SyncMode::Normal => "NORMAL",
+        };
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};"
+        ))
+        .map_err(err)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(err)?;
+        if version > SCHEMA_VERSION {
+            return Err(err(rusqlite::Error::InvalidParameterName(format!(
+                "schema version {version} is newer than this sidecar understands ({SCHEMA_VERSION})"
+            ))));
+        }
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+            .map_err(err)?;
+        Ok(SpoolDb {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, source: rusqlite::Error) -> SpoolError {
+        SpoolError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// `None` when the file is sound, else SQLite's first complaint.
+    pub fn quick_check(&self) -> Result<Option<String>> {
+        let verdict: String = self
+            .conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        Ok((verdict != "ok").then_some(verdict))
+    }
+
+    pub fn begin(&self) -> Result<()> {
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| self.err(e))
+    }
+    pub fn commit(&self) -> Result<()> {
+        self.conn.execute_batch("COMMIT").map_err(|e| self.err(e))
+    }
+    pub fn rollback(&self) {
+        // Fails only when SQLite already rolled back on its own (e.g. on SQLITE_FULL).
+        let _ = self.conn.execute_batch("ROLLBACK");
+    }
+
+    pub fn insert(
+        &self,
+        received_at: i64,
+        path: &str,
+        body: &[u8],
+        destinations: &[String],
+    ) -> Result<i64> {
+        let mut insert = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO notifications (received_at, path, body) VALUES (?1, ?2, ?3)",
+            )
+            .map_err(|e| self.err(e))?;
+        insert
+            .execute(params![received_at, path, body])
+            .map_err(|e| self.err(e))?;
+        let id = self.conn.last_insert_rowid();
+        let mut delivery = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO deliveries (destination, notification_id, state, next_attempt_at) VALUES (?1, ?2, 'pending', ?3)",
+            )
+            .map_err(|e| self.err(e))?;
+        for destination in destinations {
+            delivery
+                .execute(params![destination, id, received_at])
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(id)
+    }
+
+    /// Pending deliveries for `destination` due at `now`, oldest schedule first.
+    pub fn due(&self, destination: &str, now: i64, limit: usize) -> Result<Vec<DueDelivery>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT d.notification_id, n.received_at, d.attempts, n.body
+                 FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+                 WHERE d.destination = ?1 AND d.state = 'pending' AND d.next_attempt_at <= ?2
+                 ORDER BY d.next_attempt_at, d.notification_id LIMIT ?3",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![destination, now, limit as i64], |r| {
+                Ok(DueDelivery {
+                    notification_id: r.get(0)?,
+                    received_at: r.get(1)?,
+                    attempts: r.get(2)?,
+                    body: bytes::Bytes::from(r.get::<_, Vec<u8>>(3)?),
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// When the next pending delivery for `destination` scheduled after `now` falls due.
+    pub fn next_due_after(&self, destination: &str, now: i64) -> Result<Option<i64>> {
+        self.conn
+            .prepare_cached(
+                "SELECT MIN(next_attempt_at) FROM deliveries
+                 WHERE destination = ?1 AND state = 'pending' AND next_attempt_at > ?2",
+            )
+            .and_then(|mut s| s.query_row(params![destination, now], |r| r.get(0)))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records an attempt. Only a pending row changes: a row that a tool purged or redelivered meanwhile
+    /// keeps what the tool decided.
+    pub fn record(
+        &self,
+        destination: &str,
+        notification_id: i64,
+        now: i64,
+        outcome: &Outcome,
+    ) -> Result<()> {
+        let (state, next_attempt_at, finished_at, status, error) = match outcome {
+            Outcome::Delivered { status } => ("delivered", now, Some(now), Some(*status), None),
+            Outcome::Retry {
+                next_attempt_at,
+                status,
+                error,
+            } => (
+                "pending",
+                *next_attempt_at,
+                None,
+                *status,
+                Some(error.as_str()),
+            ),
+            Outcome::Dead { status, error } => {
+                ("dead", now, Some(now), *status, Some(error.as_str()))
+            }
+        };
+        self.conn
+            .prepare_cached(
+                "UPDATE deliveries SET state = ?3, attempts = attempts + 1, next_attempt_at = ?4, finished_at = ?5,
+                        last_status = ?6, last_error = ?7
+                 WHERE destination = ?1 AND notification_id = ?2 AND state = 'pending'",
+            )
+            .and_then(|mut s| s.execute(params![destination, notification_id, state, next_attempt_at, finished_at, status, error]))
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// (pending, delivered, dead) counts over one notification's deliveries.
+    pub fn delivery_states(&self, notification_id: i64) -> Result<(u32, u32, u32)> {
+        self.conn
+            .prepare_cached(
+                "SELECT COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(state = 'delivered'), 0), COALESCE(SUM(state = 'dead'), 0)
+                 FROM deliveries WHERE notification_id = ?1",
+            )
+            .and_then(|mut s| s.query_row(params![notification_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))))
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn stats(&self) -> Result<Vec<DestinationStats>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT d.destination, d.state, COUNT(*), MIN(n.received_at)
+                 FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+                 GROUP BY d.destination, d.state ORDER BY d.destination",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u64>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out: Vec<DestinationStats> = Vec::new();
+        for row in rows {
+            let (destination, state, count, oldest) = row.map_err(|e| self.err(e))?;
+            if out.last().is_none_or(|s| s.destination != destination) {
+                out.push(DestinationStats {
+                    destination: destination.clone(),
+                    ..Default::default()
+                });
+            }
+            let Some(entry) = out.last_mut() else {
+                continue;
+            };
+            match state.as_str() {
+                "pending" => {
+                    entry.pending = count;
+                    entry.oldest_pending_received_at = oldest;
+                }
+                "delivered" => entry.delivered = count,
+                _ => entry.dead = count,
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn notification_count(&self) -> Result<u64> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM notifications", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Bytes of stored bodies: what `spool.maxBytes` limits.
+    pub fn stored_bytes(&self) -> Result<u64> {
+        self.conn
+            .query_row(
+                "SELECT COALESCE(SUM(LENGTH(body)), 0) FROM notifications",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn list(&self, filter: &ListFilter) -> Result<Vec<DeliveryRow>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT d.notification_id, d.destination, d.state, d.attempts, n.received_at, d.next_attempt_at,
+                        d.finished_at, d.last_status, d.last_error, LENGTH(n.body)
+                 FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+                 WHERE (?1 IS NULL OR d.destination = ?1) AND (?2 IS NULL OR d.state = ?2)
+                 ORDER BY d.notification_id, d.destination LIMIT ?3",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(
+                params![filter.destination, filter.state, filter.limit],
+                |r| {
+                    Ok(DeliveryRow {
+                        notification_id: r.get(0)?,
+                        destination: r.get(1)?,
+                        state: r.get(2)?,
+                        attempts: r.get(3)?,
+                        received_at: r.get(4)?,
+                        next_attempt_at: r.get(5)?,
+                        finished_at: r.get(6)?,
+                        last_status: r.get(7)?,
+                        last_error: r.get(8)?,
+                        bytes: r.get(9)?,
+                    })
+                },
+            )
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Schedules deliveries to `destination` again, now. Without `dead_only`, notifications received
+    /// since `since` that never had a delivery row for it (a destination added later) get one too.
+    pub fn redeliver(
+        &self,
+        destination: &str,
+        dead_only: bool,
+        since: i64,
+        now: i64,
+    ) -> Result<usize> {
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        let mut changed = 0;
+        if !dead_only {
+            changed += tx
+                .execute(
+                    "INSERT OR IGNORE INTO deliveries (destination, notification_id, state, next_attempt_at)
+                     SELECT ?1, id, 'pending', ?3 FROM notifications WHERE received_at >= ?2",
+                    params![destination, since, now],
+                )
+                .map_err(|e| self.err(e))?;
+        }
+        let states = if dead_only {
+            "('dead')"
+        } else {
+            "('dead', 'delivered')"
+        };
+        changed += tx
+            .execute(
+                &format!(
+                    "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?3, finished_at = NULL
+                     WHERE destination = ?1 AND state IN {states}
+                       AND notification_id IN (SELECT id FROM notifications WHERE received_at >= ?2)"
+                ),
+                params![destination, since, now],
+            )
+            .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(changed)
+    }
+
+    /// Deletes finished deliveries (dead ones only with `include_dead`) and then every notification
+    /// that has no delivery left to make. Pending deliveries are never purged.
+    pub fn purge(
+        &self,
+        destination: Option<&str>,
+        include_dead: bool,
+        before: i64,
+    ) -> Result<usize> {
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        let states = if include_dead {
+            "('delivered', 'dead')"
+        } else {
+            "('delivered')"
+        };
+        let deleted = tx
+            .execute(
+                &format!(
+                    "DELETE FROM deliveries WHERE state IN {states} AND (?1 IS NULL OR destination = ?1)
+                       AND COALESCE(finished_at, 0) < ?2"
+                ),
+                params![destination, before],
+            )
+            .map_err(|e| self.err(e))?;
+        tx.execute(
+            "DELETE FROM notifications WHERE received_at < ?1
+               AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.notification_id = notifications.id)",
+            params![before],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(deleted)
+    }
+
+    /// Drops notifications whose every delivery was delivered before `cutoff` (or that had none and were
+    /// received before it). Pending and dead work is never pruned. Runs inside the caller's transaction.
+    pub fn prune_delivered(&self, cutoff: i64, limit: usize) -> Result<usize> {
+        let mut victims = self
+            .conn
+            .prepare_cached(
+                "DELETE FROM notifications WHERE id IN (
+                   SELECT n.id FROM notifications n WHERE n.received_at < ?1
+                     AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.notification_id = n.id
+                                     AND (d.state != 'delivered' OR d.finished_at >= ?1))
+                   ORDER BY n.id LIMIT ?2)
+                 RETURNING id",
+            )
+            .map_err(|e| self.err(e))?;
+        let ids = victims
+            .query_map(params![cutoff, limit as i64], |r| r.get::<_, i64>(0))
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<i64>>>())
+            .map_err(|e| self.err(e))?;
+        let mut forget = self
+            .conn
+            .prepare_cached("DELETE FROM deliveries WHERE notification_id = ?1")
+            .map_err(|e| self.err(e))?;
+        for id in &ids {
+            forget.execute(params![id]).map_err(|e| self.err(e))?;
+        }
+        Ok(ids.len())
+    }
+
+    pub fn notification_body(&self, id: i64) -> Result<Option<Vec<u8>>> {
+        self.conn
+            .query_row(
+                "SELECT body FROM notifications WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+}
+
+fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt)
+    )
+}
+
+fn sqlite_io_error(path: &Path, e: std::io::Error) -> SpoolError {
+    SpoolError::Sqlite {
+        path: path.to_path_buf(),
+        source: rusqlite::Error::InvalidPath(PathBuf::from(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// Renames the file and its WAL/SHM companions to `<name>.corrupt-<unix seconds>`.
+fn quarantine(path: &Path) -> std::io::Result<PathBuf> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let with_suffix = |suffix: &str| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    let aside = with_suffix(&format!(".corrupt-{stamp}"));
+    std::fs::rename(path, &aside)?;
+    for companion in ["-wal", "-shm"] {
+        let from = with_suffix(companion);
+        if from.exists() {
+            std::fs::rename(&from, with_suffix(&format!(".corrupt-{stamp}{companion}")))?;
+        }
+    }
+    Ok(aside)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &tempfile::TempDir) -> SpoolDb {
+        SpoolDb::open_checked(&dir.path().join("spool.db"), SyncMode::Normal)
+            .unwrap()
+            .0
+    }
+
+    fn dests(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn bodies_come_back_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir);
+        let body: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+        let id = db
+            .insert(1_000, "/apple", &body, &dests(&["a", "b"]))
+            .unwrap();
+        let due = db.due("a", 1_000, 10).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].notification_id, id);
+        assert_eq!(&due[0].body[..], &body[..]);
+        assert_eq!(
+            db.due("a", 999, 10).unwrap().len(),
+            0,
+            "not due before its schedule"
+        );
+        assert_eq!(db.due("c", 1_000, 10).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn outcomes_move_rows_between_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir);
+        let id = db.insert(1_000, "/", b"{}", &dests(&["a", "b"])).unwrap();
+        db.record(
+            "a",
+            id,
+            1_100,
+            &Outcome::Retry {
+                next_attempt_at: 5_000,
+                status: Some(503),
+                error: "HTTP 503".into(),
+            },
+        )
+        .unwrap();
+        assert!(db.due("a", 4_999, 10).unwrap().is_empty());
+        assert_eq!(db.due("a", 5_000, 10).unwrap()[0].attempts, 1);
+        assert_eq!(db.next_due_after("a", 1_100).unwrap(), Some(5_000));
+        assert_eq!(db.next_due_after("a", 5_000).unwrap(), None);
+        db.record("a", id, 5_100, &Outcome::Delivered { status: 200 })
+            .unwrap();
+        db.record(
+            "b",
+            id,
+            5_100,
+            &Outcome::Dead {
+                status: Some(404),
+                error: "HTTP 404".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(db.delivery_states(id).unwrap(), (0, 1, 1));
+        // A finished row is not reopened by a late attempt result.
+        db.record(
+            "a",
+            id,
+            6_000,
+            &Outcome::Retry {
+                next_attempt_at: 9_000,
+                status: None,
+                error: "late".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(db.delivery_states(id).unwrap(), (0, 1, 1));
+        let stats = db.stats().unwrap();
+        assert_eq!(
+            stats
+                .iter()
+                .map(|s| (s.destination.as_str(), s.delivered, s.dead))
+                .collect::<Vec<_>>(),
+            vec![("a", 1, 0), ("b", 0, 1)]
+        );
+    }
+
+    #[test]
+    fn redeliver_requeues_and_backfills_a_new_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir);
+        let first = db.insert(1_000, "/", b"1", &dests(&["a"])).unwrap();
+        let second = db.insert(2_000, "/", b"2", &dests(&["a"])).unwrap();
+        db.record(
+            "a",
+            first,
+            3_000,
+            &Outcome::Dead {
+                status: Some(400),
+                error: "HTTP 400".into(),
+            },
+        )
+        .unwrap();
+        db.record("a", second, 3_000, &Outcome::Delivered { status: 200 })
+            .unwrap();
+        assert_eq!(db.redeliver("a", true, 0, 4_000).unwrap(), 1);
+        assert_eq!(
+            db.due("a", 4_000, 10)
+                .unwrap()
+                .iter()
+                .map(|d| d.notification_id)
+                .collect::<Vec<_>>(),
+            vec![first]
+        );
+        assert_eq!(db.redeliver("new", false, 1_500, 4_000).unwrap(), 1);
+        assert_eq!(db.due("new", 4_000, 10).unwrap()[0].notification_id, second);
+    }
+
+    #[test]
+    fn pruning_keeps_pending_and_dead_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir);
+        let delivered = db.insert(1_000, "/", b"d", &dests(&["a"])).unwrap();
+        let pending = db.insert(1_000, "/", b"p", &dests(&["a"])).unwrap();
+        let dead = db.insert(1_000, "/", b"x", &dests(&["a"])).unwrap();
+        db.record("a", delivered, 2_000, &Outcome::Delivered { status: 200 })
+            .unwrap();
+        db.record(
+            "a",
+            dead,
+            2_000,
+            &Outcome::Dead {
+                status: Some(400),
+                error: "x".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            db.prune_delivered(1_500, 100).unwrap(),
+            0,
+            "delivered after the cutoff is kept"
+        );
+        assert_eq!(db.prune_delivered(10_000, 100).unwrap(), 1);
+        assert!(db.notification_body(delivered).unwrap().is_none());
+        assert!(db.notification_body(pending).unwrap().is_some());
+        assert!(db.notification_body(dead).unwrap().is_some());
+        assert_eq!(db.purge(None, true, i64::MAX).unwrap(), 1);
+        assert!(db.notification_body(dead).unwrap().is_none());
+        assert!(
+            db.notification_body(pending).unwrap().is_some(),
+            "purge never drops pending work"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_file_is_set_aside_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        std::fs::write(&path, vec![0x42; 8192]).unwrap();
+        let (db, report) = SpoolDb::open_checked(&path, SyncMode::Full).unwrap();
+        let aside = report.quarantined.expect("quarantined");
+        assert!(aside.exists());
+        assert_eq!(std::fs::read(&aside).unwrap(), vec![0x42; 8192]);
+        assert_eq!(db.notification_count().unwrap(), 0);
+        db.insert(1, "/", b"{}", &[]).unwrap();
+    }
+}
