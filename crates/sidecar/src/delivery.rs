@@ -80,10 +80,9 @@ pub async fn supervise(delivery: Delivery, mut stop: watch::Receiver<bool>) {
         running.retain(|_, task| !task.is_finished());
         let names = config.borrow_and_update().destination_names();
         for name in names {
-            if !running.contains_key(&name) {
-                let task = tokio::spawn(dispatch(name.clone(), delivery.clone(), stop.clone()));
-                running.insert(name, task);
-            }
+            running
+                .entry(name.clone())
+                .or_insert_with(|| tokio::spawn(dispatch(name, delivery.clone(), stop.clone())));
         }
         tokio::select! {
             changed = config.changed() => if changed.is_err() { break },

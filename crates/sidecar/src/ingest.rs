@@ -72,7 +72,7 @@ fn refuse(metrics: &Metrics, reason: &str, status: StatusCode, body: &'static st
 async fn receive(State(state): State<Arc<IngestState>>, request: Request) -> Response {
     let config = state.config.borrow().clone();
     let path = request.uri().path().to_string();
-    if !config.file.paths.iter().any(|p| *p == path) {
+    if !config.file.paths.contains(&path) {
         return json(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#);
     }
     if request.method() != Method::POST {

@@ -196,6 +196,9 @@ impl Default for Metrics {
     }
 }
 
+/// Reads one gauge's value from a destination's spool counts at a given time (unix ms).
+type GaugeOf = fn(&DestinationStats, i64) -> f64;
+
 /// Facts read at scrape time.
 pub struct Snapshot<'a> {
     pub now_ms: i64,
@@ -230,7 +233,7 @@ impl Metrics {
         for stats in snapshot.spool {
             by_destination.insert(&stats.destination, Some(stats));
         }
-        let gauges: [(&str, &str, fn(&DestinationStats, i64) -> f64); 3] = [
+        let gauges: [(&str, &str, GaugeOf); 3] = [
             (
                 "storerelay_spool_pending",
                 "Deliveries waiting in the spool.",
