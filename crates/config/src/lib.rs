@@ -530,10 +530,16 @@ pub fn parse(text: &str, file: &Path) -> Result<SidecarConfig, ConfigError> {
             path if path == "." => "(top level)".to_string(),
             path => path,
         };
+        // serde_yaml prefixes its own, shorter path; the key above already says where.
+        let inner = err.inner().to_string();
+        let message = match inner.split_once(": ") {
+            Some((prefix, rest)) if key.starts_with(prefix) => rest.to_string(),
+            _ => inner,
+        };
         ConfigError::Parse {
             file: file.to_path_buf(),
             key,
-            message: err.inner().to_string(),
+            message,
         }
     })?;
     let problems = config.problems();

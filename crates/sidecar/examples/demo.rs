@@ -48,7 +48,10 @@ async fn demo() -> Result<(), String> {
     let analytics = stand_in(([127, 0, 0, 1], 18091).into(), false).await?;
 
     println!("==> storerelay-sidecar check --config {CONFIG}");
-    let check = Command::new(&binary).args(["check", "--config", CONFIG]).output().map_err(|e| e.to_string())?;
+    let check = Command::new(&binary)
+        .args(["check", "--config", CONFIG])
+        .output()
+        .map_err(|e| e.to_string())?;
     print!("{}", String::from_utf8_lossy(&check.stdout));
     if !check.status.success() {
         return Err(String::from_utf8_lossy(&check.stderr).into_owned());
@@ -62,7 +65,11 @@ async fn demo() -> Result<(), String> {
         .stderr(log)
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
-    let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| e.to_string())?;
     let result = exercise(&http, &binary, &revenuecat, &analytics).await;
 
     println!("\n==> SIGTERM: the sidecar drains and exits");
@@ -77,7 +84,12 @@ async fn demo() -> Result<(), String> {
     Ok(())
 }
 
-async fn exercise(http: &reqwest::Client, binary: &Path, revenuecat: &Arc<Mutex<Recorder>>, analytics: &Arc<Mutex<Recorder>>) -> Result<(), String> {
+async fn exercise(
+    http: &reqwest::Client,
+    binary: &Path,
+    revenuecat: &Arc<Mutex<Recorder>>,
+    analytics: &Arc<Mutex<Recorder>>,
+) -> Result<(), String> {
     wait_ready(http).await?;
     let v1 = br#"{"notification_type":"DID_RENEW","environment":"Sandbox","password":"demo-shared-secret","bid":"com.example.app","unified_receipt":{"status":0,"latest_receipt_info":[{"product_id":"pro.monthly"}]}}"#.to_vec();
     let v2 = match std::fs::read_to_string("../shared/fixtures/apple/signed/testNotification") {
@@ -86,33 +98,72 @@ async fn exercise(http: &reqwest::Client, binary: &Path, revenuecat: &Arc<Mutex<
     };
     let sent = [("V1", v1), ("V2", v2)];
     for (kind, body) in &sent {
-        let response = http.post(INGEST).header("content-type", "application/json").body(body.clone()).send().await.map_err(|e| e.to_string())?;
-        println!("POST {kind} notification ({} bytes) -> {}", body.len(), response.status());
+        let response = http
+            .post(INGEST)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        println!(
+            "POST {kind} notification ({} bytes) -> {}",
+            body.len(),
+            response.status()
+        );
     }
 
     let deadline = Instant::now() + Duration::from_secs(15);
-    while (revenuecat.lock().map_or(0, |r| r.requests.len()) < 3 || analytics.lock().map_or(0, |r| r.requests.len()) < 2) && Instant::now() < deadline {
+    while (revenuecat.lock().map_or(0, |r| r.requests.len()) < 3
+        || analytics.lock().map_or(0, |r| r.requests.len()) < 2)
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for (name, recorder) in [("revenuecat", revenuecat), ("analytics", analytics)] {
         println!("\n==> what {name} received");
         let recorder = recorder.lock().map_err(|_| "recorder poisoned")?;
         for (i, (answer, body)) in recorder.requests.iter().enumerate() {
-            let identical = sent.iter().find(|(_, b)| b[..] == body[..]).map_or("NOT IDENTICAL to anything sent".to_string(), |(kind, _)| format!("byte-identical to the {kind} notification"));
-            println!("  request {}: {} bytes, answered {answer}: {identical}", i + 1, body.len());
+            let identical = sent
+                .iter()
+                .find(|(_, b)| b[..] == body[..])
+                .map_or("NOT IDENTICAL to anything sent".to_string(), |(kind, _)| {
+                    format!("byte-identical to the {kind} notification")
+                });
+            println!(
+                "  request {}: {} bytes, answered {answer}: {identical}",
+                i + 1,
+                body.len()
+            );
         }
     }
 
     println!("\n==> storerelay-sidecar spool stats");
-    let stats = Command::new(binary).args(["spool", "--spool", "target/demo/spool.db", "stats"]).output().map_err(|e| e.to_string())?;
+    let stats = Command::new(binary)
+        .args(["spool", "--spool", "target/demo/spool.db", "stats"])
+        .output()
+        .map_err(|e| e.to_string())?;
     print!("{}", String::from_utf8_lossy(&stats.stdout));
 
     println!("\n==> metrics (excerpt)");
-    let metrics = http.get(format!("{ADMIN}/metrics")).send().await.map_err(|e| e.to_string())?.text().await.map_err(|e| e.to_string())?;
-    for line in metrics.lines().filter(|l| l.starts_with("storerelay_notifications_received_total") || l.starts_with("storerelay_deliveries_total") || l.starts_with("storerelay_spool_pending")) {
+    let metrics = http
+        .get(format!("{ADMIN}/metrics"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .text()
+        .await
+        .map_err(|e| e.to_string())?;
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("storerelay_notifications_received_total")
+            || l.starts_with("storerelay_deliveries_total")
+            || l.starts_with("storerelay_spool_pending")
+    }) {
         println!("  {line}");
     }
-    let delivered_everywhere = revenuecat.lock().map_or(0, |r| r.requests.iter().filter(|(a, _)| *a == 200).count()) == 2
+    let delivered_everywhere = revenuecat
+        .lock()
+        .map_or(0, |r| r.requests.iter().filter(|(a, _)| *a == 200).count())
+        == 2
         && analytics.lock().map_or(0, |r| r.requests.len()) == 2;
     if !delivered_everywhere {
         return Err("not every notification reached every destination".into());
@@ -123,7 +174,12 @@ async fn exercise(http: &reqwest::Client, binary: &Path, revenuecat: &Arc<Mutex<
 async fn wait_ready(http: &reqwest::Client) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if http.get(format!("{ADMIN}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+        if http
+            .get(format!("{ADMIN}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -134,32 +190,58 @@ async fn wait_ready(http: &reqwest::Client) -> Result<(), String> {
 /// The sidecar binary built beside this example (target/<profile>/storerelay-sidecar).
 fn sidecar_binary() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let profile_dir = exe.parent().and_then(Path::parent).ok_or("cannot locate the target directory")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("cannot locate the target directory")?;
     let binary = profile_dir.join("storerelay-sidecar");
-    if binary.exists() { Ok(binary) } else { Err(format!("{} not built; run `make demo`", binary.display())) }
+    if binary.exists() {
+        Ok(binary)
+    } else {
+        Err(format!("{} not built; run `make demo`", binary.display()))
+    }
 }
 
 async fn stand_in(addr: SocketAddr, fail_first: bool) -> Result<Arc<Mutex<Recorder>>, String> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let recorder = Arc::new(Mutex::new(Recorder { fail_first, ..Default::default() }));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let recorder = Arc::new(Mutex::new(Recorder {
+        fail_first,
+        ..Default::default()
+    }));
     let shared = recorder.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let recorder = shared.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |request| record(recorder.clone(), request));
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             });
         }
     });
     Ok(recorder)
 }
 
-async fn record(recorder: Arc<Mutex<Recorder>>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+async fn record(
+    recorder: Arc<Mutex<Recorder>>,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let status = match recorder.lock() {
         Ok(mut recorder) => {
-            let status = if std::mem::take(&mut recorder.fail_first) { 503 } else { 200 };
+            let status = if std::mem::take(&mut recorder.fail_first) {
+                503
+            } else {
+                200
+            };
             recorder.requests.push((status, body));
             status
         }

@@ -1,0 +1,101 @@
+//! `check`, `schema` and errors at start, through the real binary.
+
+mod support;
+
+use std::process::Command;
+
+use support::binary;
+
+fn check(config: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(
+        &path,
+        config.replace("$DIR", &dir.path().display().to_string()),
+    )
+    .unwrap();
+    Command::new(binary())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_prints_the_effective_config_without_secrets() {
+    let out = check(
+        "destinations:\n  - name: rc\n    url: https://api.example.invalid/hook/TOKEN\n    headers: {Authorization: Bearer HEADERSECRET}\n",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("https://api.example.invalid/<redacted>"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ack: spooled")
+            && text.contains("maxBodyBytes: 1Mi")
+            && text.contains("retainDelivered: 168h"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("TOKEN") && !text.contains("HEADERSECRET"),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_fails_naming_the_key_and_the_file() {
+    let out = check("limits: {maxBodyBytes: lots}\n");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("config.yaml: key `limits.maxBodyBytes`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_fails_on_an_unreadable_secret_file() {
+    let out = check("destinations:\n  - {name: rc, urlFile: $DIR/missing-url}\n");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("destination rc") && err.contains("missing-url"),
+        "{err}"
+    );
+}
+
+#[test]
+fn start_fails_clearly_when_the_port_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:0\nspool: {{path: {}/s.db}}\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port} (listen)")),
+        "{err}"
+    );
+}
+
+#[test]
+fn schema_is_json() {
+    let out = Command::new(binary()).arg("schema").output().unwrap();
+    let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(schema["properties"]["destinations"].is_object());
+}
