@@ -5,6 +5,7 @@
 //! sidecar would refuse. Everything here is pure apart from reading the one file; secret files named by
 //! `urlFile` / `headersFile` are read by the sidecar at run time, not here.
 
+mod apple;
 mod units;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,6 +16,10 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use apple::{
+    DedupeConfig, DestinationMatch, Environment, NotificationVersion, RouteFacts, UnknownBodies,
+    VerifyConfig, VerifyMode,
+};
 pub use units::{ByteSize, Duration};
 
 /// The whole file. Keys are camelCase; unknown keys are errors.
@@ -48,6 +53,15 @@ pub struct SidecarConfig {
     /// After SIGTERM: how long delivery may go on once the listener has closed.
     #[serde(default = "defaults::shutdown_grace_period")]
     pub shutdown_grace_period: Duration,
+    /// Signature, app and environment checks on every notification.
+    #[serde(default, skip_serializing_if = "VerifyConfig::is_default")]
+    pub verify: VerifyConfig,
+    /// JSON that is neither a V1 nor a V2 notification: `forward` (default) or `reject` (400).
+    #[serde(default)]
+    pub unknown_bodies: UnknownBodies,
+    /// Apple's retries of a notification are passed to the app but queued only once per destination.
+    #[serde(default)]
+    pub dedupe: DedupeConfig,
     /// Where every notification is mirrored to, each independently.
     #[serde(default)]
     pub destinations: Vec<Destination>,
@@ -173,6 +187,13 @@ pub struct Destination {
     pub concurrency: u32,
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// Which notifications this destination gets; empty: all.
+    #[serde(
+        default,
+        rename = "match",
+        skip_serializing_if = "DestinationMatch::is_empty"
+    )]
+    pub filter: DestinationMatch,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -279,6 +300,9 @@ impl SidecarConfig {
                 *value = "<redacted>".to_string();
             }
         }
+        if copy.verify.v1_password.is_some() {
+            copy.verify.v1_password = Some("<redacted>".to_string());
+        }
         copy
     }
 
@@ -288,6 +312,8 @@ impl SidecarConfig {
             .iter()
             .flat_map(|d| [d.url_file.as_deref(), d.headers_file.as_deref()])
             .flatten()
+            .chain(self.verify.v1_password_file.as_deref())
+            .chain(self.verify.root_certificates.iter().map(PathBuf::as_path))
             .collect()
     }
 
@@ -434,6 +460,7 @@ impl SidecarConfig {
                 problem(key("retry.maxAge"), "must be more than 0s".into());
             }
         }
+        self.verify.problems(&mut out);
         out
     }
 }

@@ -197,3 +197,68 @@ fn load_names_a_missing_file() {
         "{err}"
     );
 }
+
+#[test]
+fn apple_keys_parse_validate_and_redact() {
+    let text = r#"
+verify:
+  mode: enforce
+  rootCertificates: [/etc/storerelay/apple/AppleRootCA-G3.cer]
+  bundleIds: [com.example.app]
+  appAppleIds: [1234]
+  environments: [Production, Sandbox]
+  v1Password: "V1-SECRET"
+unknownBodies: reject
+dedupe: {window: 72h}
+destinations:
+  - name: revenuecat
+    url: https://example.invalid/hook
+    match: {environments: [Production], versions: [v2], notificationTypes: [DID_RENEW]}
+"#;
+    let config = parse(text, file()).unwrap();
+    assert_eq!(config.verify.mode, VerifyMode::Enforce);
+    assert_eq!(config.unknown_bodies, UnknownBodies::Reject);
+    assert_eq!(config.dedupe.window, Duration::from_secs(72 * 3600));
+    assert_eq!(
+        config.destinations[0].filter.environments,
+        vec![Environment::Production]
+    );
+    assert_eq!(
+        config.secret_files().len(),
+        1,
+        "the root certificate is watched"
+    );
+    let printed = config.redacted().to_yaml();
+    assert!(!printed.contains("V1-SECRET"), "{printed}");
+    assert_eq!(parse(&config.to_yaml(), file()).unwrap(), config);
+}
+
+#[test]
+fn enforce_without_a_root_is_refused_with_the_fingerprint_to_look_for() {
+    let err = parse("verify: {mode: enforce}\n", file())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("verify.rootCertificates") && err.contains("63343abfb89a6a03"),
+        "{err}"
+    );
+    let err = parse("verify: {v1Password: a, v1PasswordFile: /f}\n", file())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("verify.v1Password"), "{err}");
+    let err = parse(
+        "destinations: [{name: a, url: \"https://a.invalid/\", match: {environments: [Prod]}}]\n",
+        file(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("destinations[0].match.environments"), "{err}");
+}
+
+#[test]
+fn dedupe_defaults_to_seven_days() {
+    assert_eq!(
+        parse("", file()).unwrap().dedupe.window,
+        Duration::from_secs(168 * 3600)
+    );
+}
