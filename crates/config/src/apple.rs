@@ -10,9 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Duration, Problem};
 
 /// Apple's environments, as V2 notifications name them (V1's `PROD` is `Production`).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum Environment {
     Production,
     Sandbox,
@@ -49,9 +47,7 @@ impl fmt::Display for Environment {
 }
 
 /// The notification format: V1 (plain JSON, deprecated but still sent) or V2 (`signedPayload`).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum NotificationVersion {
     V1,
@@ -113,10 +109,7 @@ impl VerifyConfig {
             });
         }
         if self.v1_password.as_deref() == Some("") {
-            out.push(Problem {
-                key: "verify.v1Password".into(),
-                message: "must not be empty".into(),
-            });
+            out.push(Problem { key: "verify.v1Password".into(), message: "must not be empty".into() });
         }
     }
 }
@@ -143,9 +136,7 @@ pub struct DedupeConfig {
 
 impl Default for DedupeConfig {
     fn default() -> Self {
-        DedupeConfig {
-            window: default_dedupe_window(),
-        }
+        DedupeConfig { window: default_dedupe_window() }
     }
 }
 
@@ -218,42 +209,24 @@ mod tests {
         };
         assert!(DestinationMatch::default().matches(&sandbox));
         assert!(DestinationMatch::default().matches(&RouteFacts::default()));
-        let production_only = DestinationMatch {
-            environments: vec![Environment::Production],
-            ..Default::default()
-        };
+        let production_only = DestinationMatch { environments: vec![Environment::Production], ..Default::default() };
         assert!(!production_only.matches(&sandbox));
         let renewals = DestinationMatch {
             notification_types: vec!["DID_RENEW".into(), "SUBSCRIBED".into()],
             ..Default::default()
         };
         assert!(renewals.matches(&sandbox));
-        let with_subtype = DestinationMatch {
-            subtypes: vec!["INITIAL_BUY".into()],
-            ..Default::default()
-        };
-        assert!(
-            !with_subtype.matches(&sandbox),
-            "a set list never matches a missing value"
-        );
-        let v1_only = DestinationMatch {
-            versions: vec![NotificationVersion::V1],
-            ..Default::default()
-        };
+        let with_subtype = DestinationMatch { subtypes: vec!["INITIAL_BUY".into()], ..Default::default() };
+        assert!(!with_subtype.matches(&sandbox), "a set list never matches a missing value");
+        let v1_only = DestinationMatch { versions: vec![NotificationVersion::V1], ..Default::default() };
         assert!(!v1_only.matches(&sandbox));
-        assert!(
-            !production_only.matches(&RouteFacts::default()),
-            "unknown bodies reach only unfiltered destinations"
-        );
+        assert!(!production_only.matches(&RouteFacts::default()), "unknown bodies reach only unfiltered destinations");
     }
 
     #[test]
     fn environments_read_both_spellings() {
         assert_eq!(Environment::parse("PROD"), Some(Environment::Production));
-        assert_eq!(
-            Environment::parse("Production"),
-            Some(Environment::Production)
-        );
+        assert_eq!(Environment::parse("Production"), Some(Environment::Production));
         assert_eq!(Environment::parse("Sandbox"), Some(Environment::Sandbox));
         assert_eq!(Environment::parse("prod"), None);
     }

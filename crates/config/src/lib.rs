@@ -17,8 +17,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use apple::{
-    DedupeConfig, DestinationMatch, Environment, NotificationVersion, RouteFacts, UnknownBodies,
-    VerifyConfig, VerifyMode,
+    DedupeConfig, DestinationMatch, Environment, NotificationVersion, RouteFacts, UnknownBodies, VerifyConfig,
+    VerifyMode,
 };
 pub use units::{ByteSize, Duration};
 
@@ -188,11 +188,7 @@ pub struct Destination {
     #[serde(default)]
     pub retry: RetryPolicy,
     /// Which notifications this destination gets; empty: all.
-    #[serde(
-        default,
-        rename = "match",
-        skip_serializing_if = "DestinationMatch::is_empty"
-    )]
+    #[serde(default, rename = "match", skip_serializing_if = "DestinationMatch::is_empty")]
     pub filter: DestinationMatch,
 }
 
@@ -281,11 +277,7 @@ pub mod defaults {
 impl SidecarConfig {
     /// The ack mode in force once the default is applied.
     pub fn effective_ack(&self) -> AckMode {
-        self.ack.unwrap_or(if self.upstream.is_some() {
-            AckMode::Upstream
-        } else {
-            AckMode::Spooled
-        })
+        self.ack.unwrap_or(if self.upstream.is_some() { AckMode::Upstream } else { AckMode::Spooled })
     }
 
     /// The config as `check` prints it: defaults filled in, secrets replaced.
@@ -327,10 +319,7 @@ impl SidecarConfig {
         let mut problem = |key: String, message: String| out.push(Problem { key, message });
 
         if self.listen == self.admin {
-            problem(
-                "admin".into(),
-                format!("must differ from `listen` ({})", self.listen),
-            );
+            problem("admin".into(), format!("must differ from `listen` ({})", self.listen));
         }
         if self.paths.is_empty() {
             problem("paths".into(), "needs at least one path".into());
@@ -355,10 +344,9 @@ impl SidecarConfig {
             }
         }
         match (self.ack, &self.upstream) {
-            (Some(AckMode::Upstream), None) => problem(
-                "ack".into(),
-                "`upstream` needs an `upstream:` section (the app that answers Apple)".into(),
-            ),
+            (Some(AckMode::Upstream), None) => {
+                problem("ack".into(), "`upstream` needs an `upstream:` section (the app that answers Apple)".into())
+            }
             (Some(AckMode::Spooled), Some(_)) => problem(
                 "ack".into(),
                 "`spooled` answers Apple without the app; remove `upstream:` or use `ack: upstream`".into(),
@@ -366,10 +354,7 @@ impl SidecarConfig {
             _ => {}
         }
         if self.effective_ack() == AckMode::Delivered && self.ack_timeout.is_zero() {
-            problem(
-                "ackTimeout".into(),
-                "must be more than 0s with `ack: delivered`".into(),
-            );
+            problem("ackTimeout".into(), "must be more than 0s with `ack: delivered`".into());
         }
         if self.spool.path.as_os_str().is_empty() {
             problem("spool.path".into(), "must not be empty".into());
@@ -386,36 +371,23 @@ impl SidecarConfig {
         if self.limits.max_body_bytes.get() == 0 {
             problem("limits.maxBodyBytes".into(), "must be more than 0".into());
         }
-        for (key, value) in [
-            ("limits.headerTimeout", self.limits.header_timeout),
-            ("limits.bodyTimeout", self.limits.body_timeout),
-        ] {
+        for (key, value) in
+            [("limits.headerTimeout", self.limits.header_timeout), ("limits.bodyTimeout", self.limits.body_timeout)]
+        {
             if value.is_zero() {
                 problem(key.into(), "must be more than 0s".into());
             }
         }
         if self.limits.max_concurrent_requests == 0 {
-            problem(
-                "limits.maxConcurrentRequests".into(),
-                "must be at least 1".into(),
-            );
+            problem("limits.maxConcurrentRequests".into(), "must be at least 1".into());
         }
         let mut seen_names = BTreeSet::new();
         for (i, destination) in self.destinations.iter().enumerate() {
             let key = |field: &str| format!("destinations[{i}].{field}");
             if !is_dns_label(&destination.name) {
-                problem(
-                    key("name"),
-                    format!(
-                        "`{}` must be 1-63 lowercase letters, digits or `-`",
-                        destination.name
-                    ),
-                );
+                problem(key("name"), format!("`{}` must be 1-63 lowercase letters, digits or `-`", destination.name));
             } else if !seen_names.insert(&destination.name) {
-                problem(
-                    key("name"),
-                    format!("`{}` is used by two destinations", destination.name),
-                );
+                problem(key("name"), format!("`{}` is used by two destinations", destination.name));
             }
             match (&destination.url, &destination.url_file) {
                 (Some(url), None) => {
@@ -424,17 +396,12 @@ impl SidecarConfig {
                     }
                 }
                 (None, Some(_)) => {}
-                (Some(_), Some(_)) => {
-                    problem(key("url"), "set either `url` or `urlFile`, not both".into())
-                }
+                (Some(_), Some(_)) => problem(key("url"), "set either `url` or `urlFile`, not both".into()),
                 (None, None) => problem(key("url"), "set `url` or `urlFile`".into()),
             }
             for name in destination.headers.keys() {
                 if !is_header_name(name) {
-                    problem(
-                        key(&format!("headers.{name}")),
-                        "is not a valid HTTP header name".into(),
-                    );
+                    problem(key(&format!("headers.{name}")), "is not a valid HTTP header name".into());
                 }
             }
             if destination.timeout.is_zero() {
@@ -450,10 +417,7 @@ impl SidecarConfig {
             if retry.max_backoff < retry.initial_backoff {
                 problem(
                     key("retry.maxBackoff"),
-                    format!(
-                        "{} is shorter than initialBackoff ({})",
-                        retry.max_backoff, retry.initial_backoff
-                    ),
+                    format!("{} is shorter than initialBackoff ({})", retry.max_backoff, retry.initial_backoff),
                 );
             }
             if retry.max_age.is_zero() {
@@ -499,19 +463,14 @@ pub fn check_http_url(url: &str, allow_query: bool) -> Result<(), String> {
 fn is_dns_label(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-')
 }
 
 /// RFC 9110 token characters.
 pub fn is_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// One thing wrong with a value, and the key that holds it.
@@ -530,21 +489,11 @@ impl fmt::Display for Problem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}: cannot read: {source}")]
-    Read {
-        file: PathBuf,
-        source: std::io::Error,
-    },
+    Read { file: PathBuf, source: std::io::Error },
     #[error("{file}: key `{key}`: {message}")]
-    Parse {
-        file: PathBuf,
-        key: String,
-        message: String,
-    },
+    Parse { file: PathBuf, key: String, message: String },
     #[error("{file}: {}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
-    Invalid {
-        file: PathBuf,
-        problems: Vec<Problem>,
-    },
+    Invalid { file: PathBuf, problems: Vec<Problem> },
 }
 
 /// Parses and validates config text; `file` is only used to name it in errors.
@@ -563,29 +512,16 @@ pub fn parse(text: &str, file: &Path) -> Result<SidecarConfig, ConfigError> {
             Some((prefix, rest)) if key.starts_with(prefix) => rest.to_string(),
             _ => inner,
         };
-        ConfigError::Parse {
-            file: file.to_path_buf(),
-            key,
-            message,
-        }
+        ConfigError::Parse { file: file.to_path_buf(), key, message }
     })?;
     let problems = config.problems();
-    if problems.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigError::Invalid {
-            file: file.to_path_buf(),
-            problems,
-        })
-    }
+    if problems.is_empty() { Ok(config) } else { Err(ConfigError::Invalid { file: file.to_path_buf(), problems }) }
 }
 
 /// Reads, parses and validates the config file.
 pub fn load(file: &Path) -> Result<SidecarConfig, ConfigError> {
-    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
-        file: file.to_path_buf(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(file).map_err(|source| ConfigError::Read { file: file.to_path_buf(), source })?;
     parse(&text, file)
 }
 

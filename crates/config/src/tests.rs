@@ -54,16 +54,10 @@ fn ack_defaults_to_spooled_without_upstream() {
 
 #[test]
 fn unknown_keys_name_the_key_and_file() {
-    let err = parse(
-        "destinations:\n  - name: rc\n    url: https://x.invalid/\n    retry: {maxAgee: 1h}\n",
-        file(),
-    )
-    .unwrap_err();
+    let err = parse("destinations:\n  - name: rc\n    url: https://x.invalid/\n    retry: {maxAgee: 1h}\n", file())
+        .unwrap_err();
     let text = err.to_string();
-    assert!(
-        text.starts_with("/etc/storerelay/config.yaml: key `destinations[0].retry"),
-        "{text}"
-    );
+    assert!(text.starts_with("/etc/storerelay/config.yaml: key `destinations[0].retry"), "{text}");
     assert!(text.contains("maxAgee"), "{text}");
 
     let err = parse("listn: 0.0.0.0:1\n", file()).unwrap_err().to_string();
@@ -72,9 +66,7 @@ fn unknown_keys_name_the_key_and_file() {
 
 #[test]
 fn bad_values_name_the_key() {
-    let err = parse("limits: {headerTimeout: 5 seconds}\n", file())
-        .unwrap_err()
-        .to_string();
+    let err = parse("limits: {headerTimeout: 5 seconds}\n", file()).unwrap_err().to_string();
     assert!(err.contains("limits.headerTimeout"), "{err}");
     assert!(err.contains("`5 seconds` is not a duration"), "{err}");
 }
@@ -117,23 +109,14 @@ destinations:
 
 #[test]
 fn spooled_ack_with_an_upstream_is_refused() {
-    let err = parse(
-        "upstream: {url: http://127.0.0.1:8080}\nack: spooled\n",
-        file(),
-    )
-    .unwrap_err();
+    let err = parse("upstream: {url: http://127.0.0.1:8080}\nack: spooled\n", file()).unwrap_err();
     assert!(err.to_string().contains("`ack`"), "{err}");
 }
 
 #[test]
 fn errors_never_echo_destination_urls() {
     let secret = "https://user:tok3n@example.invalid/hook/SECRET";
-    let err = parse(
-        &format!("destinations: [{{name: rc, url: \"{secret}\"}}]\n"),
-        file(),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = parse(&format!("destinations: [{{name: rc, url: \"{secret}\"}}]\n"), file()).unwrap_err().to_string();
     assert!(!err.contains("tok3n") && !err.contains("SECRET"), "{err}");
 }
 
@@ -143,10 +126,7 @@ fn redaction_hides_tokens_and_header_values() {
     let config = parse(text, file()).unwrap();
     let printed = config.redacted().to_yaml();
     assert!(!printed.contains("SECRET"), "{printed}");
-    assert!(
-        printed.contains("https://api.example.invalid:8443/<redacted>"),
-        "{printed}"
-    );
+    assert!(printed.contains("https://api.example.invalid:8443/<redacted>"), "{printed}");
     assert!(printed.contains("Authorization: <redacted>"), "{printed}");
     assert!(printed.contains("ack: spooled"), "{printed}");
     // What `check` prints parses back to a config with the same shape.
@@ -167,35 +147,21 @@ fn secret_files_are_listed_for_watching() {
         file(),
     )
     .unwrap();
-    assert_eq!(
-        config.secret_files(),
-        vec![Path::new("/s/a/url"), Path::new("/s/a/headers")]
-    );
+    assert_eq!(config.secret_files(), vec![Path::new("/s/a/url"), Path::new("/s/a/headers")]);
 }
 
 #[test]
 fn schema_describes_camel_case_keys() {
     let schema = json_schema().to_string();
-    for key in [
-        "maxBodyBytes",
-        "retainDelivered",
-        "urlFile",
-        "headersFile",
-        "shutdownGracePeriod",
-    ] {
+    for key in ["maxBodyBytes", "retainDelivered", "urlFile", "headersFile", "shutdownGracePeriod"] {
         assert!(schema.contains(key), "{key}");
     }
 }
 
 #[test]
 fn load_names_a_missing_file() {
-    let err = load(Path::new("/nonexistent/storerelay.yaml"))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.starts_with("/nonexistent/storerelay.yaml: cannot read"),
-        "{err}"
-    );
+    let err = load(Path::new("/nonexistent/storerelay.yaml")).unwrap_err().to_string();
+    assert!(err.starts_with("/nonexistent/storerelay.yaml: cannot read"), "{err}");
 }
 
 #[test]
@@ -219,15 +185,8 @@ destinations:
     assert_eq!(config.verify.mode, VerifyMode::Enforce);
     assert_eq!(config.unknown_bodies, UnknownBodies::Reject);
     assert_eq!(config.dedupe.window, Duration::from_secs(72 * 3600));
-    assert_eq!(
-        config.destinations[0].filter.environments,
-        vec![Environment::Production]
-    );
-    assert_eq!(
-        config.secret_files().len(),
-        1,
-        "the root certificate is watched"
-    );
+    assert_eq!(config.destinations[0].filter.environments, vec![Environment::Production]);
+    assert_eq!(config.secret_files().len(), 1, "the root certificate is watched");
     let printed = config.redacted().to_yaml();
     assert!(!printed.contains("V1-SECRET"), "{printed}");
     assert_eq!(parse(&config.to_yaml(), file()).unwrap(), config);
@@ -235,30 +194,17 @@ destinations:
 
 #[test]
 fn enforce_without_a_root_is_refused_with_the_fingerprint_to_look_for() {
-    let err = parse("verify: {mode: enforce}\n", file())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("verify.rootCertificates") && err.contains("63343abfb89a6a03"),
-        "{err}"
-    );
-    let err = parse("verify: {v1Password: a, v1PasswordFile: /f}\n", file())
-        .unwrap_err()
-        .to_string();
+    let err = parse("verify: {mode: enforce}\n", file()).unwrap_err().to_string();
+    assert!(err.contains("verify.rootCertificates") && err.contains("63343abfb89a6a03"), "{err}");
+    let err = parse("verify: {v1Password: a, v1PasswordFile: /f}\n", file()).unwrap_err().to_string();
     assert!(err.contains("verify.v1Password"), "{err}");
-    let err = parse(
-        "destinations: [{name: a, url: \"https://a.invalid/\", match: {environments: [Prod]}}]\n",
-        file(),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = parse("destinations: [{name: a, url: \"https://a.invalid/\", match: {environments: [Prod]}}]\n", file())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("destinations[0].match.environments"), "{err}");
 }
 
 #[test]
 fn dedupe_defaults_to_seven_days() {
-    assert_eq!(
-        parse("", file()).unwrap().dedupe.window,
-        Duration::from_secs(168 * 3600)
-    );
+    assert_eq!(parse("", file()).unwrap().dedupe.window, Duration::from_secs(168 * 3600));
 }

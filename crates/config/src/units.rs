@@ -40,25 +40,20 @@ impl FromStr for Duration {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let bad =
-            || format!("`{text}` is not a duration; write it like 500ms, 10s, 5m, 72h or 1m30s");
+        let bad = || format!("`{text}` is not a duration; write it like 500ms, 10s, 5m, 72h or 1m30s");
         let mut rest = text.trim();
         if rest.is_empty() {
             return Err(bad());
         }
         let mut total_ms: u128 = 0;
         while !rest.is_empty() {
-            let digits = rest
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(rest.len());
+            let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
             if digits == 0 {
                 return Err(bad());
             }
             let number: u128 = rest[..digits].parse().map_err(|_| bad())?;
             rest = &rest[digits..];
-            let unit_len = rest
-                .find(|c: char| c.is_ascii_digit())
-                .unwrap_or(rest.len());
+            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
             let per_unit_ms: u128 = match &rest[..unit_len] {
                 "ms" => 1,
                 "s" => 1_000,
@@ -68,10 +63,7 @@ impl FromStr for Duration {
                 _ => return Err(bad()),
             };
             rest = &rest[unit_len..];
-            total_ms = number
-                .checked_mul(per_unit_ms)
-                .and_then(|ms| total_ms.checked_add(ms))
-                .ok_or_else(bad)?;
+            total_ms = number.checked_mul(per_unit_ms).and_then(|ms| total_ms.checked_add(ms)).ok_or_else(bad)?;
         }
         let ms = u64::try_from(total_ms).map_err(|_| bad())?;
         Ok(Duration::from_millis(ms))
@@ -140,12 +132,9 @@ impl FromStr for ByteSize {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let bad =
-            || format!("`{text}` is not a size; write it like 4096, 512Ki, 1Mi, 256Mi or 1Gi");
+        let bad = || format!("`{text}` is not a size; write it like 4096, 512Ki, 1Mi, 256Mi or 1Gi");
         let trimmed = text.trim();
-        let digits = trimmed
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(trimmed.len());
+        let digits = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
         if digits == 0 {
             return Err(bad());
         }
@@ -169,12 +158,7 @@ impl FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
-        for (unit, size) in [
-            ("Ti", 1u64 << 40),
-            ("Gi", 1 << 30),
-            ("Mi", 1 << 20),
-            ("Ki", 1 << 10),
-        ] {
+        for (unit, size) in [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
             if n != 0 && n % size == 0 {
                 return write!(f, "{}{unit}", n / size);
             }
@@ -247,16 +231,7 @@ mod tests {
 
     #[test]
     fn bad_durations_are_refused_with_the_text() {
-        for text in [
-            "",
-            "10",
-            "s",
-            "10 s",
-            "10sec",
-            "-1s",
-            "1.5s",
-            "99999999999999999999999h",
-        ] {
+        for text in ["", "10", "s", "10 s", "10sec", "-1s", "1.5s", "99999999999999999999999h"] {
             let err = text.parse::<Duration>().unwrap_err();
             assert!(err.contains(&format!("`{text}`")), "{err}");
         }

@@ -48,10 +48,7 @@ async fn demo() -> Result<(), String> {
     let analytics = stand_in(([127, 0, 0, 1], 18091).into(), false).await?;
 
     println!("==> storerelay-sidecar check --config {CONFIG}");
-    let check = Command::new(&binary)
-        .args(["check", "--config", CONFIG])
-        .output()
-        .map_err(|e| e.to_string())?;
+    let check = Command::new(&binary).args(["check", "--config", CONFIG]).output().map_err(|e| e.to_string())?;
     print!("{}", String::from_utf8_lossy(&check.stdout));
     if !check.status.success() {
         return Err(String::from_utf8_lossy(&check.stderr).into_owned());
@@ -65,11 +62,8 @@ async fn demo() -> Result<(), String> {
         .stderr(log)
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| e.to_string())?;
+    let http =
+        reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
     let result = exercise(&http, &binary, &revenuecat, &analytics).await;
 
     println!("\n==> SIGTERM: the sidecar drains and exits");
@@ -94,7 +88,9 @@ async fn exercise(
     let v1 = br#"{"notification_type":"DID_RENEW","environment":"Sandbox","password":"demo-shared-secret","bid":"com.example.app","unified_receipt":{"status":0,"latest_receipt_info":[{"product_id":"pro.monthly"}]}}"#.to_vec();
     let v2 = match std::fs::read_to_string("../shared/fixtures/apple/signed/testNotification") {
         Ok(jws) => format!("{{\"signedPayload\":\"{}\"}}", jws.trim()).into_bytes(),
-        Err(_) => br#"{"signedPayload":"eyJhbGciOiJFUzI1NiJ9.eyJub3RpZmljYXRpb25UeXBlIjoiVEVTVCJ9.c2lnbmF0dXJl"}"#.to_vec(),
+        Err(_) => {
+            br#"{"signedPayload":"eyJhbGciOiJFUzI1NiJ9.eyJub3RpZmljYXRpb25UeXBlIjoiVEVTVCJ9.c2lnbmF0dXJl"}"#.to_vec()
+        }
     };
     let sent = [("V1", v1), ("V2", v2)];
     for (kind, body) in &sent {
@@ -105,11 +101,7 @@ async fn exercise(
             .send()
             .await
             .map_err(|e| e.to_string())?;
-        println!(
-            "POST {kind} notification ({} bytes) -> {}",
-            body.len(),
-            response.status()
-        );
+        println!("POST {kind} notification ({} bytes) -> {}", body.len(), response.status());
     }
 
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -129,11 +121,7 @@ async fn exercise(
                 .map_or("NOT IDENTICAL to anything sent".to_string(), |(kind, _)| {
                     format!("byte-identical to the {kind} notification")
                 });
-            println!(
-                "  request {}: {} bytes, answered {answer}: {identical}",
-                i + 1,
-                body.len()
-            );
+            println!("  request {}: {} bytes, answered {answer}: {identical}", i + 1, body.len());
         }
     }
 
@@ -160,9 +148,7 @@ async fn exercise(
     }) {
         println!("  {line}");
     }
-    let delivered_everywhere = revenuecat
-        .lock()
-        .map_or(0, |r| r.requests.iter().filter(|(a, _)| *a == 200).count())
+    let delivered_everywhere = revenuecat.lock().map_or(0, |r| r.requests.iter().filter(|(a, _)| *a == 200).count())
         == 2
         && analytics.lock().map_or(0, |r| r.requests.len()) == 2;
     if !delivered_everywhere {
@@ -174,12 +160,7 @@ async fn exercise(
 async fn wait_ready(http: &reqwest::Client) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if http
-            .get(format!("{ADMIN}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
+        if http.get(format!("{ADMIN}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -190,35 +171,21 @@ async fn wait_ready(http: &reqwest::Client) -> Result<(), String> {
 /// The sidecar binary built beside this example (target/<profile>/storerelay-sidecar).
 fn sidecar_binary() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or("cannot locate the target directory")?;
+    let profile_dir = exe.parent().and_then(Path::parent).ok_or("cannot locate the target directory")?;
     let binary = profile_dir.join("storerelay-sidecar");
-    if binary.exists() {
-        Ok(binary)
-    } else {
-        Err(format!("{} not built; run `make demo`", binary.display()))
-    }
+    if binary.exists() { Ok(binary) } else { Err(format!("{} not built; run `make demo`", binary.display())) }
 }
 
 async fn stand_in(addr: SocketAddr, fail_first: bool) -> Result<Arc<Mutex<Recorder>>, String> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let recorder = Arc::new(Mutex::new(Recorder {
-        fail_first,
-        ..Default::default()
-    }));
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let recorder = Arc::new(Mutex::new(Recorder { fail_first, ..Default::default() }));
     let shared = recorder.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let recorder = shared.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |request| record(recorder.clone(), request));
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
             });
         }
     });
@@ -229,19 +196,10 @@ async fn record(
     recorder: Arc<Mutex<Recorder>>,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let body = request
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let status = match recorder.lock() {
         Ok(mut recorder) => {
-            let status = if std::mem::take(&mut recorder.fail_first) {
-                503
-            } else {
-                200
-            };
+            let status = if std::mem::take(&mut recorder.fail_first) { 503 } else { 200 };
             recorder.requests.push((status, body));
             status
         }

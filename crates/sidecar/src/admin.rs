@@ -34,11 +34,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     if !state.ready.load(Ordering::SeqCst) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: starting or draining\n",
-        )
-            .into_response();
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: starting or draining\n").into_response();
     }
     // A stalled destination does not stop Apple's notifications from being stored, so it does not make
     // the pod unready (that would cut the app off too); it is reported here and in the metrics.

@@ -3,9 +3,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// RFC 3339 in UTC with milliseconds, for people reading tool output and logs.
@@ -20,13 +18,6 @@ pub fn parse_time_arg(text: &str, now: i64) -> Result<i64, String> {
         return Ok(now - ago.get().as_millis() as i64);
     }
     humantime::parse_rfc3339_weak(text)
-        .map(|t| {
-            t.duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64)
-        })
-        .map_err(|_| {
-            format!(
-                "`{text}` is neither a time like 2026-11-27T10:00:00Z nor a duration ago like 2h"
-            )
-        })
+        .map(|t| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64))
+        .map_err(|_| format!("`{text}` is neither a time like 2026-11-27T10:00:00Z nor a duration ago like 2h"))
 }

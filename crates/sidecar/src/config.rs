@@ -14,7 +14,9 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use storerelay_config::{ConfigError, RetryPolicy, SidecarConfig, check_http_url, redact_url};
 use tokio::sync::watch;
 
+use crate::apple::Notification;
 use crate::metrics::Metrics;
+use crate::verify::Verifier;
 
 /// A destination ready to be delivered to.
 #[derive(Debug, Clone)]
@@ -36,6 +38,11 @@ pub struct ResolvedDestination {
 pub struct RuntimeConfig {
     pub file: SidecarConfig,
     pub destinations: Vec<Arc<ResolvedDestination>>,
+    pub verifier: Arc<Verifier>,
+    /// The V1 shared secret in force (from `v1Password` or `v1PasswordFile`).
+    v1_password: Option<String>,
+    /// Why `v1PasswordFile` could not be read, if it could not.
+    v1_password_problem: Option<String>,
 }
 
 impl RuntimeConfig {
@@ -47,26 +54,45 @@ impl RuntimeConfig {
         self.destinations.iter().map(|d| d.name.clone()).collect()
     }
 
-    /// Problems that leave the sidecar working but a destination stalled.
+    /// The destinations whose `match` takes this notification.
+    pub fn destinations_for(&self, notification: &Notification) -> Vec<String> {
+        let facts = notification.route_facts();
+        self.file.destinations.iter().filter(|d| d.filter.matches(&facts)).map(|d| d.name.clone()).collect()
+    }
+
+    /// Problems that leave the sidecar working but a destination stalled (or V1 verification failing).
     pub fn problems(&self) -> Vec<String> {
         self.destinations
             .iter()
-            .filter_map(|d| {
-                d.problem
-                    .as_ref()
-                    .map(|p| format!("destination {}: {p}", d.name))
-            })
+            .filter_map(|d| d.problem.as_ref().map(|p| format!("destination {}: {p}", d.name)))
+            .chain(self.v1_password_problem.as_ref().map(|p| format!("verify: {p}")))
             .collect()
     }
 }
 
 /// Resolves every destination's secrets. A destination whose secret files fail keeps the values it had
 /// in `previous`, so a half-written Secret never stops delivery that was working.
+///
+/// Fails only when the verifier cannot be built (an unreadable root certificate): that config must not
+/// take effect, since it would let forgeries through or refuse everything.
 pub fn resolve(
     file: SidecarConfig,
     previous: Option<&RuntimeConfig>,
     metrics: &Metrics,
-) -> RuntimeConfig {
+) -> Result<RuntimeConfig, String> {
+    let (v1_password, v1_password_problem) = match (&file.verify.v1_password, &file.verify.v1_password_file) {
+        (Some(password), _) => (Some(password.clone()), None),
+        (None, Some(path)) => match read_secret(path) {
+            Ok(text) => (Some(text.trim_end_matches(['\n', '\r']).to_string()), None),
+            Err(problem) => {
+                tracing::error!(%problem, "verify.v1PasswordFile unreadable");
+                let kept = previous.and_then(|p| p.v1_password.clone());
+                (kept, Some(format!("v1PasswordFile: {problem}")))
+            }
+        },
+        (None, None) => (None, None),
+    };
+    let verifier = Arc::new(Verifier::new(&file.verify, v1_password.clone())?);
     let destinations = file
         .destinations
         .iter()
@@ -96,20 +122,17 @@ pub fn resolve(
             })
         })
         .collect();
-    RuntimeConfig { file, destinations }
+    Ok(RuntimeConfig { file, destinations, verifier, v1_password, v1_password_problem })
 }
 
-fn resolve_destination(
-    d: &storerelay_config::Destination,
-) -> Result<(reqwest::Url, HeaderMap), String> {
+fn resolve_destination(d: &storerelay_config::Destination) -> Result<(reqwest::Url, HeaderMap), String> {
     let url_text = match (&d.url, &d.url_file) {
         (Some(url), _) => url.clone(),
         (None, Some(file)) => read_secret(file)?.trim().to_string(),
         (None, None) => return Err("no url".into()),
     };
     if let Some(file) = &d.url_file {
-        check_http_url(&url_text, true)
-            .map_err(|e| format!("urlFile {}: the URL {e}", file.display()))?;
+        check_http_url(&url_text, true).map_err(|e| format!("urlFile {}: the URL {e}", file.display()))?;
     }
     let url = reqwest::Url::parse(&url_text).map_err(|e| format!("url: {e}"))?;
 
@@ -117,19 +140,15 @@ fn resolve_destination(
     if let Some(file) = &d.headers_file {
         let text = read_secret(file)?;
         let from_file: BTreeMap<String, String> = serde_yaml::from_str(&text).map_err(|_| {
-            format!(
-                "headersFile {}: not a YAML or JSON map of header names to strings",
-                file.display()
-            )
+            format!("headersFile {}: not a YAML or JSON map of header names to strings", file.display())
         })?;
         pairs.extend(from_file);
     }
     let mut headers = HeaderMap::new();
     for (name, value) in pairs {
-        let header_name = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| format!("header `{name}`: invalid name"))?;
-        let mut header_value =
-            HeaderValue::from_str(&value).map_err(|_| format!("header `{name}`: invalid value"))?;
+        let header_name =
+            HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("header `{name}`: invalid name"))?;
+        let mut header_value = HeaderValue::from_str(&value).map_err(|_| format!("header `{name}`: invalid value"))?;
         header_value.set_sensitive(true);
         headers.insert(header_name, header_value);
     }
@@ -137,8 +156,7 @@ fn resolve_destination(
 }
 
 fn read_secret(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))
 }
 
 /// Settings bound when the process starts; a change to them waits for a restart.
@@ -178,11 +196,7 @@ fn fingerprint(path: &Path, secret_files: &[PathBuf]) -> u64 {
 }
 
 fn owned_secret_files(config: &SidecarConfig) -> Vec<PathBuf> {
-    config
-        .secret_files()
-        .into_iter()
-        .map(Path::to_path_buf)
-        .collect()
+    config.secret_files().into_iter().map(Path::to_path_buf).collect()
 }
 
 /// Follows the config file and its secret files, publishing each valid change. An invalid change is
@@ -214,7 +228,14 @@ pub async fn follow(
                 }
                 secret_files = owned_secret_files(&file);
                 seen = fingerprint(&path, &secret_files);
-                let next = resolve(file, Some(&previous), &metrics);
+                let next = match resolve(file, Some(&previous), &metrics) {
+                    Ok(next) => next,
+                    Err(error) => {
+                        tracing::error!(%error, "config reload refused; the previous config stays in force");
+                        metrics.config_reloads.inc(&["error"]);
+                        continue;
+                    }
+                };
                 tracing::info!(destinations = ?next.destination_names(), ack = %next.file.effective_ack(), "config reloaded");
                 metrics.config_reloads.inc(&["success"]);
                 current.send_replace(Arc::new(next));
@@ -248,26 +269,15 @@ mod tests {
     #[test]
     fn secrets_come_from_files_and_merge_headers() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("url"),
-            "https://hooks.example.invalid/v1/TOKEN\n",
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("headers"),
-            "{\"Authorization\": \"Bearer s3cret\"}",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("url"), "https://hooks.example.invalid/v1/TOKEN\n").unwrap();
+        std::fs::write(dir.path().join("headers"), "{\"Authorization\": \"Bearer s3cret\"}").unwrap();
         let config = parse(&format!(
             "destinations:\n  - name: rc\n    urlFile: {0}/url\n    headersFile: {0}/headers\n    headers: {{X-Source: storerelay}}\n",
             dir.path().display()
         ));
-        let resolved = resolve(config, None, &Metrics::default());
+        let resolved = resolve(config, None, &Metrics::default()).unwrap();
         let rc = &resolved.destinations[0];
-        assert_eq!(
-            rc.url.as_ref().unwrap().as_str(),
-            "https://hooks.example.invalid/v1/TOKEN"
-        );
+        assert_eq!(rc.url.as_ref().unwrap().as_str(), "https://hooks.example.invalid/v1/TOKEN");
         assert_eq!(rc.display, "https://hooks.example.invalid");
         assert_eq!(rc.headers["authorization"], "Bearer s3cret");
         assert_eq!(rc.headers["x-source"], "storerelay");
@@ -279,40 +289,28 @@ mod tests {
         let metrics = Metrics::default();
         let dir = tempfile::tempdir().unwrap();
         let url_file = dir.path().join("url");
-        let config = parse(&format!(
-            "destinations:\n  - {{name: rc, urlFile: {}}}\n",
-            url_file.display()
-        ));
-        let resolved = resolve(config.clone(), None, &metrics);
+        let config = parse(&format!("destinations:\n  - {{name: rc, urlFile: {}}}\n", url_file.display()));
+        let resolved = resolve(config.clone(), None, &metrics).unwrap();
         let problem = resolved.destinations[0].problem.clone().unwrap();
-        assert!(
-            problem.contains("cannot read") && problem.contains("url"),
-            "{problem}"
-        );
+        assert!(problem.contains("cannot read") && problem.contains("url"), "{problem}");
         assert!(resolved.destinations[0].url.is_none());
         assert_eq!(metrics.secret_file_errors.get(&["rc"]), 1);
 
         // Once readable it resolves; if it breaks again, the last good URL stays in use.
         std::fs::write(&url_file, "https://a.example.invalid/SECRET").unwrap();
-        let good = resolve(config.clone(), Some(&resolved), &metrics);
+        let good = resolve(config.clone(), Some(&resolved), &metrics).unwrap();
         assert!(good.destinations[0].problem.is_none());
         std::fs::write(&url_file, "not a url SECRET").unwrap();
-        let kept = resolve(config, Some(&good), &metrics);
+        let kept = resolve(config, Some(&good), &metrics).unwrap();
         let problem = kept.destinations[0].problem.clone().unwrap();
         assert!(!problem.contains("SECRET"), "{problem}");
-        assert_eq!(
-            kept.destinations[0].url.as_ref().unwrap().as_str(),
-            "https://a.example.invalid/SECRET"
-        );
+        assert_eq!(kept.destinations[0].url.as_ref().unwrap().as_str(), "https://a.example.invalid/SECRET");
     }
 
     #[test]
     fn restart_only_keys_are_named() {
         let old = parse("listen: 127.0.0.1:1\n");
         let new = parse("listen: 127.0.0.1:2\nspool: {sync: normal}\n");
-        assert_eq!(
-            restart_only_changes(&old, &new),
-            vec!["listen", "spool.sync"]
-        );
+        assert_eq!(restart_only_changes(&old, &new), vec!["listen", "spool.sync"]);
     }
 }

@@ -45,25 +45,16 @@ pub struct Waiters {
 
 impl Waiters {
     pub fn register(&self, notification_id: i64) -> Arc<Notify> {
-        let mut map = self
-            .by_notification
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut map = self.by_notification.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(notification_id).or_default().clone()
     }
 
     pub fn release(&self, notification_id: i64) {
-        self.by_notification
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&notification_id);
+        self.by_notification.lock().unwrap_or_else(|p| p.into_inner()).remove(&notification_id);
     }
 
     fn finished(&self, notification_id: i64) {
-        let map = self
-            .by_notification
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let map = self.by_notification.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(notify) = map.get(&notification_id) {
             notify.notify_waiters();
         }
@@ -80,9 +71,7 @@ pub async fn supervise(delivery: Delivery, mut stop: watch::Receiver<bool>) {
         running.retain(|_, task| !task.is_finished());
         let names = config.borrow_and_update().destination_names();
         for name in names {
-            running
-                .entry(name.clone())
-                .or_insert_with(|| tokio::spawn(dispatch(name, delivery.clone(), stop.clone())));
+            running.entry(name.clone()).or_insert_with(|| tokio::spawn(dispatch(name, delivery.clone(), stop.clone())));
         }
         tokio::select! {
             changed = config.changed() => if changed.is_err() { break },
@@ -107,10 +96,7 @@ async fn dispatch(name: String, delivery: Delivery, mut stop: watch::Receiver<bo
             tracing::info!(destination = %name, "destination removed from the config; its pending deliveries stay in the spool");
             break;
         };
-        if client
-            .as_ref()
-            .is_none_or(|(seen, _)| !Arc::ptr_eq(seen, &destination))
-        {
+        if client.as_ref().is_none_or(|(seen, _)| !Arc::ptr_eq(seen, &destination)) {
             client = match build_client(&destination) {
                 Ok(built) => Some((destination.clone(), built)),
                 Err(error) => {
@@ -127,29 +113,17 @@ async fn dispatch(name: String, delivery: Delivery, mut stop: watch::Receiver<bo
             let (limit, query_name) = (free + in_flight.len(), name.clone());
             let fetched = delivery
                 .spool
-                .read(move |db| {
-                    Ok((
-                        db.due(&query_name, now, limit)?,
-                        db.next_due_after(&query_name, now)?,
-                    ))
-                })
+                .read(move |db| Ok((db.due(&query_name, now, limit)?, db.next_due_after(&query_name, now)?)))
                 .await;
             match fetched {
                 Ok((due, next_due)) => {
-                    let fresh: Vec<DueDelivery> = due
-                        .into_iter()
-                        .filter(|row| !in_flight.contains(&row.notification_id))
-                        .take(free)
-                        .collect();
+                    let fresh: Vec<DueDelivery> =
+                        due.into_iter().filter(|row| !in_flight.contains(&row.notification_id)).take(free).collect();
                     for row in fresh {
                         in_flight.insert(row.notification_id);
                         delivery.in_flight.fetch_add(1, Ordering::SeqCst);
-                        let (delivery, destination, http, done) = (
-                            delivery.clone(),
-                            destination.clone(),
-                            http.clone(),
-                            done_tx.clone(),
-                        );
+                        let (delivery, destination, http, done) =
+                            (delivery.clone(), destination.clone(), http.clone(), done_tx.clone());
                         tokio::spawn(async move {
                             let id = row.notification_id;
                             attempt(&delivery, &destination, &http, row).await;
@@ -192,34 +166,20 @@ fn build_client(destination: &ResolvedDestination) -> reqwest::Result<reqwest::C
 }
 
 /// One POST of the stored bytes, its outcome recorded in the spool, counted and logged.
-async fn attempt(
-    delivery: &Delivery,
-    destination: &ResolvedDestination,
-    http: &reqwest::Client,
-    row: DueDelivery,
-) {
+async fn attempt(delivery: &Delivery, destination: &ResolvedDestination, http: &reqwest::Client, row: DueDelivery) {
     let Some(url) = destination.url.clone() else {
         return;
     };
     let started = Instant::now();
     let result = post(http, url, destination, row.body).await;
     let took = started.elapsed();
-    let outcome = retry::decide(
-        &result,
-        &destination.retry,
-        row.attempts,
-        row.received_at,
-        now_ms(),
-        fastrand::f64(),
-    );
+    let outcome = retry::decide(&result, &destination.retry, row.attempts, row.received_at, now_ms(), fastrand::f64());
 
     let name = destination.name.as_str();
     delivery.metrics.delivery_duration.observe(name, took);
     let (label, next_attempt_at) = match &outcome {
         Outcome::Delivered { .. } => ("delivered", None),
-        Outcome::Retry {
-            next_attempt_at, ..
-        } => ("retried", Some(crate::clock::format_ms(*next_attempt_at))),
+        Outcome::Retry { next_attempt_at, .. } => ("retried", Some(crate::clock::format_ms(*next_attempt_at))),
         Outcome::Dead { .. } => ("dead", None),
     };
     delivery.metrics.deliveries.inc(&[name, label]);
@@ -241,11 +201,7 @@ async fn attempt(
     );
 
     let finished = !matches!(outcome, Outcome::Retry { .. });
-    if let Err(error) = delivery
-        .spool
-        .record(name.to_string(), row.notification_id, outcome)
-        .await
-    {
+    if let Err(error) = delivery.spool.record(name.to_string(), row.notification_id, outcome).await {
         // The row stays as it was and is attempted again: at least once, never lost.
         tracing::error!(destination = name, notification = row.notification_id, %error, "cannot record delivery outcome");
     }
@@ -275,10 +231,7 @@ async fn post(
                 .and_then(|v| retry::parse_retry_after(v, SystemTime::now()));
             // Read the answer so the connection can be reused; its content does not matter.
             let _ = response.bytes().await;
-            AttemptResult::Response {
-                status,
-                retry_after,
-            }
+            AttemptResult::Response { status, retry_after }
         }
         Err(error) if error.is_timeout() => AttemptResult::Timeout,
         Err(error) => AttemptResult::Failed(describe_error(&error)),
@@ -287,19 +240,11 @@ async fn post(
 
 /// The error's kind and innermost cause, without the URL reqwest would print.
 fn describe_error(error: &reqwest::Error) -> String {
-    let kind = if error.is_connect() {
-        "connect error"
-    } else {
-        "request error"
-    };
+    let kind = if error.is_connect() { "connect error" } else { "request error" };
     let mut source: &dyn std::error::Error = error;
     while let Some(next) = source.source() {
         source = next;
     }
     let cause = source.to_string();
-    if cause.contains("://") {
-        kind.to_string()
-    } else {
-        format!("{kind}: {cause}")
-    }
+    if cause.contains("://") { kind.to_string() } else { format!("{kind}: {cause}") }
 }

@@ -14,13 +14,15 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header}
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use storerelay_config::AckMode;
+use storerelay_config::{AckMode, Limits, UnknownBodies, VerifyMode};
 use tokio::sync::{Semaphore, watch};
 
+use crate::apple::{self, Notification};
+use crate::clock::now_ms;
 use crate::config::RuntimeConfig;
 use crate::delivery::Waiters;
 use crate::metrics::Metrics;
-use crate::spool::{Spool, SpoolError};
+use crate::spool::{NewNotification, Spool, SpoolError};
 
 /// What the ingest handler needs.
 pub struct IngestState {
@@ -47,24 +49,14 @@ pub fn upstream_client() -> reqwest::Result<reqwest::Client> {
 }
 
 fn json(status: StatusCode, body: &'static str) -> Response {
-    (
-        status,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        body,
-    )
-        .into_response()
+    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
 }
 
 fn refuse(metrics: &Metrics, reason: &str, status: StatusCode, body: &'static str) -> Response {
     metrics.rejected.inc(&[reason]);
     let mut response = json(status, body);
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     response
 }
@@ -76,67 +68,35 @@ async fn receive(State(state): State<Arc<IngestState>>, request: Request) -> Res
         return json(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#);
     }
     if request.method() != Method::POST {
-        let mut response = json(
-            StatusCode::METHOD_NOT_ALLOWED,
-            r#"{"error":"method not allowed"}"#,
-        );
-        response
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        let mut response = json(StatusCode::METHOD_NOT_ALLOWED, r#"{"error":"method not allowed"}"#);
+        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
         return response;
     }
     let Ok(_permit) = state.permits.clone().try_acquire_owned() else {
-        return refuse(
-            &state.metrics,
-            "overloaded",
-            StatusCode::SERVICE_UNAVAILABLE,
-            r#"{"error":"busy, retry"}"#,
-        );
+        return refuse(&state.metrics, "overloaded", StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"busy, retry"}"#);
     };
-
-    let limits = &config.file.limits;
-    let max_body = limits.max_body_bytes.get();
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max_body) {
-        return too_large(&state.metrics);
-    }
     let (parts, body) = request.into_parts();
-    let limited = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
-    let body = match tokio::time::timeout(limits.body_timeout.get(), limited.collect()).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
-            return too_large(&state.metrics);
-        }
-        Ok(Err(_)) => {
-            return refuse(
-                &state.metrics,
-                "body_error",
-                StatusCode::BAD_REQUEST,
-                r#"{"error":"incomplete body"}"#,
-            );
-        }
-        Err(_) => {
-            let mut response = refuse(
-                &state.metrics,
-                "body_timeout",
-                StatusCode::REQUEST_TIMEOUT,
-                r#"{"error":"body too slow"}"#,
-            );
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return response;
-        }
+    let body = match read_body(&state.metrics, &config.file.limits, &parts.headers, body).await {
+        Ok(body) => body,
+        Err(refusal) => return refusal,
+    };
+    let notification = match admit(&state.metrics, &config, &body) {
+        Ok(notification) => notification,
+        Err(refusal) => return refusal,
     };
 
     let ack = config.file.effective_ack();
-    let store = state
-        .spool
-        .insert(path.clone(), body.clone(), config.destination_names());
+    let destinations = config.destinations_for(&notification);
+    if destinations.is_empty() {
+        state.metrics.unrouted.inc(&[]);
+    }
+    let window = config.file.dedupe.window.get();
+    let store = state.spool.insert(NewNotification {
+        path: path.clone(),
+        body: body.clone(),
+        destinations: destinations.clone(),
+        dedupe: (!window.is_zero()).then(|| (notification.dedupe_key.clone(), now_ms() - window.as_millis() as i64)),
+    });
     let (stored, app_answer) = match &config.file.upstream {
         Some(upstream) => {
             let url = format!(
@@ -144,22 +104,15 @@ async fn receive(State(state): State<Arc<IngestState>>, request: Request) -> Res
                 upstream.url.trim_end_matches('/'),
                 parts.uri.path_and_query().map_or("/", |p| p.as_str())
             );
-            let forward = forward(
-                &state,
-                url,
-                upstream.timeout.get(),
-                &parts.method,
-                &parts.headers,
-                body.clone(),
-            );
+            let forward = forward(&state, url, upstream.timeout.get(), &parts.method, &parts.headers, body.clone());
             let (stored, answer) = tokio::join!(store, forward);
             (stored, Some(answer))
         }
         None => (store.await, None),
     };
 
-    let notification_id = match stored {
-        Ok(id) => id,
+    let stored = match stored {
+        Ok(stored) => stored,
         Err(error) => {
             // Not durable, so not acknowledged: Apple retries and the app's copy (if any) is a duplicate
             // it already has to tolerate, since Apple retries on its own too.
@@ -168,36 +121,26 @@ async fn receive(State(state): State<Arc<IngestState>>, request: Request) -> Res
                 SpoolError::Full { .. } => r#"{"error":"spool full, retry"}"#,
                 _ => r#"{"error":"spool unavailable, retry"}"#,
             };
-            return refuse(
-                &state.metrics,
-                error.reason(),
-                StatusCode::SERVICE_UNAVAILABLE,
-                message,
-            );
+            return refuse(&state.metrics, error.reason(), StatusCode::SERVICE_UNAVAILABLE, message);
         }
     };
-    state
-        .metrics
-        .received
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let labels = [notification.version_label(), notification.environment_label(), notification.type_label()];
+    state.metrics.received.inc(&labels);
+    if stored.duplicate {
+        state.metrics.duplicates.inc(&[notification.version_label()]);
+    }
 
     let response = match (ack, app_answer) {
         (AckMode::Upstream, Some(answer)) => answer,
         (AckMode::Delivered, Some(answer)) if !answer.status().is_success() => answer,
         (AckMode::Delivered, answer) => {
-            let delivered =
-                wait_for_delivery(&state, notification_id, config.file.ack_timeout.get()).await;
+            let delivered = wait_for_delivery(&state, stored.notification_id, config.file.ack_timeout.get()).await;
             match (delivered, answer) {
                 (true, Some(answer)) => answer,
                 (true, None) => json(StatusCode::OK, "{}"),
                 (false, _) => {
-                    let mut response = json(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        r#"{"error":"not yet delivered, retry"}"#,
-                    );
-                    response
-                        .headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                    let mut response = json(StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"not yet delivered, retry"}"#);
+                    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
                     response
                 }
             }
@@ -205,9 +148,17 @@ async fn receive(State(state): State<Arc<IngestState>>, request: Request) -> Res
         _ => json(StatusCode::OK, "{}"),
     };
     tracing::info!(
-        notification = notification_id,
+        notification = stored.notification_id,
+        duplicate = stored.duplicate,
         path = %path,
         bytes = body.len(),
+        version = notification.version_label(),
+        r#type = notification.notification_type.as_deref(),
+        subtype = notification.subtype.as_deref(),
+        uuid = notification.uuid.as_deref(),
+        environment = notification.environment_label(),
+        bundle = notification.bundle_id.as_deref(),
+        destinations = ?destinations,
         ack = %ack,
         status = response.status().as_u16(),
         "notification received"
@@ -215,17 +166,84 @@ async fn receive(State(state): State<Arc<IngestState>>, request: Request) -> Res
     response
 }
 
+/// Reads the body within `maxBodyBytes` and `bodyTimeout`, never buffering past the limit.
+async fn read_body(metrics: &Metrics, limits: &Limits, headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
+    let max_body = limits.max_body_bytes.get();
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body) {
+        return Err(too_large(metrics));
+    }
+    let limited = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
+    match tokio::time::timeout(limits.body_timeout.get(), limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large(metrics)),
+        Ok(Err(_)) => Err(refuse(metrics, "body_error", StatusCode::BAD_REQUEST, r#"{"error":"incomplete body"}"#)),
+        Err(_) => {
+            let mut response =
+                refuse(metrics, "body_timeout", StatusCode::REQUEST_TIMEOUT, r#"{"error":"body too slow"}"#);
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Err(response)
+        }
+    }
+}
+
+/// Decodes and verifies a body. In `enforce` mode a failure is a 401 and the notification goes nowhere;
+/// in `log` mode it is logged and counted and goes on.
+fn admit(metrics: &Metrics, config: &RuntimeConfig, body: &[u8]) -> Result<Notification, Response> {
+    let notification = match apple::decode(body) {
+        Ok(notification) => notification,
+        Err(_) => return Err(refuse(metrics, "not_json", StatusCode::BAD_REQUEST, r#"{"error":"body is not JSON"}"#)),
+    };
+    let mode = config.verifier.mode;
+    if notification.version.is_none() && mode != VerifyMode::Enforce {
+        if config.file.unknown_bodies == UnknownBodies::Reject {
+            return Err(refuse(
+                metrics,
+                "unknown_body",
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"not an App Store notification"}"#,
+            ));
+        }
+        metrics.unknown_bodies.inc(&[]);
+        return Ok(notification);
+    }
+    if mode == VerifyMode::Off {
+        return Ok(notification);
+    }
+    match config.verifier.check(&notification) {
+        Ok(()) => Ok(notification),
+        Err(reason) => {
+            metrics.rejected.inc(&[reason.as_str()]);
+            let facts = (notification.version_label(), notification.uuid.as_deref(), notification.bundle_id.as_deref());
+            if mode == VerifyMode::Enforce {
+                tracing::warn!(
+                    reason = reason.as_str(),
+                    version = facts.0,
+                    uuid = facts.1,
+                    bundle = facts.2,
+                    "notification failed verification; answering 401"
+                );
+                let body = format!(r#"{{"error":"verification failed","reason":"{}"}}"#, reason.as_str());
+                Err((StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "application/json")], body).into_response())
+            } else {
+                tracing::warn!(
+                    reason = reason.as_str(),
+                    version = facts.0,
+                    uuid = facts.1,
+                    bundle = facts.2,
+                    "notification failed verification; accepted (verify.mode: log)"
+                );
+                Ok(notification)
+            }
+        }
+    }
+}
+
 fn too_large(metrics: &Metrics) -> Response {
-    let mut response = refuse(
-        metrics,
-        "too_large",
-        StatusCode::PAYLOAD_TOO_LARGE,
-        r#"{"error":"body too large"}"#,
-    );
+    let mut response = refuse(metrics, "too_large", StatusCode::PAYLOAD_TOO_LARGE, r#"{"error":"body too large"}"#);
     // The rest of the body is never read, so the connection cannot be reused.
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 
@@ -238,11 +256,7 @@ async fn wait_for_delivery(state: &IngestState, notification_id: i64, within: Du
         let finished = notify.notified();
         tokio::pin!(finished);
         finished.as_mut().enable();
-        match state
-            .spool
-            .read(move |db| db.delivery_states(notification_id))
-            .await
-        {
+        match state.spool.read(move |db| db.delivery_states(notification_id)).await {
             Ok((0, _, 0)) => break true,
             Ok((_, _, dead)) if dead > 0 => break false,
             Ok(_) => {}
@@ -284,38 +298,23 @@ async fn forward(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Response {
-    let mut request = state
-        .upstream
-        .request(method.clone(), url)
-        .timeout(timeout)
-        .body(body);
+    let mut request = state.upstream.request(method.clone(), url).timeout(timeout).body(body);
     for (name, value) in headers.iter().filter(|(name, _)| is_end_to_end(name)) {
         request = request.header(name, value);
     }
     let answer = match request.send().await {
         Ok(answer) => answer,
         Err(error) => {
-            let code = if error.is_timeout() {
-                "timeout"
-            } else {
-                "unreachable"
-            };
+            let code = if error.is_timeout() { "timeout" } else { "unreachable" };
             state.metrics.upstream_responses.inc(&[code]);
             tracing::warn!(upstream = code, "app did not answer; answering 503");
-            return json(
-                StatusCode::SERVICE_UNAVAILABLE,
-                r#"{"error":"app unavailable, retry"}"#,
-            );
+            return json(StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"app unavailable, retry"}"#);
         }
     };
     let status = answer.status();
     state.metrics.upstream_responses.inc(&[status.as_str()]);
     let mut response_headers = HeaderMap::new();
-    for (name, value) in answer
-        .headers()
-        .iter()
-        .filter(|(name, _)| is_end_to_end(name))
-    {
+    for (name, value) in answer.headers().iter().filter(|(name, _)| is_end_to_end(name)) {
         response_headers.append(name.clone(), value.clone());
     }
     match answer.bytes().await {
@@ -327,10 +326,7 @@ async fn forward(
         }
         Err(_) => {
             state.metrics.upstream_responses.inc(&["unreachable"]);
-            json(
-                StatusCode::SERVICE_UNAVAILABLE,
-                r#"{"error":"app answer broken, retry"}"#,
-            )
+            json(StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"app answer broken, retry"}"#)
         }
     }
 }

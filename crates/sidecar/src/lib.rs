@@ -6,6 +6,7 @@
 //! metrics, and [`tools`] inspects a spool from the command line.
 
 pub mod admin;
+pub mod apple;
 pub mod clock;
 pub mod config;
 pub mod delivery;
@@ -15,6 +16,7 @@ pub mod retry;
 pub mod server;
 pub mod spool;
 pub mod tools;
+pub mod verify;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,13 +44,11 @@ pub enum StartError {
     #[error(transparent)]
     Spool(#[from] spool::SpoolError),
     #[error("cannot listen on {address} ({key}): {source}")]
-    Bind {
-        key: &'static str,
-        address: std::net::SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { key: &'static str, address: std::net::SocketAddr, source: std::io::Error },
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+    #[error("{file}: {message}")]
+    Verify { file: PathBuf, message: String },
 }
 
 /// Structured JSON log lines on stderr; `STORERELAY_LOG` takes a tracing filter (default `info`).
@@ -67,27 +67,24 @@ pub fn init_logging() {
 pub async fn run(config_path: &Path) -> Result<(), StartError> {
     let file = storerelay_config::load(config_path)?;
     let metrics = Arc::new(Metrics::default());
-    let runtime = config::resolve(file, None, &metrics);
+    let runtime = config::resolve(file, None, &metrics)
+        .map_err(|message| StartError::Verify { file: config_path.to_path_buf(), message })?;
+    if runtime.verifier.mode != storerelay_config::VerifyMode::Off && !runtime.verifier.has_apple_root {
+        tracing::warn!(
+            expected_sha256 = verify::APPLE_ROOT_CA_G3_SHA256,
+            "none of verify.rootCertificates is Apple Root CA - G3: real App Store notifications will fail verification"
+        );
+    }
     let settings = runtime.file.clone();
 
-    let (spool, report) = Spool::open(
-        &settings.spool.path,
-        settings.spool.sync,
-        settings.spool.max_bytes.get(),
-    )?;
+    let (spool, report) = Spool::open(&settings.spool.path, settings.spool.sync, settings.spool.max_bytes.get())?;
     if let (Some(aside), Some(problem)) = (&report.quarantined, &report.corruption) {
         tracing::error!(spool = %settings.spool.path.display(), set_aside = %aside.display(), %problem,
             "SPOOL WAS CORRUPT: the damaged file was renamed aside and a new spool started; undelivered notifications in it need manual recovery");
     }
 
     let bind = |key: &'static str, address| async move {
-        TcpListener::bind(address)
-            .await
-            .map_err(|source| StartError::Bind {
-                key,
-                address,
-                source,
-            })
+        TcpListener::bind(address).await.map_err(|source| StartError::Bind { key, address, source })
     };
     let ingest_listener = bind("listen", settings.listen).await?;
     let admin_listener = bind("admin", settings.admin).await?;
@@ -98,12 +95,7 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
     let ready = Arc::new(AtomicBool::new(false));
     let in_flight = Arc::new(AtomicUsize::new(0));
 
-    let reload = tokio::spawn(config::follow(
-        config_path.to_path_buf(),
-        RELOAD_INTERVAL,
-        config_tx,
-        metrics.clone(),
-    ));
+    let reload = tokio::spawn(config::follow(config_path.to_path_buf(), RELOAD_INTERVAL, config_tx, metrics.clone()));
     let housekeeping = tokio::spawn(housekeep(spool.clone(), config_rx.clone()));
 
     let (stop_delivery, delivery_stopped) = watch::channel(false);
@@ -138,19 +130,12 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
         metrics: metrics.clone(),
         config: config_rx.clone(),
         waiters,
-        permits: Arc::new(Semaphore::new(
-            settings.limits.max_concurrent_requests as usize,
-        )),
+        permits: Arc::new(Semaphore::new(settings.limits.max_concurrent_requests as usize)),
         upstream,
     }));
     let grace = settings.shutdown_grace_period.get();
-    let ingest_server = tokio::spawn(server::serve(
-        ingest_listener,
-        ingest_router,
-        header_timeout,
-        ingest_stopped,
-        grace,
-    ));
+    let ingest_server =
+        tokio::spawn(server::serve(ingest_listener, ingest_router, header_timeout, ingest_stopped, grace));
 
     ready.store(true, Ordering::SeqCst);
     tracing::info!(
@@ -172,12 +157,8 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
 
     // Keep delivering while there is something to deliver before the deadline.
     while tokio::time::Instant::now() < deadline {
-        let horizon = now_ms()
-            + deadline
-                .saturating_duration_since(tokio::time::Instant::now())
-                .as_millis() as i64;
-        let busy = in_flight.load(Ordering::SeqCst) > 0
-            || work_due_before(&spool, &config_rx, horizon).await;
+        let horizon = now_ms() + deadline.saturating_duration_since(tokio::time::Instant::now()).as_millis() as i64;
+        let busy = in_flight.load(Ordering::SeqCst) > 0 || work_due_before(&spool, &config_rx, horizon).await;
         if !busy {
             break;
         }
@@ -185,42 +166,23 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
     }
     let _ = stop_delivery.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(1), dispatchers).await;
-    let left = spool
-        .read(|db| db.stats())
-        .await
-        .map(|stats| stats.iter().map(|s| s.pending).sum::<u64>())
-        .unwrap_or(0);
+    let left = spool.read(|db| db.stats()).await.map(|stats| stats.iter().map(|s| s.pending).sum::<u64>()).unwrap_or(0);
     let _ = stop_admin.send(true);
     let _ = admin_server.await;
     reload.abort();
     housekeeping.abort();
-    tracing::info!(
-        pending = left,
-        "storerelay-sidecar stopped; pending deliveries stay in the spool"
-    );
+    tracing::info!(pending = left, "storerelay-sidecar stopped; pending deliveries stay in the spool");
     Ok(())
 }
 
 /// Whether any deliverable destination has a delivery due before `horizon` (unix ms).
-async fn work_due_before(
-    spool: &Spool,
-    config: &watch::Receiver<Arc<config::RuntimeConfig>>,
-    horizon: i64,
-) -> bool {
-    let names: Vec<String> = config
-        .borrow()
-        .destinations
-        .iter()
-        .filter(|d| d.url.is_some())
-        .map(|d| d.name.clone())
-        .collect();
+async fn work_due_before(spool: &Spool, config: &watch::Receiver<Arc<config::RuntimeConfig>>, horizon: i64) -> bool {
+    let names: Vec<String> =
+        config.borrow().destinations.iter().filter(|d| d.url.is_some()).map(|d| d.name.clone()).collect();
     spool
         .read(move |db| {
             for name in &names {
-                if db
-                    .next_due_after(name, i64::MIN)?
-                    .is_some_and(|t| t <= horizon)
-                {
+                if db.next_due_after(name, i64::MIN)?.is_some_and(|t| t <= horizon) {
                     return Ok(true);
                 }
             }
@@ -238,20 +200,16 @@ async fn housekeep(spool: Spool, mut config: watch::Receiver<Arc<config::Runtime
             _ = ticker.tick() => {}
             changed = config.changed() => if changed.is_err() { return },
         }
-        let (retain, max_bytes) = {
+        let (retain, window, max_bytes) = {
             let current = config.borrow_and_update();
-            (
-                current.file.spool.retain_delivered.get(),
-                current.file.spool.max_bytes.get(),
-            )
+            let spool = &current.file.spool;
+            (spool.retain_delivered.get(), current.file.dedupe.window.get(), spool.max_bytes.get())
         };
         spool.set_max_bytes(max_bytes);
-        match spool.prune(now_ms() - retain.as_millis() as i64).await {
+        let now = now_ms();
+        match spool.prune(now - retain.as_millis() as i64, now - window.as_millis() as i64).await {
             Ok(0) => {}
-            Ok(pruned) => tracing::info!(
-                pruned,
-                "pruned delivered notifications past retainDelivered"
-            ),
+            Ok(pruned) => tracing::info!(pruned, "pruned delivered notifications past retainDelivered"),
             Err(error) => tracing::error!(%error, "pruning the spool failed"),
         }
     }
@@ -282,23 +240,54 @@ async fn wait_for_termination() {
 /// config with secrets redacted.
 pub fn check(config_path: &Path) -> Result<String, String> {
     let file = storerelay_config::load(config_path).map_err(|e| e.to_string())?;
-    let resolved = config::resolve(file.clone(), None, &Metrics::default());
+    let resolved = config::resolve(file.clone(), None, &Metrics::default())
+        .map_err(|message| format!("{}: {message}", config_path.display()))?;
     let problems = resolved.problems();
     if !problems.is_empty() {
-        return Err(format!(
-            "{}: {}",
-            config_path.display(),
-            problems.join("; ")
-        ));
+        return Err(format!("{}: {}", config_path.display(), problems.join("; ")));
     }
-    Ok(format!(
-        "# {}: valid\n{}",
-        config_path.display(),
-        file.redacted().to_yaml()
-    ))
+    Ok(format!("# {}: valid\n{}", config_path.display(), file.redacted().to_yaml()))
 }
 
 /// The default config path when neither `--config` nor `STORERELAY_CONFIG` is given.
 pub fn default_config_path() -> PathBuf {
     PathBuf::from("/etc/storerelay/config.yaml")
+}
+
+/// `inspect`: what the sidecar makes of a body, and with a config, whether it would pass verification
+/// and where it would go. Never prints the V1 password.
+pub fn inspect(body: &[u8], config_path: Option<&Path>) -> Result<String, String> {
+    let notification = apple::decode(body).map_err(|e| e.to_string())?;
+    let field = |value: Option<&str>| value.unwrap_or("-").to_string();
+    let mut out = format!(
+        "version:      {}\ntype:         {}\nsubtype:      {}\nuuid:         {}\nenvironment:  {}\nbundleId:     {}\nappAppleId:   {}\nsignedDate:   {}\n",
+        notification.version_label(),
+        field(notification.notification_type.as_deref()),
+        field(notification.subtype.as_deref()),
+        field(notification.uuid.as_deref()),
+        notification.environment_label(),
+        field(notification.bundle_id.as_deref()),
+        notification.app_apple_id.map_or("-".to_string(), |id| id.to_string()),
+        notification.signed_date.map_or("-".to_string(), clock::format_ms),
+    );
+    if let Some(problem) = &notification.malformed {
+        out.push_str(&format!("malformed:    {problem}\n"));
+    }
+    if let Some(path) = config_path {
+        let file = storerelay_config::load(path).map_err(|e| e.to_string())?;
+        let runtime =
+            config::resolve(file, None, &Metrics::default()).map_err(|e| format!("{}: {e}", path.display()))?;
+        let verdict = match (runtime.verifier.mode, runtime.verifier.check(&notification)) {
+            (storerelay_config::VerifyMode::Off, _) => "not checked (verify.mode: off)".to_string(),
+            (_, Ok(())) => "passes".to_string(),
+            (mode, Err(reason)) => format!("fails: {} (verify.mode: {mode:?})", reason.as_str()),
+        };
+        out.push_str(&format!("verification: {verdict}\n"));
+        let destinations = runtime.destinations_for(&notification);
+        out.push_str(&format!(
+            "destinations: {}\n",
+            if destinations.is_empty() { "none".to_string() } else { destinations.join(", ") }
+        ));
+    }
+    Ok(out)
 }

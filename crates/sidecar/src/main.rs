@@ -28,6 +28,9 @@ enum Command {
     Check,
     /// Print the config file's JSON Schema.
     Schema,
+    /// Decode a notification body from stdin; with --config, also the verification verdict and the
+    /// destinations it would go to.
+    Inspect,
     /// Inspect or repair a spool (safe beside a running sidecar).
     Spool {
         /// The spool file.
@@ -88,16 +91,12 @@ enum SpoolAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = cli
-        .config
-        .unwrap_or_else(storerelay_sidecar::default_config_path);
+    let explicit_config = cli.config.clone();
+    let config = cli.config.unwrap_or_else(storerelay_sidecar::default_config_path);
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             storerelay_sidecar::init_logging();
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(runtime) => runtime,
                 Err(error) => return fail(&format!("cannot start the runtime: {error}")),
             };
@@ -116,49 +115,36 @@ fn main() -> ExitCode {
             }
             Err(error) => fail(&error),
         },
+        Command::Inspect => {
+            let mut body = Vec::new();
+            if let Err(error) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut body) {
+                return fail(&format!("cannot read stdin: {error}"));
+            }
+            match storerelay_sidecar::inspect(&body, explicit_config.as_deref()) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => fail(&error),
+            }
+        }
         Command::Schema => {
             println!("{:#}", storerelay_config::json_schema());
             ExitCode::SUCCESS
         }
-        Command::Spool {
-            spool,
-            json,
-            action,
-        } => {
+        Command::Spool { spool, json, action } => {
             let command = match action {
                 SpoolAction::Stats => SpoolCommand::Stats,
-                SpoolAction::List {
-                    destination,
-                    state,
-                    limit,
-                } => SpoolCommand::List {
-                    destination,
-                    state,
-                    limit,
-                },
-                SpoolAction::Dead { destination, limit } => SpoolCommand::List {
-                    destination,
-                    state: Some("dead".into()),
-                    limit,
-                },
-                SpoolAction::Redeliver {
-                    destination,
-                    dead,
-                    since,
-                } => SpoolCommand::Redeliver {
-                    destination,
-                    dead_only: dead,
-                    since,
-                },
-                SpoolAction::Purge {
-                    destination,
-                    dead,
-                    before,
-                } => SpoolCommand::Purge {
-                    destination,
-                    include_dead: dead,
-                    before,
-                },
+                SpoolAction::List { destination, state, limit } => SpoolCommand::List { destination, state, limit },
+                SpoolAction::Dead { destination, limit } => {
+                    SpoolCommand::List { destination, state: Some("dead".into()), limit }
+                }
+                SpoolAction::Redeliver { destination, dead, since } => {
+                    SpoolCommand::Redeliver { destination, dead_only: dead, since }
+                }
+                SpoolAction::Purge { destination, dead, before } => {
+                    SpoolCommand::Purge { destination, include_dead: dead, before }
+                }
             };
             match storerelay_sidecar::tools::run(&spool, &command, json) {
                 Ok(text) => {

@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::spool::DestinationStats;
@@ -22,12 +21,7 @@ pub struct CounterVec {
 
 impl CounterVec {
     const fn new(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Self {
-        CounterVec {
-            name,
-            help,
-            labels,
-            values: Mutex::new(BTreeMap::new()),
-        }
+        CounterVec { name, help, labels, values: Mutex::new(BTreeMap::new()) }
     }
 
     pub fn inc(&self, label_values: &[&str]) {
@@ -36,46 +30,26 @@ impl CounterVec {
 
     pub fn add(&self, label_values: &[&str], n: u64) {
         let key = label_values.iter().map(|v| v.to_string()).collect();
-        let mut values = self
-            .values
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut values = self.values.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         *values.entry(key).or_insert(0) += n;
     }
 
     pub fn get(&self, label_values: &[&str]) -> u64 {
         let key: Vec<String> = label_values.iter().map(|v| v.to_string()).collect();
-        let values = self
-            .values
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let values = self.values.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         values.get(&key).copied().unwrap_or(0)
     }
 
     fn render(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# HELP {} {}\n# TYPE {} counter",
-            self.name, self.help, self.name
-        );
-        let values = self
-            .values
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} counter", self.name, self.help, self.name);
+        let values = self.values.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         for (label_values, value) in values.iter() {
-            let _ = writeln!(
-                out,
-                "{}{} {value}",
-                self.name,
-                labels(self.labels, label_values)
-            );
+            let _ = writeln!(out, "{}{} {value}", self.name, labels(self.labels, label_values));
         }
     }
 }
 
-const BUCKETS: [f64; 12] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
+const BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 #[derive(Default, Clone)]
 struct Histogram {
@@ -93,20 +67,12 @@ pub struct HistogramVec {
 
 impl HistogramVec {
     const fn new(name: &'static str, help: &'static str, label: &'static str) -> Self {
-        HistogramVec {
-            name,
-            help,
-            label,
-            values: Mutex::new(BTreeMap::new()),
-        }
+        HistogramVec { name, help, label, values: Mutex::new(BTreeMap::new()) }
     }
 
     pub fn observe(&self, label_value: &str, took: Duration) {
         let seconds = took.as_secs_f64();
-        let mut values = self
-            .values
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut values = self.values.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let histogram = values.entry(label_value.to_string()).or_default();
         for (bucket, count) in BUCKETS.iter().zip(histogram.counts.iter_mut()) {
             if seconds <= *bucket {
@@ -118,29 +84,14 @@ impl HistogramVec {
     }
 
     fn render(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# HELP {} {}\n# TYPE {} histogram",
-            self.name, self.help, self.name
-        );
-        let values = self
-            .values
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} histogram", self.name, self.help, self.name);
+        let values = self.values.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         for (label_value, h) in values.iter() {
             let label = format!("{}=\"{}\"", self.label, escape(label_value));
             for (bucket, count) in BUCKETS.iter().zip(h.counts.iter()) {
-                let _ = writeln!(
-                    out,
-                    "{}_bucket{{{label},le=\"{bucket}\"}} {count}",
-                    self.name
-                );
+                let _ = writeln!(out, "{}_bucket{{{label},le=\"{bucket}\"}} {count}", self.name);
             }
-            let _ = writeln!(
-                out,
-                "{}_bucket{{{label},le=\"+Inf\"}} {}",
-                self.name, h.count
-            );
+            let _ = writeln!(out, "{}_bucket{{{label},le=\"+Inf\"}} {}", self.name, h.count);
             let _ = writeln!(out, "{}_sum{{{label}}} {}", self.name, h.sum);
             let _ = writeln!(out, "{}_count{{{label}}} {}", self.name, h.count);
         }
@@ -149,7 +100,10 @@ impl HistogramVec {
 
 /// Every metric the sidecar exports, except the spool gauges, which are read from the spool at scrape.
 pub struct Metrics {
-    pub received: AtomicU64,
+    pub received: CounterVec,
+    pub duplicates: CounterVec,
+    pub unrouted: CounterVec,
+    pub unknown_bodies: CounterVec,
     pub rejected: CounterVec,
     pub deliveries: CounterVec,
     pub delivery_duration: HistogramVec,
@@ -161,7 +115,26 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
-            received: AtomicU64::new(0),
+            received: CounterVec::new(
+                "storerelay_notifications_received_total",
+                "Notifications durably stored (or recognised as a stored one's repeat), by version, environment and type.",
+                &["version", "environment", "type"],
+            ),
+            duplicates: CounterVec::new(
+                "storerelay_duplicates_total",
+                "Repeats of a notification already in the spool (not queued again).",
+                &["version"],
+            ),
+            unrouted: CounterVec::new(
+                "storerelay_notifications_unrouted_total",
+                "Notifications that matched no destination (acknowledged, mirrored nowhere).",
+                &[],
+            ),
+            unknown_bodies: CounterVec::new(
+                "storerelay_notifications_unknown_shape_total",
+                "JSON bodies that were neither V1 nor V2, forwarded (unknownBodies: forward).",
+                &[],
+            ),
             rejected: CounterVec::new(
                 "storerelay_notifications_rejected_total",
                 "Notifications not accepted, by reason.",
@@ -212,12 +185,9 @@ pub struct Snapshot<'a> {
 impl Metrics {
     pub fn render(&self, snapshot: &Snapshot<'_>) -> String {
         let mut out = String::with_capacity(4096);
-        let _ = writeln!(
-            out,
-            "# HELP storerelay_notifications_received_total Notifications durably stored.\n# TYPE storerelay_notifications_received_total counter\nstorerelay_notifications_received_total {}",
-            self.received.load(Ordering::Relaxed)
-        );
-        self.rejected.render(&mut out);
+        for family in [&self.received, &self.duplicates, &self.unrouted, &self.unknown_bodies, &self.rejected] {
+            family.render(&mut out);
+        }
         self.deliveries.render(&mut out);
         self.delivery_duration.render(&mut out);
         self.upstream_responses.render(&mut out);
@@ -225,33 +195,21 @@ impl Metrics {
         self.secret_file_errors.render(&mut out);
 
         // Every configured destination shows up, even before its first notification.
-        let mut by_destination: BTreeMap<&str, Option<&DestinationStats>> = snapshot
-            .configured_destinations
-            .iter()
-            .map(|d| (d.as_str(), None))
-            .collect();
+        let mut by_destination: BTreeMap<&str, Option<&DestinationStats>> =
+            snapshot.configured_destinations.iter().map(|d| (d.as_str(), None)).collect();
         for stats in snapshot.spool {
             by_destination.insert(&stats.destination, Some(stats));
         }
         let gauges: [(&str, &str, GaugeOf); 3] = [
-            (
-                "storerelay_spool_pending",
-                "Deliveries waiting in the spool.",
-                |s, _| s.pending as f64,
-            ),
+            ("storerelay_spool_pending", "Deliveries waiting in the spool.", |s, _| s.pending as f64),
             (
                 "storerelay_spool_dead",
                 "Deliveries given up on (see `spool dead`, `spool redeliver --dead`).",
                 |s, _| s.dead as f64,
             ),
-            (
-                "storerelay_spool_oldest_pending_seconds",
-                "Age of the oldest notification still pending.",
-                |s, now| {
-                    s.oldest_pending_received_at
-                        .map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0)
-                },
-            ),
+            ("storerelay_spool_oldest_pending_seconds", "Age of the oldest notification still pending.", |s, now| {
+                s.oldest_pending_received_at.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0)
+            }),
         ];
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
@@ -283,19 +241,12 @@ fn labels(names: &[&str], values: &[String]) -> String {
     if names.is_empty() {
         return String::new();
     }
-    let pairs: Vec<String> = names
-        .iter()
-        .zip(values)
-        .map(|(n, v)| format!("{n}=\"{}\"", escape(v)))
-        .collect();
+    let pairs: Vec<String> = names.iter().zip(values).map(|(n, v)| format!("{n}=\"{}\"", escape(v))).collect();
     format!("{{{}}}", pairs.join(","))
 }
 
 fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -305,13 +256,12 @@ mod tests {
     #[test]
     fn renders_counters_histograms_and_spool_gauges() {
         let metrics = Metrics::default();
-        metrics.received.fetch_add(3, Ordering::Relaxed);
+        metrics.received.add(&["v2", "Sandbox", "DID_RENEW"], 3);
+        metrics.unrouted.inc(&[]);
         metrics.deliveries.inc(&["revenuecat", "delivered"]);
         metrics.deliveries.inc(&["revenuecat", "delivered"]);
         metrics.rejected.inc(&["too_large"]);
-        metrics
-            .delivery_duration
-            .observe("revenuecat", Duration::from_millis(20));
+        metrics.delivery_duration.observe("revenuecat", Duration::from_millis(20));
         let stats = [DestinationStats {
             destination: "revenuecat".into(),
             pending: 5,
@@ -329,7 +279,8 @@ mod tests {
             ready: true,
         });
         for line in [
-            "storerelay_notifications_received_total 3",
+            "storerelay_notifications_received_total{version=\"v2\",environment=\"Sandbox\",type=\"DID_RENEW\"} 3",
+            "storerelay_notifications_unrouted_total 1",
             "storerelay_deliveries_total{destination=\"revenuecat\",outcome=\"delivered\"} 2",
             "storerelay_notifications_rejected_total{reason=\"too_large\"} 1",
             "storerelay_delivery_duration_seconds_bucket{destination=\"revenuecat\",le=\"0.01\"} 0",

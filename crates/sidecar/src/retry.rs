@@ -59,22 +59,12 @@ pub fn decide(
 ) -> Outcome {
     let status = result.status();
     let retry_after = match result {
-        AttemptResult::Response {
-            status: 200..=299, ..
-        } => {
-            return Outcome::Delivered {
-                status: status.unwrap_or(200),
-            };
+        AttemptResult::Response { status: 200..=299, .. } => {
+            return Outcome::Delivered { status: status.unwrap_or(200) };
         }
-        AttemptResult::Response {
-            status,
-            retry_after,
-        } if is_retryable_status(*status) => *retry_after,
+        AttemptResult::Response { status, retry_after } if is_retryable_status(*status) => *retry_after,
         AttemptResult::Response { .. } => {
-            return Outcome::Dead {
-                status,
-                error: format!("{} is not retried", result.describe()),
-            };
+            return Outcome::Dead { status, error: format!("{} is not retried", result.describe()) };
         }
         AttemptResult::Timeout | AttemptResult::Failed(_) => None,
     };
@@ -92,22 +82,13 @@ pub fn decide(
             ),
         };
     }
-    Outcome::Retry {
-        next_attempt_at,
-        status,
-        error: result.describe(),
-    }
+    Outcome::Retry { next_attempt_at, status, error: result.describe() }
 }
 
 /// The wait before attempt number `attempts + 1`: exponential from `initialBackoff`, capped at
 /// `maxBackoff`, with full jitter above `initialBackoff` so a recovering destination is not hit by
 /// every sidecar at once. A `Retry-After` from the destination wins, capped at `maxBackoff`.
-pub fn backoff(
-    policy: &RetryPolicy,
-    attempts: u32,
-    retry_after: Option<Duration>,
-    jitter: f64,
-) -> Duration {
+pub fn backoff(policy: &RetryPolicy, attempts: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
     let initial = policy.initial_backoff.get();
     let max = policy.max_backoff.get();
     if let Some(asked) = retry_after {
@@ -143,22 +124,13 @@ mod tests {
     }
 
     fn response(status: u16) -> AttemptResult {
-        AttemptResult::Response {
-            status,
-            retry_after: None,
-        }
+        AttemptResult::Response { status, retry_after: None }
     }
 
     #[test]
     fn success_and_permanent_failures() {
-        assert_eq!(
-            decide(&response(200), &policy(), 0, 0, 0, 0.5),
-            Outcome::Delivered { status: 200 }
-        );
-        assert_eq!(
-            decide(&response(204), &policy(), 3, 0, 0, 0.5),
-            Outcome::Delivered { status: 204 }
-        );
+        assert_eq!(decide(&response(200), &policy(), 0, 0, 0, 0.5), Outcome::Delivered { status: 200 });
+        assert_eq!(decide(&response(204), &policy(), 3, 0, 0, 0.5), Outcome::Delivered { status: 204 });
         for status in [301, 302, 400, 401, 403, 404, 410, 422] {
             assert!(
                 matches!(decide(&response(status), &policy(), 0, 0, 0, 0.5), Outcome::Dead { status: Some(s), .. } if s == status),
@@ -179,9 +151,7 @@ mod tests {
             AttemptResult::Failed("connect error".into()),
         ] {
             match decide(&result, &policy(), 0, 0, 10_000, 0.0) {
-                Outcome::Retry {
-                    next_attempt_at, ..
-                } => assert_eq!(next_attempt_at, 11_000, "{result:?}"),
+                Outcome::Retry { next_attempt_at, .. } => assert_eq!(next_attempt_at, 11_000, "{result:?}"),
                 other => panic!("{result:?} gave {other:?}"),
             }
         }
@@ -202,40 +172,21 @@ mod tests {
     #[test]
     fn retry_after_wins_but_is_capped() {
         let p = policy();
-        assert_eq!(
-            backoff(&p, 1, Some(Duration::from_secs(7)), 0.0),
-            Duration::from_secs(7)
-        );
-        assert_eq!(
-            backoff(&p, 1, Some(Duration::from_secs(86_400)), 0.0),
-            Duration::from_secs(600)
-        );
-        let result = AttemptResult::Response {
-            status: 429,
-            retry_after: Some(Duration::from_secs(3)),
-        };
+        assert_eq!(backoff(&p, 1, Some(Duration::from_secs(7)), 0.0), Duration::from_secs(7));
+        assert_eq!(backoff(&p, 1, Some(Duration::from_secs(86_400)), 0.0), Duration::from_secs(600));
+        let result = AttemptResult::Response { status: 429, retry_after: Some(Duration::from_secs(3)) };
         assert!(matches!(
             decide(&result, &p, 0, 0, 0, 0.0),
-            Outcome::Retry {
-                next_attempt_at: 3_000,
-                status: Some(429),
-                ..
-            }
+            Outcome::Retry { next_attempt_at: 3_000, status: Some(429), .. }
         ));
     }
 
     #[test]
     fn retry_after_parses_seconds_and_dates() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        assert_eq!(
-            parse_retry_after("120", now),
-            Some(Duration::from_secs(120))
-        );
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
         let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        assert_eq!(
-            parse_retry_after(&later, now),
-            Some(Duration::from_secs(30))
-        );
+        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
         let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
@@ -245,16 +196,7 @@ mod tests {
     fn past_max_age_the_delivery_is_dead() {
         let p = policy();
         // Received at 0, maxAge 1h: a retry that would land after 1h is not scheduled.
-        assert!(matches!(
-            decide(&response(503), &p, 5, 0, 3_599_500, 0.0),
-            Outcome::Dead {
-                status: Some(503),
-                ..
-            }
-        ));
-        assert!(matches!(
-            decide(&response(503), &p, 0, 0, 3_598_000, 0.0),
-            Outcome::Retry { .. }
-        ));
+        assert!(matches!(decide(&response(503), &p, 5, 0, 3_599_500, 0.0), Outcome::Dead { status: Some(503), .. }));
+        assert!(matches!(decide(&response(503), &p, 0, 0, 3_598_000, 0.0), Outcome::Retry { .. }));
     }
 }

@@ -9,16 +9,8 @@ use support::binary;
 fn check(config: &str) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.yaml");
-    std::fs::write(
-        &path,
-        config.replace("$DIR", &dir.path().display().to_string()),
-    )
-    .unwrap();
-    Command::new(binary())
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap()
+    std::fs::write(&path, config.replace("$DIR", &dir.path().display().to_string())).unwrap();
+    Command::new(binary()).args(["check", "--config"]).arg(&path).output().unwrap()
 }
 
 #[test]
@@ -28,20 +20,12 @@ fn check_prints_the_effective_config_without_secrets() {
     );
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("https://api.example.invalid/<redacted>"), "{text}");
     assert!(
-        text.contains("https://api.example.invalid/<redacted>"),
+        text.contains("ack: spooled") && text.contains("maxBodyBytes: 1Mi") && text.contains("retainDelivered: 168h"),
         "{text}"
     );
-    assert!(
-        text.contains("ack: spooled")
-            && text.contains("maxBodyBytes: 1Mi")
-            && text.contains("retainDelivered: 168h"),
-        "{text}"
-    );
-    assert!(
-        !text.contains("TOKEN") && !text.contains("HEADERSECRET"),
-        "{text}"
-    );
+    assert!(!text.contains("TOKEN") && !text.contains("HEADERSECRET"), "{text}");
 }
 
 #[test]
@@ -49,10 +33,7 @@ fn check_fails_naming_the_key_and_the_file() {
     let out = check("limits: {maxBodyBytes: lots}\n");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(
-        err.contains("config.yaml: key `limits.maxBodyBytes`"),
-        "{err}"
-    );
+    assert!(err.contains("config.yaml: key `limits.maxBodyBytes`"), "{err}");
 }
 
 #[test]
@@ -60,10 +41,7 @@ fn check_fails_on_an_unreadable_secret_file() {
     let out = check("destinations:\n  - {name: rc, urlFile: $DIR/missing-url}\n");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(
-        err.contains("destination rc") && err.contains("missing-url"),
-        "{err}"
-    );
+    assert!(err.contains("destination rc") && err.contains("missing-url"), "{err}");
 }
 
 #[test]
@@ -74,23 +52,13 @@ fn start_fails_clearly_when_the_port_is_taken() {
     let path = dir.path().join("config.yaml");
     std::fs::write(
         &path,
-        format!(
-            "listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:0\nspool: {{path: {}/s.db}}\n",
-            dir.path().display()
-        ),
+        format!("listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:0\nspool: {{path: {}/s.db}}\n", dir.path().display()),
     )
     .unwrap();
-    let out = Command::new(binary())
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = Command::new(binary()).arg("--config").arg(&path).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(
-        err.contains(&format!("cannot listen on 127.0.0.1:{port} (listen)")),
-        "{err}"
-    );
+    assert!(err.contains(&format!("cannot listen on 127.0.0.1:{port} (listen)")), "{err}");
 }
 
 #[test]

@@ -15,24 +15,12 @@ const FAST: &str = "{initialBackoff: 200ms, maxBackoff: 1s, maxAge: 1h}";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_failures_are_retried_until_delivered() {
     let rc = StandIn::start().await;
-    rc.script([
-        Behavior::Status(500),
-        Behavior::Reset,
-        Behavior::Hang,
-        Behavior::Status(503),
-    ]);
-    let sidecar = Sidecar::start(
-        &format!("destinations:\n{}", destination("rc", &rc.url("/"), FAST)),
-        "",
-    )
-    .await;
+    rc.script([Behavior::Status(500), Behavior::Reset, Behavior::Hang, Behavior::Status(503)]);
+    let sidecar = Sidecar::start(&format!("destinations:\n{}", destination("rc", &rc.url("/"), FAST)), "").await;
     let body = v2_body(7);
     assert_eq!(sidecar.post(body.clone()).await.status(), 200);
     let got = rc.wait_for(5, Duration::from_secs(20)).await;
-    assert!(
-        got.iter().all(|r| r.body[..] == body[..]),
-        "every retry sends the same bytes"
-    );
+    assert!(got.iter().all(|r| r.body[..] == body[..]), "every retry sends the same bytes");
     sidecar
         .wait_metric(
             "storerelay_deliveries_total{destination=\"rc\",outcome=\"delivered\"}",
@@ -40,25 +28,12 @@ async fn transient_failures_are_retried_until_delivered() {
             Duration::from_secs(5),
         )
         .await;
-    assert_eq!(
-        sidecar
-            .metric("storerelay_deliveries_total{destination=\"rc\",outcome=\"retried\"}")
-            .await,
-        4.0
-    );
+    assert_eq!(sidecar.metric("storerelay_deliveries_total{destination=\"rc\",outcome=\"retried\"}").await, 4.0);
     // Backoff: no retry came sooner than initialBackoff after the previous answer.
     for pair in got.windows(2) {
-        assert!(
-            pair[1].at.duration_since(pair[0].at) >= Duration::from_millis(190),
-            "retried too soon"
-        );
+        assert!(pair[1].at.duration_since(pair[0].at) >= Duration::from_millis(190), "retried too soon");
     }
-    assert_eq!(
-        sidecar
-            .metric("storerelay_spool_pending{destination=\"rc\"}")
-            .await,
-        0.0
-    );
+    assert_eq!(sidecar.metric("storerelay_spool_pending{destination=\"rc\"}").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,22 +41,12 @@ async fn retry_after_is_honoured() {
     let rc = StandIn::start().await;
     rc.script([Behavior::RetryAfter(429, "2".into())]);
     let retry = "{initialBackoff: 200ms, maxBackoff: 3s, maxAge: 1h}";
-    let sidecar = Sidecar::start(
-        &format!("destinations:\n{}", destination("rc", &rc.url("/"), retry)),
-        "",
-    )
-    .await;
+    let sidecar = Sidecar::start(&format!("destinations:\n{}", destination("rc", &rc.url("/"), retry)), "").await;
     sidecar.post(v2_body(1)).await;
     let got = rc.wait_for(2, Duration::from_secs(10)).await;
     let gap = got[1].at.duration_since(got[0].at);
-    assert!(
-        gap >= Duration::from_millis(1_900),
-        "Retry-After: 2 but retried after {gap:?}"
-    );
-    assert!(
-        gap < Duration::from_secs(3),
-        "Retry-After: 2 but retried after {gap:?}"
-    );
+    assert!(gap >= Duration::from_millis(1_900), "Retry-After: 2 but retried after {gap:?}");
+    assert!(gap < Duration::from_secs(3), "Retry-After: 2 but retried after {gap:?}");
     // And an HTTP date, capped by maxBackoff (3s) although it asks for an hour.
     let later = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3600));
     rc.script([Behavior::RetryAfter(503, later)]);
@@ -98,35 +63,19 @@ async fn retry_after_is_honoured() {
 async fn a_4xx_or_redirect_is_dead_at_once_and_can_be_redelivered() {
     let rc = StandIn::start().await;
     rc.script([Behavior::Status(400), Behavior::Status(302)]);
-    let sidecar = Sidecar::start(
-        &format!("destinations:\n{}", destination("rc", &rc.url("/"), FAST)),
-        "",
-    )
-    .await;
+    let sidecar = Sidecar::start(&format!("destinations:\n{}", destination("rc", &rc.url("/"), FAST)), "").await;
     sidecar.post(v2_body(1)).await;
     sidecar.post(v2_body(2)).await;
     sidecar
-        .wait_metric(
-            "storerelay_deliveries_total{destination=\"rc\",outcome=\"dead\"}",
-            2.0,
-            Duration::from_secs(10),
-        )
+        .wait_metric("storerelay_deliveries_total{destination=\"rc\",outcome=\"dead\"}", 2.0, Duration::from_secs(10))
         .await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(rc.received().len(), 2, "dead deliveries are not retried");
-    assert_eq!(
-        sidecar
-            .metric("storerelay_spool_dead{destination=\"rc\"}")
-            .await,
-        2.0
-    );
+    assert_eq!(sidecar.metric("storerelay_spool_dead{destination=\"rc\"}").await, 2.0);
 
     let dead = sidecar.spool_tool(&["dead"]);
     let listing = String::from_utf8_lossy(&dead.stdout);
-    assert!(
-        listing.contains("HTTP 400") && listing.contains("HTTP 302"),
-        "{listing}"
-    );
+    assert!(listing.contains("HTTP 400") && listing.contains("HTTP 302"), "{listing}");
     let redeliver = sidecar.spool_tool(&["redeliver", "--destination", "rc", "--dead"]);
     assert!(redeliver.status.success(), "{redeliver:?}");
     rc.wait_for(4, Duration::from_secs(10)).await;
@@ -147,11 +96,7 @@ async fn a_destination_down_for_a_while_gets_everything_and_does_not_hold_up_oth
     let sidecar = Sidecar::start(
         &format!(
             "destinations:\n{}{}",
-            destination(
-                "down",
-                &down_url,
-                "{initialBackoff: 100ms, maxBackoff: 500ms, maxAge: 1h}"
-            ),
+            destination("down", &down_url, "{initialBackoff: 100ms, maxBackoff: 500ms, maxAge: 1h}"),
             destination("healthy", &healthy.url("/"), FAST)
         ),
         "",
@@ -162,19 +107,8 @@ async fn a_destination_down_for_a_while_gets_everything_and_does_not_hold_up_oth
         assert_eq!(sidecar.post(body.clone()).await.status(), 200);
     }
     healthy.wait_for(50, Duration::from_secs(10)).await;
-    sidecar
-        .wait_metric(
-            "storerelay_spool_pending{destination=\"down\"}",
-            50.0,
-            Duration::from_secs(5),
-        )
-        .await;
-    assert!(
-        sidecar
-            .metric("storerelay_spool_oldest_pending_seconds{destination=\"down\"}")
-            .await
-            >= 0.0
-    );
+    sidecar.wait_metric("storerelay_spool_pending{destination=\"down\"}", 50.0, Duration::from_secs(5)).await;
+    assert!(sidecar.metric("storerelay_spool_oldest_pending_seconds{destination=\"down\"}").await >= 0.0);
 
     let recovered = StandIn::start_on(([127, 0, 0, 1], port).into()).await;
     let got = recovered.wait_for(50, Duration::from_secs(20)).await;
@@ -197,53 +131,29 @@ async fn a_destination_down_for_a_while_gets_everything_and_does_not_hold_up_oth
 async fn a_reload_adds_a_destination_and_a_bad_reload_keeps_the_old_config() {
     let first = StandIn::start().await;
     let second = StandIn::start().await;
-    let one = format!(
-        "destinations:\n{}",
-        destination("first", &first.url("/"), FAST)
-    );
+    let one = format!("destinations:\n{}", destination("first", &first.url("/"), FAST));
     let sidecar = Sidecar::start(&one, "").await;
     sidecar.post(v2_body(1)).await;
     first.wait_for(1, Duration::from_secs(5)).await;
 
     let headers_file = sidecar.dir.join("second-headers.yaml");
     std::fs::write(&headers_file, "Authorization: Bearer HEADER-SECRET\n").unwrap();
-    let two = format!(
-        "{one}{}    headersFile: {}\n",
-        destination("second", &second.url("/"), FAST),
-        headers_file.display()
-    );
+    let two =
+        format!("{one}{}    headersFile: {}\n", destination("second", &second.url("/"), FAST), headers_file.display());
     sidecar.write_config(&two, "");
-    sidecar
-        .wait_metric(
-            "storerelay_config_reloads_total{result=\"success\"}",
-            1.0,
-            Duration::from_secs(10),
-        )
-        .await;
+    sidecar.wait_metric("storerelay_config_reloads_total{result=\"success\"}", 1.0, Duration::from_secs(10)).await;
     sidecar.post(v2_body(2)).await;
     let got = second.wait_for(1, Duration::from_secs(5)).await;
     assert_eq!(&got[0].body[..], &v2_body(2)[..]);
     assert_eq!(got[0].header("authorization"), Some("Bearer HEADER-SECRET"));
     first.wait_for(2, Duration::from_secs(5)).await;
 
-    sidecar.write_raw_config(&format!(
-        "{}\ndestinations: [{{name: Bad Name}}]\n",
-        sidecar.config_text("", "")
-    ));
-    sidecar
-        .wait_metric(
-            "storerelay_config_reloads_total{result=\"error\"}",
-            1.0,
-            Duration::from_secs(10),
-        )
-        .await;
+    sidecar.write_raw_config(&format!("{}\ndestinations: [{{name: Bad Name}}]\n", sidecar.config_text("", "")));
+    sidecar.wait_metric("storerelay_config_reloads_total{result=\"error\"}", 1.0, Duration::from_secs(10)).await;
     sidecar.post(v2_body(3)).await;
     first.wait_for(3, Duration::from_secs(5)).await;
     second.wait_for(2, Duration::from_secs(5)).await;
     let log = sidecar.log();
     assert!(log.contains("config reload refused"), "{log}");
-    assert!(
-        !log.contains("HEADER-SECRET"),
-        "a header value leaked into the log"
-    );
+    assert!(!log.contains("HEADER-SECRET"), "a header value leaked into the log");
 }

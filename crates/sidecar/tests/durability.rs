@@ -19,11 +19,7 @@ fn destination(name: &str, url: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_no_acknowledged_notification() {
     let rc = StandIn::start().await;
-    let mut sidecar = Sidecar::start(
-        &format!("destinations:\n{}", destination("rc", &rc.url("/"))),
-        "",
-    )
-    .await;
+    let mut sidecar = Sidecar::start(&format!("destinations:\n{}", destination("rc", &rc.url("/"))), "").await;
 
     // 1,200 notifications from 64 concurrent senders; the sidecar is killed part-way through.
     let url = sidecar.ingest_url("/apple/notifications");
@@ -57,34 +53,20 @@ async fn kill_9_under_load_loses_no_acknowledged_notification() {
             acknowledged.insert(body);
         }
     }
-    assert!(
-        acknowledged.len() >= 300,
-        "only {} acknowledged before the kill",
-        acknowledged.len()
-    );
-    assert!(
-        acknowledged.len() < 1_200,
-        "the kill came too late to test anything"
-    );
+    assert!(acknowledged.len() >= 300, "only {} acknowledged before the kill", acknowledged.len());
+    assert!(acknowledged.len() < 1_200, "the kill came too late to test anything");
     assert_file_sound(&sidecar.spool_path());
 
     sidecar.spawn();
     sidecar.wait_ready(Duration::from_secs(20)).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let delivered: HashSet<String> = rc
-            .bodies()
-            .iter()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .collect();
+        let delivered: HashSet<String> = rc.bodies().iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
         let missing = acknowledged.difference(&delivered).count();
         if missing == 0 {
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{missing} acknowledged notifications never delivered"
-        );
+        assert!(std::time::Instant::now() < deadline, "{missing} acknowledged notifications never delivered");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_file_sound(&sidecar.spool_path());
@@ -97,10 +79,7 @@ async fn a_full_spool_answers_503_and_keeps_what_it_has() {
     let rc = StandIn::start().await;
     rc.set_default(Behavior::Status(503));
     let sidecar = Sidecar::start(
-        &format!(
-            "limits: {{maxBodyBytes: 2Ki}}\ndestinations:\n{}",
-            destination("rc", &rc.url("/"))
-        ),
+        &format!("limits: {{maxBodyBytes: 2Ki}}\ndestinations:\n{}", destination("rc", &rc.url("/"))),
         "maxBytes: 8Ki",
     )
     .await;
@@ -112,12 +91,7 @@ async fn a_full_spool_answers_503_and_keeps_what_it_has() {
     assert_eq!(statuses, vec![200, 200, 200, 200, 503, 503]);
     let full = sidecar.post(body.clone()).await;
     assert_eq!(full.headers()["retry-after"], "1");
-    assert_eq!(
-        sidecar
-            .metric("storerelay_notifications_rejected_total{reason=\"spool_full\"}")
-            .await,
-        3.0
-    );
+    assert_eq!(sidecar.metric("storerelay_notifications_rejected_total{reason=\"spool_full\"}").await, 3.0);
     // Once the destination recovers the backlog drains and new notifications are accepted again.
     rc.set_default(Behavior::Status(200));
     sidecar
@@ -134,16 +108,9 @@ async fn a_full_spool_answers_503_and_keeps_what_it_has() {
 async fn a_corrupt_spool_is_set_aside_and_service_continues() {
     let rc = StandIn::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut sidecar = Sidecar::prepare(
-        dir.path().to_path_buf(),
-        &format!("destinations:\n{}", destination("rc", &rc.url("/"))),
-        "",
-    );
-    std::fs::write(
-        sidecar.spool_path(),
-        b"this is not a sqlite database, it is garbage".repeat(200),
-    )
-    .unwrap();
+    let mut sidecar =
+        Sidecar::prepare(dir.path().to_path_buf(), &format!("destinations:\n{}", destination("rc", &rc.url("/"))), "");
+    std::fs::write(sidecar.spool_path(), b"this is not a sqlite database, it is garbage".repeat(200)).unwrap();
     sidecar.spawn();
     sidecar.wait_ready(Duration::from_secs(20)).await;
     assert_eq!(sidecar.post(v2_body(1)).await.status(), 200);
@@ -151,17 +118,9 @@ async fn a_corrupt_spool_is_set_aside_and_service_continues() {
     let aside: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("spool.db.corrupt-")
-        })
+        .filter(|e| e.file_name().to_string_lossy().starts_with("spool.db.corrupt-"))
         .collect();
-    assert_eq!(
-        aside.len(),
-        1,
-        "the corrupt file is kept aside for recovery"
-    );
+    assert_eq!(aside.len(), 1, "the corrupt file is kept aside for recovery");
     assert!(sidecar.log().contains("SPOOL WAS CORRUPT"));
 }
 
@@ -170,7 +129,10 @@ async fn sigterm_stops_taking_requests_and_drains_deliveries() {
     let rc = StandIn::start().await;
     rc.set_default(Behavior::Delay(Duration::from_millis(300)));
     let mut sidecar = Sidecar::start(
-        &format!("shutdownGracePeriod: 10s\ndestinations:\n  - name: rc\n    url: {}\n    concurrency: 2\n", rc.url("/")),
+        &format!(
+            "shutdownGracePeriod: 10s\ndestinations:\n  - name: rc\n    url: {}\n    concurrency: 2\n",
+            rc.url("/")
+        ),
         "",
     )
     .await;
@@ -184,12 +146,7 @@ async fn sigterm_stops_taking_requests_and_drains_deliveries() {
     assert_eq!(rc.received().len(), 10);
     assert!(sidecar.log().contains("storerelay-sidecar stopped"));
     assert!(
-        client()
-            .post(sidecar.ingest_url("/apple/notifications"))
-            .body("{}")
-            .send()
-            .await
-            .is_err(),
+        client().post(sidecar.ingest_url("/apple/notifications")).body("{}").send().await.is_err(),
         "no new connections"
     );
 }

@@ -13,7 +13,8 @@ async fn dribbled_headers_are_cut_off_at_the_header_timeout() {
     let sidecar = Sidecar::start("limits: {headerTimeout: 1s}\n", "").await;
     let mut stream = TcpStream::connect(sidecar.listen).await.unwrap();
     let started = Instant::now();
-    let request = b"POST /apple/notifications HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+    let request =
+        b"POST /apple/notifications HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
     let mut closed_after = None;
     for byte in request.iter().cycle().take(200) {
         if stream.write_all(&[*byte]).await.is_err() {
@@ -22,41 +23,28 @@ async fn dribbled_headers_are_cut_off_at_the_header_timeout() {
         }
         let mut buf = [0u8; 256];
         // Any answer at all (EOF, a reset, or a 408 before closing) means the server ended it.
-        if tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf))
-            .await
-            .is_ok()
-        {
+        if tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await.is_ok() {
             closed_after = Some(started.elapsed());
             break;
         }
     }
     let closed_after = closed_after.expect("a client dribbling headers for 20 s was never cut off");
-    assert!(
-        closed_after < Duration::from_secs(4),
-        "closed after {closed_after:?}, headerTimeout is 1s"
-    );
-    assert!(
-        closed_after >= Duration::from_millis(900),
-        "closed after {closed_after:?}, before headerTimeout"
-    );
+    assert!(closed_after < Duration::from_secs(4), "closed after {closed_after:?}, headerTimeout is 1s");
+    assert!(closed_after >= Duration::from_millis(900), "closed after {closed_after:?}, before headerTimeout");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_bodies_get_413_and_nothing_is_stored() {
     let rc = StandIn::start().await;
     let sidecar = Sidecar::start(
-        &format!(
-            "limits: {{maxBodyBytes: 1Ki}}\ndestinations: [{{name: rc, url: \"{}\"}}]\n",
-            rc.url("/")
-        ),
+        &format!("limits: {{maxBodyBytes: 1Ki}}\ndestinations: [{{name: rc, url: \"{}\"}}]\n", rc.url("/")),
         "",
     )
     .await;
     // Declared too large: refused before reading.
     assert_eq!(sidecar.post(vec![b'a'; 1025]).await.status(), 413);
     // Streamed without a length: refused when the limit is crossed.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        (0..8).map(|_| Ok(vec![b'b'; 512])).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..8).map(|_| Ok(vec![b'b'; 512])).collect();
     let streamed = support::client()
         .post(sidecar.ingest_url("/apple/notifications"))
         .body(reqwest::Body::wrap_stream(futures_stream(chunks)))
@@ -64,23 +52,9 @@ async fn oversized_bodies_get_413_and_nothing_is_stored() {
         .await
         .unwrap();
     assert_eq!(streamed.status(), 413);
-    assert_eq!(
-        sidecar.post(vec![b'c'; 1024]).await.status(),
-        200,
-        "exactly the limit is fine"
-    );
-    assert_eq!(
-        sidecar
-            .metric("storerelay_notifications_rejected_total{reason=\"too_large\"}")
-            .await,
-        2.0
-    );
-    assert_eq!(
-        sidecar
-            .metric("storerelay_notifications_received_total")
-            .await,
-        1.0
-    );
+    assert_eq!(sidecar.post(vec![b'c'; 1024]).await.status(), 200, "exactly the limit is fine");
+    assert_eq!(sidecar.metric("storerelay_notifications_rejected_total{reason=\"too_large\"}").await, 2.0);
+    assert_eq!(sidecar.metric("storerelay_notifications_received_total").await, 1.0);
     rc.wait_for(1, Duration::from_secs(5)).await;
 }
 
@@ -96,12 +70,7 @@ async fn a_body_slower_than_the_body_timeout_gets_408() {
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert_eq!(
-        sidecar
-            .metric("storerelay_notifications_received_total")
-            .await,
-        0.0
-    );
+    assert_eq!(sidecar.metric("storerelay_notifications_received_total").await, 0.0);
 }
 
 fn futures_stream(

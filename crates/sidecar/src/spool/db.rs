@@ -32,6 +32,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS deliveries_by_notification ON deliveries (notification_id);
+CREATE TABLE IF NOT EXISTS dedupe (
+    key             TEXT    PRIMARY KEY,   -- v2:<notificationUUID> or sha256:<body hash>
+    notification_id INTEGER NOT NULL,
+    first_seen      INTEGER NOT NULL       -- unix milliseconds
+) WITHOUT ROWID;
 ";
 
 #[derive(Debug, thiserror::Error)]
@@ -39,10 +44,7 @@ pub enum SpoolError {
     #[error("spool is full ({stored} of {max} bytes hold undelivered notifications)")]
     Full { stored: u64, max: u64 },
     #[error("spool {path}: {source}")]
-    Sqlite {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    Sqlite { path: PathBuf, source: rusqlite::Error },
     #[error("spool {path}: {message}")]
     Io { path: PathBuf, message: String },
     #[error("spool {0}: the writer has stopped")]
@@ -54,9 +56,7 @@ impl SpoolError {
     pub fn reason(&self) -> &'static str {
         match self {
             SpoolError::Full { .. } => "spool_full",
-            SpoolError::Sqlite { .. } | SpoolError::Io { .. } | SpoolError::Closed(_) => {
-                "spool_error"
-            }
+            SpoolError::Sqlite { .. } | SpoolError::Io { .. } | SpoolError::Closed(_) => "spool_error",
         }
     }
 }
@@ -66,18 +66,9 @@ pub type Result<T> = std::result::Result<T, SpoolError>;
 /// What happened to one delivery attempt, as the spool records it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Delivered {
-        status: u16,
-    },
-    Retry {
-        next_attempt_at: i64,
-        status: Option<u16>,
-        error: String,
-    },
-    Dead {
-        status: Option<u16>,
-        error: String,
-    },
+    Delivered { status: u16 },
+    Retry { next_attempt_at: i64, status: Option<u16>, error: String },
+    Dead { status: Option<u16>, error: String },
 }
 
 /// A delivery that is due now, with the body to send.
@@ -143,9 +134,7 @@ impl SpoolDb {
             Ok(db) => match db.quick_check() {
                 Ok(None) => return Ok((db, OpenReport::default())),
                 Ok(Some(problem)) => problem,
-                Err(SpoolError::Sqlite { source, .. }) if is_corruption(&source) => {
-                    source.to_string()
-                }
+                Err(SpoolError::Sqlite { source, .. }) if is_corruption(&source) => source.to_string(),
                 Err(other) => return Err(other),
             },
             Err(SpoolError::Sqlite { source, .. }) if is_corruption(&source) => source.to_string(),
@@ -153,46 +142,28 @@ impl SpoolDb {
         };
         let aside = quarantine(path).map_err(|e| sqlite_io_error(path, e))?;
         let db = SpoolDb::open(path, sync)?;
-        Ok((
-            db,
-            OpenReport {
-                quarantined: Some(aside),
-                corruption: Some(problem),
-            },
-        ))
+        Ok((db, OpenReport { quarantined: Some(aside), corruption: Some(problem) }))
     }
 
     /// Opens without the integrity check: for tools beside a running sidecar.
     pub fn open(path: &Path, sync: SyncMode) -> Result<SpoolDb> {
-        let err = |source| SpoolError::Sqlite {
-            path: path.to_path_buf(),
-            source,
-        };
+        let err = |source| SpoolError::Sqlite { path: path.to_path_buf(), source };
         let conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
         let sync = match sync {
             SyncMode::Full => "FULL",
             SyncMode::Normal => "NORMAL",
         };
-        conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};"
-        ))
-        .map_err(err)?;
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(err)?;
+        conn.execute_batch(&format!("PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};")).map_err(err)?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(err)?;
         if version > SCHEMA_VERSION {
             return Err(err(rusqlite::Error::InvalidParameterName(format!(
                 "schema version {version} is newer than this sidecar understands ({SCHEMA_VERSION})"
             ))));
         }
         conn.execute_batch(SCHEMA).map_err(err)?;
-        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
-            .map_err(err)?;
-        Ok(SpoolDb {
-            conn,
-            path: path.to_path_buf(),
-        })
+        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(err)?;
+        Ok(SpoolDb { conn, path: path.to_path_buf() })
     }
 
     pub fn path(&self) -> &Path {
@@ -200,25 +171,17 @@ impl SpoolDb {
     }
 
     fn err(&self, source: rusqlite::Error) -> SpoolError {
-        SpoolError::Sqlite {
-            path: self.path.clone(),
-            source,
-        }
+        SpoolError::Sqlite { path: self.path.clone(), source }
     }
 
     /// `None` when the file is sound, else SQLite's first complaint.
     pub fn quick_check(&self) -> Result<Option<String>> {
-        let verdict: String = self
-            .conn
-            .query_row("PRAGMA quick_check", [], |r| r.get(0))
-            .map_err(|e| self.err(e))?;
+        let verdict: String = self.conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(|e| self.err(e))?;
         Ok((verdict != "ok").then_some(verdict))
     }
 
     pub fn begin(&self) -> Result<()> {
-        self.conn
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(|e| self.err(e))
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.err(e))
     }
     pub fn commit(&self) -> Result<()> {
         self.conn.execute_batch("COMMIT").map_err(|e| self.err(e))
@@ -228,35 +191,67 @@ impl SpoolDb {
         let _ = self.conn.execute_batch("ROLLBACK");
     }
 
-    pub fn insert(
-        &self,
-        received_at: i64,
-        path: &str,
-        body: &[u8],
-        destinations: &[String],
-    ) -> Result<i64> {
+    pub fn insert(&self, received_at: i64, path: &str, body: &[u8], destinations: &[String]) -> Result<i64> {
         let mut insert = self
             .conn
-            .prepare_cached(
-                "INSERT INTO notifications (received_at, path, body) VALUES (?1, ?2, ?3)",
-            )
+            .prepare_cached("INSERT INTO notifications (received_at, path, body) VALUES (?1, ?2, ?3)")
             .map_err(|e| self.err(e))?;
-        insert
-            .execute(params![received_at, path, body])
-            .map_err(|e| self.err(e))?;
+        insert.execute(params![received_at, path, body]).map_err(|e| self.err(e))?;
         let id = self.conn.last_insert_rowid();
-        let mut delivery = self
+        self.queue(id, destinations, received_at)?;
+        Ok(id)
+    }
+
+    /// Makes sure each destination has the notification pending or delivered: adds missing delivery
+    /// rows and schedules dead ones again. Pending and delivered rows are left alone.
+    pub fn queue(&self, notification_id: i64, destinations: &[String], now: i64) -> Result<()> {
+        let mut add = self
             .conn
             .prepare_cached(
-                "INSERT INTO deliveries (destination, notification_id, state, next_attempt_at) VALUES (?1, ?2, 'pending', ?3)",
+                "INSERT INTO deliveries (destination, notification_id, state, next_attempt_at) VALUES (?1, ?2, 'pending', ?3)
+                 ON CONFLICT (destination, notification_id) DO UPDATE
+                   SET state = 'pending', attempts = 0, next_attempt_at = ?3, finished_at = NULL
+                   WHERE state = 'dead'",
             )
             .map_err(|e| self.err(e))?;
         for destination in destinations {
-            delivery
-                .execute(params![destination, id, received_at])
-                .map_err(|e| self.err(e))?;
+            add.execute(params![destination, notification_id, now]).map_err(|e| self.err(e))?;
         }
-        Ok(id)
+        Ok(())
+    }
+
+    /// The notification stored under `key` since `since`, if it is still in the spool.
+    pub fn find_duplicate(&self, key: &str, since: i64) -> Result<Option<i64>> {
+        self.conn
+            .prepare_cached(
+                "SELECT d.notification_id FROM dedupe d JOIN notifications n ON n.id = d.notification_id
+                 WHERE d.key = ?1 AND d.first_seen >= ?2",
+            )
+            .and_then(|mut s| s.query_row(params![key, since], |r| r.get(0)).optional())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Whether `key` was seen since `since`, even if its notification was pruned meanwhile.
+    pub fn seen(&self, key: &str, since: i64) -> Result<bool> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM dedupe WHERE key = ?1 AND first_seen >= ?2")
+            .and_then(|mut s| s.exists(params![key, since]))
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn remember(&self, key: &str, notification_id: i64, now: i64) -> Result<()> {
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO dedupe (key, notification_id, first_seen) VALUES (?1, ?2, ?3)")
+            .and_then(|mut s| s.execute(params![key, notification_id, now]))
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub fn forget_dedupe_before(&self, cutoff: i64) -> Result<usize> {
+        self.conn
+            .prepare_cached("DELETE FROM dedupe WHERE first_seen < ?1")
+            .and_then(|mut s| s.execute(params![cutoff]))
+            .map_err(|e| self.err(e))
     }
 
     /// Pending deliveries for `destination` due at `now`, oldest schedule first.
@@ -280,8 +275,7 @@ impl SpoolDb {
                 })
             })
             .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(|e| self.err(e))
+        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.err(e))
     }
 
     /// When the next pending delivery for `destination` scheduled after `now` falls due.
@@ -297,29 +291,13 @@ impl SpoolDb {
 
     /// Records an attempt. Only a pending row changes: a row that a tool purged or redelivered meanwhile
     /// keeps what the tool decided.
-    pub fn record(
-        &self,
-        destination: &str,
-        notification_id: i64,
-        now: i64,
-        outcome: &Outcome,
-    ) -> Result<()> {
+    pub fn record(&self, destination: &str, notification_id: i64, now: i64, outcome: &Outcome) -> Result<()> {
         let (state, next_attempt_at, finished_at, status, error) = match outcome {
             Outcome::Delivered { status } => ("delivered", now, Some(now), Some(*status), None),
-            Outcome::Retry {
-                next_attempt_at,
-                status,
-                error,
-            } => (
-                "pending",
-                *next_attempt_at,
-                None,
-                *status,
-                Some(error.as_str()),
-            ),
-            Outcome::Dead { status, error } => {
-                ("dead", now, Some(now), *status, Some(error.as_str()))
+            Outcome::Retry { next_attempt_at, status, error } => {
+                ("pending", *next_attempt_at, None, *status, Some(error.as_str()))
             }
+            Outcome::Dead { status, error } => ("dead", now, Some(now), *status, Some(error.as_str())),
         };
         self.conn
             .prepare_cached(
@@ -327,7 +305,9 @@ impl SpoolDb {
                         last_status = ?6, last_error = ?7
                  WHERE destination = ?1 AND notification_id = ?2 AND state = 'pending'",
             )
-            .and_then(|mut s| s.execute(params![destination, notification_id, state, next_attempt_at, finished_at, status, error]))
+            .and_then(|mut s| {
+                s.execute(params![destination, notification_id, state, next_attempt_at, finished_at, status, error])
+            })
             .map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -354,22 +334,14 @@ impl SpoolDb {
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, u64>(2)?,
-                    r.get::<_, Option<i64>>(3)?,
-                ))
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u64>(2)?, r.get::<_, Option<i64>>(3)?))
             })
             .map_err(|e| self.err(e))?;
         let mut out: Vec<DestinationStats> = Vec::new();
         for row in rows {
             let (destination, state, count, oldest) = row.map_err(|e| self.err(e))?;
             if out.last().is_none_or(|s| s.destination != destination) {
-                out.push(DestinationStats {
-                    destination: destination.clone(),
-                    ..Default::default()
-                });
+                out.push(DestinationStats { destination: destination.clone(), ..Default::default() });
             }
             let Some(entry) = out.last_mut() else {
                 continue;
@@ -387,19 +359,13 @@ impl SpoolDb {
     }
 
     pub fn notification_count(&self) -> Result<u64> {
-        self.conn
-            .query_row("SELECT COUNT(*) FROM notifications", [], |r| r.get(0))
-            .map_err(|e| self.err(e))
+        self.conn.query_row("SELECT COUNT(*) FROM notifications", [], |r| r.get(0)).map_err(|e| self.err(e))
     }
 
     /// Bytes of stored bodies: what `spool.maxBytes` limits.
     pub fn stored_bytes(&self) -> Result<u64> {
         self.conn
-            .query_row(
-                "SELECT COALESCE(SUM(LENGTH(body)), 0) FROM notifications",
-                [],
-                |r| r.get(0),
-            )
+            .query_row("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM notifications", [], |r| r.get(0))
             .map_err(|e| self.err(e))
     }
 
@@ -415,37 +381,27 @@ impl SpoolDb {
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(
-                params![filter.destination, filter.state, filter.limit],
-                |r| {
-                    Ok(DeliveryRow {
-                        notification_id: r.get(0)?,
-                        destination: r.get(1)?,
-                        state: r.get(2)?,
-                        attempts: r.get(3)?,
-                        received_at: r.get(4)?,
-                        next_attempt_at: r.get(5)?,
-                        finished_at: r.get(6)?,
-                        last_status: r.get(7)?,
-                        last_error: r.get(8)?,
-                        bytes: r.get(9)?,
-                    })
-                },
-            )
+            .query_map(params![filter.destination, filter.state, filter.limit], |r| {
+                Ok(DeliveryRow {
+                    notification_id: r.get(0)?,
+                    destination: r.get(1)?,
+                    state: r.get(2)?,
+                    attempts: r.get(3)?,
+                    received_at: r.get(4)?,
+                    next_attempt_at: r.get(5)?,
+                    finished_at: r.get(6)?,
+                    last_status: r.get(7)?,
+                    last_error: r.get(8)?,
+                    bytes: r.get(9)?,
+                })
+            })
             .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(|e| self.err(e))
+        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.err(e))
     }
 
     /// Schedules deliveries to `destination` again, now. Without `dead_only`, notifications received
     /// since `since` that never had a delivery row for it (a destination added later) get one too.
-    pub fn redeliver(
-        &self,
-        destination: &str,
-        dead_only: bool,
-        since: i64,
-        now: i64,
-    ) -> Result<usize> {
+    pub fn redeliver(&self, destination: &str, dead_only: bool, since: i64, now: i64) -> Result<usize> {
         let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
         let mut changed = 0;
         if !dead_only {
@@ -457,11 +413,7 @@ impl SpoolDb {
                 )
                 .map_err(|e| self.err(e))?;
         }
-        let states = if dead_only {
-            "('dead')"
-        } else {
-            "('dead', 'delivered')"
-        };
+        let states = if dead_only { "('dead')" } else { "('dead', 'delivered')" };
         changed += tx
             .execute(
                 &format!(
@@ -478,18 +430,9 @@ impl SpoolDb {
 
     /// Deletes finished deliveries (dead ones only with `include_dead`) and then every notification
     /// that has no delivery left to make. Pending deliveries are never purged.
-    pub fn purge(
-        &self,
-        destination: Option<&str>,
-        include_dead: bool,
-        before: i64,
-    ) -> Result<usize> {
+    pub fn purge(&self, destination: Option<&str>, include_dead: bool, before: i64) -> Result<usize> {
         let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
-        let states = if include_dead {
-            "('delivered', 'dead')"
-        } else {
-            "('delivered')"
-        };
+        let states = if include_dead { "('delivered', 'dead')" } else { "('delivered')" };
         let deleted = tx
             .execute(
                 &format!(
@@ -527,10 +470,8 @@ impl SpoolDb {
             .query_map(params![cutoff, limit as i64], |r| r.get::<_, i64>(0))
             .and_then(|rows| rows.collect::<rusqlite::Result<Vec<i64>>>())
             .map_err(|e| self.err(e))?;
-        let mut forget = self
-            .conn
-            .prepare_cached("DELETE FROM deliveries WHERE notification_id = ?1")
-            .map_err(|e| self.err(e))?;
+        let mut forget =
+            self.conn.prepare_cached("DELETE FROM deliveries WHERE notification_id = ?1").map_err(|e| self.err(e))?;
         for id in &ids {
             forget.execute(params![id]).map_err(|e| self.err(e))?;
         }
@@ -539,21 +480,14 @@ impl SpoolDb {
 
     pub fn notification_body(&self, id: i64) -> Result<Option<Vec<u8>>> {
         self.conn
-            .query_row(
-                "SELECT body FROM notifications WHERE id = ?1",
-                params![id],
-                |r| r.get(0),
-            )
+            .query_row("SELECT body FROM notifications WHERE id = ?1", params![id], |r| r.get(0))
             .optional()
             .map_err(|e| self.err(e))
     }
 }
 
 fn is_corruption(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt)
-    )
+    matches!(e.sqlite_error_code(), Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt))
 }
 
 fn sqlite_io_error(path: &Path, e: std::io::Error) -> SpoolError {
@@ -565,9 +499,7 @@ fn sqlite_io_error(path: &Path, e: std::io::Error) -> SpoolError {
 
 /// Renames the file and its WAL/SHM companions to `<name>.corrupt-<unix seconds>`.
 fn quarantine(path: &Path) -> std::io::Result<PathBuf> {
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let with_suffix = |suffix: &str| {
         let mut name = path.as_os_str().to_owned();
         name.push(suffix);
@@ -589,9 +521,7 @@ mod tests {
     use super::*;
 
     fn open(dir: &tempfile::TempDir) -> SpoolDb {
-        SpoolDb::open_checked(&dir.path().join("spool.db"), SyncMode::Normal)
-            .unwrap()
-            .0
+        SpoolDb::open_checked(&dir.path().join("spool.db"), SyncMode::Normal).unwrap().0
     }
 
     fn dests(names: &[&str]) -> Vec<String> {
@@ -603,18 +533,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = open(&dir);
         let body: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
-        let id = db
-            .insert(1_000, "/apple", &body, &dests(&["a", "b"]))
-            .unwrap();
+        let id = db.insert(1_000, "/apple", &body, &dests(&["a", "b"])).unwrap();
         let due = db.due("a", 1_000, 10).unwrap();
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].notification_id, id);
         assert_eq!(&due[0].body[..], &body[..]);
-        assert_eq!(
-            db.due("a", 999, 10).unwrap().len(),
-            0,
-            "not due before its schedule"
-        );
+        assert_eq!(db.due("a", 999, 10).unwrap().len(), 0, "not due before its schedule");
         assert_eq!(db.due("c", 1_000, 10).unwrap().len(), 0);
     }
 
@@ -627,51 +551,45 @@ mod tests {
             "a",
             id,
             1_100,
-            &Outcome::Retry {
-                next_attempt_at: 5_000,
-                status: Some(503),
-                error: "HTTP 503".into(),
-            },
+            &Outcome::Retry { next_attempt_at: 5_000, status: Some(503), error: "HTTP 503".into() },
         )
         .unwrap();
         assert!(db.due("a", 4_999, 10).unwrap().is_empty());
         assert_eq!(db.due("a", 5_000, 10).unwrap()[0].attempts, 1);
         assert_eq!(db.next_due_after("a", 1_100).unwrap(), Some(5_000));
         assert_eq!(db.next_due_after("a", 5_000).unwrap(), None);
-        db.record("a", id, 5_100, &Outcome::Delivered { status: 200 })
-            .unwrap();
-        db.record(
-            "b",
-            id,
-            5_100,
-            &Outcome::Dead {
-                status: Some(404),
-                error: "HTTP 404".into(),
-            },
-        )
-        .unwrap();
+        db.record("a", id, 5_100, &Outcome::Delivered { status: 200 }).unwrap();
+        db.record("b", id, 5_100, &Outcome::Dead { status: Some(404), error: "HTTP 404".into() }).unwrap();
         assert_eq!(db.delivery_states(id).unwrap(), (0, 1, 1));
         // A finished row is not reopened by a late attempt result.
-        db.record(
-            "a",
-            id,
-            6_000,
-            &Outcome::Retry {
-                next_attempt_at: 9_000,
-                status: None,
-                error: "late".into(),
-            },
-        )
-        .unwrap();
+        db.record("a", id, 6_000, &Outcome::Retry { next_attempt_at: 9_000, status: None, error: "late".into() })
+            .unwrap();
         assert_eq!(db.delivery_states(id).unwrap(), (0, 1, 1));
         let stats = db.stats().unwrap();
         assert_eq!(
-            stats
-                .iter()
-                .map(|s| (s.destination.as_str(), s.delivered, s.dead))
-                .collect::<Vec<_>>(),
+            stats.iter().map(|s| (s.destination.as_str(), s.delivered, s.dead)).collect::<Vec<_>>(),
             vec![("a", 1, 0), ("b", 0, 1)]
         );
+    }
+
+    #[test]
+    fn dedupe_keys_find_the_stored_notification_within_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir);
+        let id = db.insert(1_000, "/", b"{}", &dests(&["a"])).unwrap();
+        db.remember("v2:u1", id, 1_000).unwrap();
+        assert_eq!(db.find_duplicate("v2:u1", 500).unwrap(), Some(id));
+        assert_eq!(db.find_duplicate("v2:u1", 1_001).unwrap(), None, "outside the window");
+        assert_eq!(db.find_duplicate("v2:u2", 0).unwrap(), None);
+        assert!(db.seen("v2:u1", 0).unwrap());
+        db.record("a", id, 2_000, &Outcome::Dead { status: Some(404), error: "HTTP 404".into() }).unwrap();
+        db.queue(id, &dests(&["a", "b"]), 3_000).unwrap();
+        assert_eq!(db.delivery_states(id).unwrap(), (2, 0, 0), "queue revives dead a and adds b");
+        db.record("b", id, 3_100, &Outcome::Delivered { status: 200 }).unwrap();
+        db.queue(id, &dests(&["b"]), 3_200).unwrap();
+        assert_eq!(db.delivery_states(id).unwrap(), (1, 1, 0), "a delivered row is left alone");
+        assert_eq!(db.forget_dedupe_before(2_000).unwrap(), 1);
+        assert!(!db.seen("v2:u1", 0).unwrap());
     }
 
     #[test]
@@ -680,27 +598,10 @@ mod tests {
         let db = open(&dir);
         let first = db.insert(1_000, "/", b"1", &dests(&["a"])).unwrap();
         let second = db.insert(2_000, "/", b"2", &dests(&["a"])).unwrap();
-        db.record(
-            "a",
-            first,
-            3_000,
-            &Outcome::Dead {
-                status: Some(400),
-                error: "HTTP 400".into(),
-            },
-        )
-        .unwrap();
-        db.record("a", second, 3_000, &Outcome::Delivered { status: 200 })
-            .unwrap();
+        db.record("a", first, 3_000, &Outcome::Dead { status: Some(400), error: "HTTP 400".into() }).unwrap();
+        db.record("a", second, 3_000, &Outcome::Delivered { status: 200 }).unwrap();
         assert_eq!(db.redeliver("a", true, 0, 4_000).unwrap(), 1);
-        assert_eq!(
-            db.due("a", 4_000, 10)
-                .unwrap()
-                .iter()
-                .map(|d| d.notification_id)
-                .collect::<Vec<_>>(),
-            vec![first]
-        );
+        assert_eq!(db.due("a", 4_000, 10).unwrap().iter().map(|d| d.notification_id).collect::<Vec<_>>(), vec![first]);
         assert_eq!(db.redeliver("new", false, 1_500, 4_000).unwrap(), 1);
         assert_eq!(db.due("new", 4_000, 10).unwrap()[0].notification_id, second);
     }
@@ -712,33 +613,16 @@ mod tests {
         let delivered = db.insert(1_000, "/", b"d", &dests(&["a"])).unwrap();
         let pending = db.insert(1_000, "/", b"p", &dests(&["a"])).unwrap();
         let dead = db.insert(1_000, "/", b"x", &dests(&["a"])).unwrap();
-        db.record("a", delivered, 2_000, &Outcome::Delivered { status: 200 })
-            .unwrap();
-        db.record(
-            "a",
-            dead,
-            2_000,
-            &Outcome::Dead {
-                status: Some(400),
-                error: "x".into(),
-            },
-        )
-        .unwrap();
-        assert_eq!(
-            db.prune_delivered(1_500, 100).unwrap(),
-            0,
-            "delivered after the cutoff is kept"
-        );
+        db.record("a", delivered, 2_000, &Outcome::Delivered { status: 200 }).unwrap();
+        db.record("a", dead, 2_000, &Outcome::Dead { status: Some(400), error: "x".into() }).unwrap();
+        assert_eq!(db.prune_delivered(1_500, 100).unwrap(), 0, "delivered after the cutoff is kept");
         assert_eq!(db.prune_delivered(10_000, 100).unwrap(), 1);
         assert!(db.notification_body(delivered).unwrap().is_none());
         assert!(db.notification_body(pending).unwrap().is_some());
         assert!(db.notification_body(dead).unwrap().is_some());
         assert_eq!(db.purge(None, true, i64::MAX).unwrap(), 1);
         assert!(db.notification_body(dead).unwrap().is_none());
-        assert!(
-            db.notification_body(pending).unwrap().is_some(),
-            "purge never drops pending work"
-        );
+        assert!(db.notification_body(pending).unwrap().is_some(), "purge never drops pending work");
     }
 
     #[test]

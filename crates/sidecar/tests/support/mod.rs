@@ -2,6 +2,8 @@
 //! real HTTP servers on loopback that record what they receive and misbehave on cue.
 #![allow(dead_code)]
 
+pub mod apple;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -43,10 +45,7 @@ pub struct Received {
 
 impl Received {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -91,8 +90,7 @@ impl StandIn {
                 let mut stop = stop_connections.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| answer(state.clone(), request));
-                    let connection =
-                        http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                    let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
                     tokio::select! {
                         _ = connection => {}
                         _ = stop.wait_for(|s| *s) => {}
@@ -100,12 +98,7 @@ impl StandIn {
                 });
             }
         });
-        StandIn {
-            addr,
-            state,
-            task: Arc::new(task),
-            stopped,
-        }
+        StandIn { addr, state, task: Arc::new(task), stopped }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -141,11 +134,7 @@ impl StandIn {
             if received.len() >= count {
                 return received;
             }
-            assert!(
-                Instant::now() < deadline,
-                "stand-in got {} of {count} requests within {within:?}",
-                received.len()
-            );
+            assert!(Instant::now() < deadline, "stand-in got {} of {count} requests within {within:?}", received.len());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -162,52 +151,31 @@ async fn answer(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::io::Error> {
     let (parts, body) = request.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let (behavior, response_body) = {
         let mut state = state.lock().unwrap();
         state.received.push(Received {
             at: Instant::now(),
             method: parts.method.to_string(),
-            path_and_query: parts
-                .uri
-                .path_and_query()
-                .map_or("/".into(), |p| p.to_string()),
-            headers: parts
-                .headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_string()))
-                .collect(),
+            path_and_query: parts.uri.path_and_query().map_or("/".into(), |p| p.to_string()),
+            headers: parts.headers.iter().map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_string())).collect(),
             body,
         });
-        let behavior = state
-            .script
-            .pop_front()
-            .or_else(|| state.default.clone())
-            .unwrap_or(Behavior::Status(200));
+        let behavior = state.script.pop_front().or_else(|| state.default.clone()).unwrap_or(Behavior::Status(200));
         (behavior, state.response_body.clone())
     };
     let respond = |status: u16| {
         let mut response = Response::new(Full::new(response_body.clone()));
         *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-        response
-            .headers_mut()
-            .insert("content-type", "application/json".parse().unwrap());
-        response
-            .headers_mut()
-            .insert("x-app", "stand-in".parse().unwrap());
+        response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+        response.headers_mut().insert("x-app", "stand-in".parse().unwrap());
         response
     };
     match behavior {
         Behavior::Status(status) => Ok(respond(status)),
         Behavior::RetryAfter(status, value) => {
             let mut response = respond(status);
-            response
-                .headers_mut()
-                .insert("retry-after", value.parse().unwrap());
+            response.headers_mut().insert("retry-after", value.parse().unwrap());
             Ok(response)
         }
         Behavior::Delay(delay) => {
@@ -224,11 +192,7 @@ async fn answer(
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The sidecar binary running as a child process with its own config, spool and log file.
@@ -264,15 +228,8 @@ impl Sidecar {
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config_path = dir.join("config.yaml");
-        let sidecar = Sidecar {
-            config_path,
-            listen,
-            admin,
-            child: None,
-            log_path: dir.join("sidecar.log"),
-            dir,
-            _tmp: None,
-        };
+        let sidecar =
+            Sidecar { config_path, listen, admin, child: None, log_path: dir.join("sidecar.log"), dir, _tmp: None };
         sidecar.write_config(extra, spool_extra);
         sidecar
     }
@@ -306,11 +263,7 @@ impl Sidecar {
     }
 
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
         let child = Command::new(binary())
             .arg("--config")
             .arg(&self.config_path)
@@ -327,11 +280,7 @@ impl Sidecar {
         let deadline = Instant::now() + within;
         let client = client();
         loop {
-            if let Ok(response) = client
-                .get(format!("http://{}/readyz", self.admin))
-                .send()
-                .await
-            {
+            if let Ok(response) = client.get(format!("http://{}/readyz", self.admin)).send().await {
                 if response.status() == 200 {
                     return;
                 }
@@ -358,14 +307,7 @@ impl Sidecar {
     }
 
     pub async fn metrics(&self) -> String {
-        client()
-            .get(format!("http://{}/metrics", self.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        client().get(format!("http://{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap()
     }
 
     /// The value of one metric line (exact name with labels), or 0 when absent.
@@ -373,9 +315,7 @@ impl Sidecar {
         let text = self.metrics().await;
         text.lines()
             .find_map(|line| {
-                line.strip_prefix(series)
-                    .and_then(|rest| rest.strip_prefix(' '))
-                    .map(|v| v.trim().parse().unwrap())
+                line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse().unwrap())
             })
             .unwrap_or(0.0)
     }
@@ -428,10 +368,7 @@ impl Sidecar {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!(
-                    "sidecar did not exit within {within:?}; log:\n{}",
-                    self.log()
-                );
+                panic!("sidecar did not exit within {within:?}; log:\n{}", self.log());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -458,25 +395,16 @@ impl Drop for Sidecar {
 }
 
 fn indent(text: &str, prefix: &str) -> String {
-    text.lines()
-        .map(|l| format!("{prefix}{l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    text.lines().map(|l| format!("{prefix}{l}")).collect::<Vec<_>>().join("\n")
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap()
 }
 
 /// A V2-shaped body: `{"signedPayload": "<header>.<payload>.<signature>"}` of realistic size.
 pub fn v2_body(n: usize) -> Vec<u8> {
-    let filler: String = (0..1500)
-        .map(|i| char::from(b'A' + ((i * 7 + n) % 26) as u8))
-        .collect();
+    let filler: String = (0..1500).map(|i| char::from(b'A' + ((i * 7 + n) % 26) as u8)).collect();
     format!("{{\"signedPayload\":\"eyJhbGciOiJFUzI1NiIsIng1YyI6WyJNSUlF{filler}.eyJub3RpZmljYXRpb25UeXBlIjoiVEVTVCIsIm4iOj{n}.c2lnbmF0dXJl{n}\"}}")
         .into_bytes()
 }
@@ -490,11 +418,6 @@ pub fn v1_body(n: usize) -> Vec<u8> {
 }
 
 pub fn assert_file_sound(path: &Path) {
-    let db =
-        storerelay_sidecar::spool::SpoolDb::open(path, storerelay_config::SyncMode::Full).unwrap();
-    assert_eq!(
-        db.quick_check().unwrap(),
-        None,
-        "spool failed its integrity check"
-    );
+    let db = storerelay_sidecar::spool::SpoolDb::open(path, storerelay_config::SyncMode::Full).unwrap();
+    assert_eq!(db.quick_check().unwrap(), None, "spool failed its integrity check");
 }

@@ -1,0 +1,252 @@
+//! What a notification says: V1 or V2, its type, environment and app, read from the bytes without
+//! changing them. Apple adds types, subtypes and fields without notice, so nothing unknown is an error;
+//! only a body that is not JSON at all is.
+
+use std::fmt;
+
+use app_store_server_library::crypto::jws;
+use sha2::{Digest, Sha256};
+use storerelay_config::{Environment, NotificationVersion, RouteFacts};
+
+/// Apple's documented `notificationType` values (V2 and V1). Anything else is reported as `other` in
+/// metrics, so a stream of made-up types cannot grow the label set without bound.
+const DOCUMENTED_TYPES: &[&str] = &[
+    // V2
+    "CONSUMPTION_REQUEST",
+    "DID_CHANGE_RENEWAL_PREF",
+    "DID_CHANGE_RENEWAL_STATUS",
+    "DID_FAIL_TO_RENEW",
+    "DID_RENEW",
+    "EXPIRED",
+    "EXTERNAL_PURCHASE_TOKEN",
+    "GRACE_PERIOD_EXPIRED",
+    "METADATA_UPDATE",
+    "MIGRATION",
+    "OFFER_REDEEMED",
+    "ONE_TIME_CHARGE",
+    "PRICE_CHANGE",
+    "PRICE_INCREASE",
+    "REFUND",
+    "REFUND_DECLINED",
+    "REFUND_REVERSED",
+    "RENEWAL_EXTENDED",
+    "RENEWAL_EXTENSION",
+    "RESCIND_CONSENT",
+    "REVOKE",
+    "SUBSCRIBED",
+    "TEST",
+    // V1 only
+    "CANCEL",
+    "DID_RECOVER",
+    "INITIAL_BUY",
+    "INTERACTIVE_RENEWAL",
+    "PRICE_INCREASE_CONSENT",
+    "RENEWAL",
+];
+
+/// The decoded summary of one body.
+#[derive(Clone, Default)]
+pub struct Notification {
+    /// `None`: JSON of neither shape.
+    pub version: Option<NotificationVersion>,
+    pub notification_type: Option<String>,
+    pub subtype: Option<String>,
+    pub uuid: Option<String>,
+    pub environment: Option<Environment>,
+    pub bundle_id: Option<String>,
+    pub app_apple_id: Option<i64>,
+    /// V2 `signedDate`, unix milliseconds.
+    pub signed_date: Option<i64>,
+    /// A V2 body whose `signedPayload` could not be read as a JWS with a JSON payload.
+    pub malformed: Option<String>,
+    /// V2: the JWS, for verification.
+    pub signed_payload: Option<String>,
+    /// V1: the app's shared secret. Never printed (see the `Debug` impl).
+    pub v1_password: Option<String>,
+    /// Duplicate key: `v2:<notificationUUID>`, else `sha256:<hex of the body>`.
+    pub dedupe_key: String,
+}
+
+impl fmt::Debug for Notification {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Notification")
+            .field("version", &self.version)
+            .field("notification_type", &self.notification_type)
+            .field("subtype", &self.subtype)
+            .field("uuid", &self.uuid)
+            .field("environment", &self.environment)
+            .field("bundle_id", &self.bundle_id)
+            .field("app_apple_id", &self.app_apple_id)
+            .field("signed_date", &self.signed_date)
+            .field("malformed", &self.malformed)
+            .field("v1_password", &self.v1_password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("body is not JSON")]
+    NotJson,
+}
+
+impl Notification {
+    pub fn route_facts(&self) -> RouteFacts<'_> {
+        RouteFacts {
+            version: self.version,
+            environment: self.environment,
+            bundle_id: self.bundle_id.as_deref(),
+            notification_type: self.notification_type.as_deref(),
+            subtype: self.subtype.as_deref(),
+        }
+    }
+
+    pub fn version_label(&self) -> &'static str {
+        match self.version {
+            Some(NotificationVersion::V1) => "v1",
+            Some(NotificationVersion::V2) => "v2",
+            None => "unknown",
+        }
+    }
+
+    pub fn environment_label(&self) -> &'static str {
+        self.environment.map_or("unknown", Environment::as_str)
+    }
+
+    /// The type for metrics: a documented value, `other`, or `unknown` when absent.
+    pub fn type_label(&self) -> &str {
+        match self.notification_type.as_deref() {
+            Some(t) if DOCUMENTED_TYPES.contains(&t) => t,
+            Some(_) => "other",
+            None => "unknown",
+        }
+    }
+}
+
+/// Reads a body. Only non-JSON is an error; everything else yields what could be learnt.
+pub fn decode(body: &[u8]) -> Result<Notification, DecodeError> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|_| DecodeError::NotJson)?;
+    let mut notification =
+        Notification { dedupe_key: format!("sha256:{}", hex(&Sha256::digest(body))), ..Default::default() };
+    let Some(object) = value.as_object() else { return Ok(notification) };
+
+    if let Some(signed) = object.get("signedPayload") {
+        notification.version = Some(NotificationVersion::V2);
+        match signed.as_str() {
+            Some(jws) => {
+                notification.signed_payload = Some(jws.to_string());
+                match jws::decode_payload::<serde_json::Value>(jws) {
+                    Ok(payload) => read_v2_payload(&payload, &mut notification),
+                    Err(error) => notification.malformed = Some(format!("signedPayload: {error}")),
+                }
+            }
+            None => notification.malformed = Some("signedPayload is not a string".into()),
+        }
+        if let Some(uuid) = &notification.uuid {
+            notification.dedupe_key = format!("v2:{uuid}");
+        }
+    } else if object.contains_key("notification_type") {
+        notification.version = Some(NotificationVersion::V1);
+        let text = |key: &str| object.get(key).and_then(|v| v.as_str()).map(str::to_string);
+        notification.notification_type = text("notification_type");
+        notification.environment = text("environment").as_deref().and_then(Environment::parse);
+        notification.bundle_id = text("bid");
+        notification.v1_password = text("password");
+    }
+    Ok(notification)
+}
+
+fn read_v2_payload(payload: &serde_json::Value, notification: &mut Notification) {
+    let text = |v: &serde_json::Value, key: &str| v.get(key).and_then(|x| x.as_str()).map(str::to_string);
+    notification.notification_type = text(payload, "notificationType");
+    notification.subtype = text(payload, "subtype");
+    notification.uuid = text(payload, "notificationUUID");
+    notification.signed_date = payload.get("signedDate").and_then(|v| v.as_i64());
+    // The app's identity sits in whichever section this type of notification carries.
+    let section = ["data", "summary", "externalPurchaseToken", "appData"]
+        .iter()
+        .find_map(|key| payload.get(*key).filter(|v| v.is_object()).map(|v| (*key, v)));
+    if let Some((key, section)) = section {
+        notification.bundle_id = text(section, "bundleId");
+        notification.app_apple_id = section.get("appAppleId").and_then(|v| v.as_i64());
+        notification.environment = if key == "externalPurchaseToken" {
+            // External purchase tokens carry no environment; Apple marks sandbox ones by their id.
+            let sandbox = text(section, "externalPurchaseId").is_some_and(|id| id.starts_with("SANDBOX"));
+            Some(if sandbox { Environment::Sandbox } else { Environment::Production })
+        } else {
+            text(section, "environment").as_deref().and_then(Environment::parse)
+        };
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    fn v2(payload: &str) -> Vec<u8> {
+        let jws = format!("{}.{}.c2ln", URL_SAFE_NO_PAD.encode("{\"alg\":\"ES256\"}"), URL_SAFE_NO_PAD.encode(payload));
+        format!("{{\"signedPayload\":\"{jws}\"}}").into_bytes()
+    }
+
+    #[test]
+    fn v2_fields_come_from_whichever_section_is_present() {
+        let n = decode(&v2(r#"{"notificationType":"DID_RENEW","subtype":"BILLING_RECOVERY","notificationUUID":"u-1","version":"2.0","signedDate":1700000000000,"data":{"environment":"Sandbox","bundleId":"com.example","appAppleId":1234}}"#)).unwrap();
+        assert_eq!(n.version, Some(NotificationVersion::V2));
+        assert_eq!(n.notification_type.as_deref(), Some("DID_RENEW"));
+        assert_eq!(n.subtype.as_deref(), Some("BILLING_RECOVERY"));
+        assert_eq!(n.environment, Some(Environment::Sandbox));
+        assert_eq!(n.bundle_id.as_deref(), Some("com.example"));
+        assert_eq!(n.app_apple_id, Some(1234));
+        assert_eq!(n.signed_date, Some(1_700_000_000_000));
+        assert_eq!(n.dedupe_key, "v2:u-1");
+
+        let n = decode(&v2(r#"{"notificationType":"RESCIND_CONSENT","appData":{"environment":"Production","bundleId":"b","appAppleId":9}}"#)).unwrap();
+        assert_eq!((n.environment, n.app_apple_id), (Some(Environment::Production), Some(9)));
+    }
+
+    #[test]
+    fn external_purchase_tokens_take_the_environment_from_their_id() {
+        let sandbox = decode(&v2(r#"{"notificationType":"EXTERNAL_PURCHASE_TOKEN","externalPurchaseToken":{"externalPurchaseId":"SANDBOX_1","bundleId":"b","appAppleId":5}}"#)).unwrap();
+        assert_eq!(sandbox.environment, Some(Environment::Sandbox));
+        let production = decode(&v2(r#"{"notificationType":"EXTERNAL_PURCHASE_TOKEN","externalPurchaseToken":{"externalPurchaseId":"b2158121","bundleId":"b"}}"#)).unwrap();
+        assert_eq!(production.environment, Some(Environment::Production));
+    }
+
+    #[test]
+    fn unknown_values_never_fail_and_are_labelled_other() {
+        let n = decode(&v2(r#"{"notificationType":"SOMETHING_NEW","subtype":"NEWER","brandNewField":{"x":1},"data":{"environment":"Moon"}}"#)).unwrap();
+        assert_eq!(n.type_label(), "other");
+        assert_eq!(n.environment, None);
+        assert_eq!(n.environment_label(), "unknown");
+        assert!(n.malformed.is_none());
+    }
+
+    #[test]
+    fn v1_fields_and_the_secret_stays_out_of_debug() {
+        let body = br#"{"notification_type":"INITIAL_BUY","environment":"PROD","bid":"com.example","password":"S3CRET","unified_receipt":{}}"#;
+        let n = decode(body).unwrap();
+        assert_eq!(n.version, Some(NotificationVersion::V1));
+        assert_eq!(n.environment, Some(Environment::Production));
+        assert_eq!(n.bundle_id.as_deref(), Some("com.example"));
+        assert_eq!(n.v1_password.as_deref(), Some("S3CRET"));
+        assert!(n.dedupe_key.starts_with("sha256:") && n.dedupe_key.len() == 71);
+        assert!(!format!("{n:?}").contains("S3CRET"));
+    }
+
+    #[test]
+    fn other_json_is_unknown_and_non_json_is_an_error() {
+        assert_eq!(decode(br#"{"hello":"world"}"#).unwrap().version, None);
+        assert_eq!(decode(b"[1,2]").unwrap().version, None);
+        assert_eq!(decode(b"not json").unwrap_err(), DecodeError::NotJson);
+        assert_eq!(decode(b"").unwrap_err(), DecodeError::NotJson);
+        let broken = decode(br#"{"signedPayload":"abc"}"#).unwrap();
+        assert_eq!(broken.version, Some(NotificationVersion::V2));
+        assert!(broken.malformed.is_some());
+    }
+}

@@ -1,0 +1,198 @@
+//! Is this notification really from Apple, for our app, in an environment we take?
+//!
+//! V2 is checked the way Apple's own libraries do it: `alg` ES256, an `x5c` chain of three, the leaf
+//! and intermediate validated against the configured roots at the notification's `signedDate` with
+//! Apple's OIDs required (the maintained `app-store-server-library` chain verifier), then the ES256
+//! signature with its crypto provider, then the allowlists. V1 carries no signature, only the app's
+//! shared secret, compared in constant time.
+
+use std::path::Path;
+
+use app_store_server_library::chain_verifier::ChainVerifier;
+use app_store_server_library::crypto::{CryptoProvider, jws};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use sha2::{Digest, Sha256};
+use storerelay_config::{Environment, NotificationVersion, VerifyConfig, VerifyMode};
+use subtle::ConstantTimeEq;
+
+use crate::apple::Notification;
+
+/// SHA-256 of Apple Root CA - G3, the production trust anchor.
+pub const APPLE_ROOT_CA_G3_SHA256: &str = "63343abfb89a6a03ebb57e9b3f5fa7be7c4f5c756f3017b3a8c488c3653e9179";
+
+/// Why a notification failed verification: the `reason` label of the rejected counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Signature,
+    Chain,
+    AppIdentity,
+    Environment,
+    V1Password,
+    Malformed,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Signature => "signature",
+            Reason::Chain => "chain",
+            Reason::AppIdentity => "app_identity",
+            Reason::Environment => "environment",
+            Reason::V1Password => "v1_password",
+            Reason::Malformed => "malformed",
+        }
+    }
+}
+
+pub struct Verifier {
+    pub mode: VerifyMode,
+    chain: Option<ChainVerifier>,
+    bundle_ids: Vec<String>,
+    app_apple_ids: Vec<i64>,
+    environments: Vec<Environment>,
+    v1_password: Option<String>,
+    /// Whether one of the roots is Apple Root CA - G3 (false in tests with Apple's test CA).
+    pub has_apple_root: bool,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("mode", &self.mode)
+            .field("has_apple_root", &self.has_apple_root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Verifier {
+    /// Builds the verifier, reading the root certificates. `v1_password` is the resolved secret (from
+    /// `v1Password` or `v1PasswordFile`).
+    pub fn new(config: &VerifyConfig, v1_password: Option<String>) -> Result<Verifier, String> {
+        let mut roots = Vec::new();
+        for path in &config.root_certificates {
+            roots.push(read_certificate(path)?);
+        }
+        let has_apple_root = roots.iter().any(|der| hex(&Sha256::digest(der)) == APPLE_ROOT_CA_G3_SHA256);
+        Ok(Verifier {
+            mode: config.mode,
+            chain: (!roots.is_empty()).then(|| ChainVerifier::new(roots)),
+            bundle_ids: config.bundle_ids.clone(),
+            app_apple_ids: config.app_apple_ids.clone(),
+            environments: config.environments.clone(),
+            v1_password,
+            has_apple_root,
+        })
+    }
+
+    pub fn off() -> Verifier {
+        Verifier {
+            mode: VerifyMode::Off,
+            chain: None,
+            bundle_ids: Vec::new(),
+            app_apple_ids: Vec::new(),
+            environments: Vec::new(),
+            v1_password: None,
+            has_apple_root: false,
+        }
+    }
+
+    /// Checks a notification; `Ok` when it passes every check that applies to its version.
+    pub fn check(&self, notification: &Notification) -> Result<(), Reason> {
+        match notification.version {
+            Some(NotificationVersion::V2) => self.check_v2(notification)?,
+            Some(NotificationVersion::V1) => self.check_v1(notification)?,
+            // Nothing to verify in a body of unknown shape.
+            None => return Err(Reason::Malformed),
+        }
+        self.check_allowlists(notification)
+    }
+
+    fn check_v2(&self, notification: &Notification) -> Result<(), Reason> {
+        if notification.malformed.is_some() {
+            return Err(Reason::Malformed);
+        }
+        let token = notification.signed_payload.as_deref().ok_or(Reason::Malformed)?;
+        let header = jws::decode_header(token).map_err(|_| Reason::Malformed)?;
+        if header.alg.as_deref() != Some("ES256") {
+            return Err(Reason::Signature);
+        }
+        let x5c = header.x5c.ok_or(Reason::Chain)?;
+        if x5c.len() != 3 {
+            return Err(Reason::Chain);
+        }
+        let certificates: Vec<Vec<u8>> =
+            x5c.iter().map(|c| STANDARD.decode(c)).collect::<Result<_, _>>().map_err(|_| Reason::Chain)?;
+        let chain = self.chain.as_ref().ok_or(Reason::Chain)?;
+        // As Apple's libraries do without online checks: validity at the time Apple signed it.
+        let effective = notification
+            .signed_date
+            .map(|ms| (ms / 1000).max(0) as u64)
+            .unwrap_or_else(|| crate::clock::now_ms() as u64 / 1000);
+        let public_key =
+            chain.verify(&certificates[0], &certificates[1], Some(effective), false).map_err(|_| Reason::Chain)?;
+
+        let signature: [u8; 64] = jws::decode_signature_bytes(token)
+            .map_err(|_| Reason::Signature)?
+            .try_into()
+            .map_err(|_| Reason::Signature)?;
+        let signing_input = jws::signing_input(token).map_err(|_| Reason::Malformed)?;
+        CryptoProvider::default_provider()
+            .p256_signing
+            .public_key(&public_key)
+            .and_then(|key| key.is_valid_signature(&signature, signing_input.as_bytes()))
+            .map_err(|_| Reason::Signature)
+    }
+
+    fn check_v1(&self, notification: &Notification) -> Result<(), Reason> {
+        let (Some(expected), Some(given)) = (&self.v1_password, &notification.v1_password) else {
+            return Err(Reason::V1Password);
+        };
+        if bool::from(expected.as_bytes().ct_eq(given.as_bytes())) { Ok(()) } else { Err(Reason::V1Password) }
+    }
+
+    fn check_allowlists(&self, notification: &Notification) -> Result<(), Reason> {
+        if !self.bundle_ids.is_empty() && !notification.bundle_id.as_ref().is_some_and(|b| self.bundle_ids.contains(b))
+        {
+            return Err(Reason::AppIdentity);
+        }
+        // V1 carries no appAppleId, so that allowlist applies to V2 only.
+        if notification.version == Some(NotificationVersion::V2)
+            && !self.app_apple_ids.is_empty()
+            && !notification.app_apple_id.is_some_and(|id| self.app_apple_ids.contains(&id))
+        {
+            return Err(Reason::AppIdentity);
+        }
+        if !self.environments.is_empty() && !notification.environment.is_some_and(|e| self.environments.contains(&e)) {
+            return Err(Reason::Environment);
+        }
+        Ok(())
+    }
+}
+
+/// A certificate file, DER or PEM.
+pub fn read_certificate(path: &Path) -> Result<Vec<u8>, String> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("verify.rootCertificates: cannot read {}: {}", path.display(), e.kind()))?;
+    if !bytes.starts_with(b"-----BEGIN") {
+        return Ok(bytes);
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let body: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    STANDARD
+        .decode(body.trim())
+        .map_err(|_| format!("verify.rootCertificates: {} is not a PEM certificate", path.display()))
+}
+
+pub fn fingerprint(der: &[u8]) -> String {
+    hex(&Sha256::digest(der))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
