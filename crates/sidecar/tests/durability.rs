@@ -83,13 +83,14 @@ async fn a_full_spool_answers_503_and_keeps_what_it_has() {
         "maxBytes: 8Ki",
     )
     .await;
-    let body = vec![b'x'; 2000];
+    // Different bodies, so none is a repeat of another.
+    let body = |n: usize| format!("{{\"signedPayload\":\"{n}{}\"}}", "x".repeat(1980)).into_bytes();
     let mut statuses = Vec::new();
-    for _ in 0..6 {
-        statuses.push(sidecar.post(body.clone()).await.status().as_u16());
+    for n in 0..6 {
+        statuses.push(sidecar.post(body(n)).await.status().as_u16());
     }
     assert_eq!(statuses, vec![200, 200, 200, 200, 503, 503]);
-    let full = sidecar.post(body.clone()).await;
+    let full = sidecar.post(body(6)).await;
     assert_eq!(full.headers()["retry-after"], "1");
     assert_eq!(sidecar.metric("storerelay_notifications_rejected_total{reason=\"spool_full\"}").await, 3.0);
     // Once the destination recovers the backlog drains and new notifications are accepted again.
@@ -101,7 +102,7 @@ async fn a_full_spool_answers_503_and_keeps_what_it_has() {
             Duration::from_secs(10),
         )
         .await;
-    assert_eq!(sidecar.post(body).await.status(), 200);
+    assert_eq!(sidecar.post(body(7)).await.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,7 +72,7 @@ async fn proxy_mode_passes_the_request_and_mirrors_bytes_unchanged() {
             Duration::from_secs(5),
         )
         .await;
-    assert_eq!(sidecar.metric("storerelay_notifications_received_total").await, 4.0);
+    assert_eq!(sidecar.metric_sum("storerelay_notifications_received_total").await, 4.0);
     assert_eq!(sidecar.metric("storerelay_upstream_responses_total{code=\"200\"}").await, 4.0);
 
     // One log line per notification and per delivery; the destination's path token never appears.
@@ -132,7 +132,7 @@ async fn spooled_mode_answers_once_durable_and_routes_only_configured_paths() {
     let get = client().get(sidecar.ingest_url("/apple/notifications")).send().await.unwrap();
     assert_eq!(get.status(), 405);
     assert_eq!(get.headers()["allow"], "POST");
-    assert_eq!(sidecar.metric("storerelay_notifications_received_total").await, 2.0);
+    assert_eq!(sidecar.metric_sum("storerelay_notifications_received_total").await, 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -320,6 +320,15 @@ impl Sidecar {
             .unwrap_or(0.0)
     }
 
+    /// The sum over every series of a metric family (all label values).
+    pub async fn metric_sum(&self, name: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .filter(|line| line.starts_with(name) && matches!(line.as_bytes().get(name.len()), Some(b' ' | b'{')))
+            .filter_map(|line| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    }
+
     pub async fn wait_metric(&self, series: &str, at_least: f64, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
