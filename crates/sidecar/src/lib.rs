@@ -280,7 +280,9 @@ pub fn inspect(body: &[u8], config_path: Option<&Path>) -> Result<String, String
         let verdict = match (runtime.verifier.mode, runtime.verifier.check(&notification)) {
             (storerelay_config::VerifyMode::Off, _) => "not checked (verify.mode: off)".to_string(),
             (_, Ok(())) => "passes".to_string(),
-            (mode, Err(reason)) => format!("fails: {} (verify.mode: {mode:?})", reason.as_str()),
+            (mode, Err(reason)) => {
+                format!("fails: {} (verify.mode: {})", reason.as_str(), format!("{mode:?}").to_lowercase())
+            }
         };
         out.push_str(&format!("verification: {verdict}\n"));
         let destinations = runtime.destinations_for(&notification);
