@@ -154,7 +154,11 @@ impl SpoolDb {
             SyncMode::Full => "FULL",
             SyncMode::Normal => "NORMAL",
         };
-        conn.execute_batch(&format!("PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};")).map_err(err)?;
+        // temp_store: the sidecar's root filesystem is read-only, so SQLite's scratch space stays in memory.
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA temp_store = MEMORY;"
+        ))
+        .map_err(err)?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(err)?;
         if version > SCHEMA_VERSION {
             return Err(err(rusqlite::Error::InvalidParameterName(format!(

@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", storerelay_operator::crd_yaml());
+}

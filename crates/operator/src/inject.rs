@@ -1,0 +1,434 @@
+//! What injecting a route into a pod means: the sidecar container and its volumes, and the pure
+//! functions that add them to (or remove them from) a pod spec. The webhook, `storerelayctl inject`
+//! and the tests all go through here, so there is one definition of an injected pod.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, KeyToPath,
+    PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecretProjection, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount, VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use sha2::{Digest, Sha256};
+
+use crate::crd::{KeyRef, NotificationRoute};
+use crate::render::{
+    APPLE_ROOT_DIR, APPLE_ROOT_FILE, CONFIG_DIR, CONFIG_KEY, SPOOL_DIR, V1_PASSWORD_DIR, V1_PASSWORD_FILE,
+    config_map_name, destination_secret_dir, spool_size,
+};
+
+pub const CONTAINER_NAME: &str = "storerelay";
+/// `<route>@<revision>` on every injected pod.
+pub const INJECTED_ANNOTATION: &str = "storerelay.dev/injected";
+/// `"false"` opts a pod out.
+pub const INJECT_ANNOTATION: &str = "storerelay.dev/inject";
+/// Set on a workload's pod template to roll it (what `kubectl rollout restart` does).
+pub const RESTARTED_AT_ANNOTATION: &str = "storerelay.dev/restartedAt";
+const VOLUME_PREFIX: &str = "storerelay-";
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+const SIDECAR_UID: i64 = 65532;
+
+/// Operator-wide settings for injection.
+#[derive(Debug, Clone)]
+pub struct InjectOptions {
+    pub image: String,
+    pub image_pull_policy: Option<String>,
+}
+
+impl Default for InjectOptions {
+    fn default() -> Self {
+        InjectOptions {
+            image: format!("storerelay/storerelay-sidecar:{}", env!("CARGO_PKG_VERSION")),
+            image_pull_policy: None,
+        }
+    }
+}
+
+/// Everything a route adds to a pod, and its revision (a hash of all of it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Injection {
+    pub route: String,
+    pub revision: String,
+    pub container: Container,
+    pub volumes: Vec<Volume>,
+}
+
+impl Injection {
+    pub fn annotation_value(&self) -> String {
+        format!("{}@{}", self.route, self.revision)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Injected,
+    /// The sidecar is there already (re-invocation, or a pod created from an injected template).
+    AlreadyInjected,
+    OptedOut,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InjectError {
+    #[error(
+        "port {port} of container {container} collides with the storerelay sidecar of NotificationRoute {route}; change the route's listen.port or listen.adminPort"
+    )]
+    PortCollision { port: i32, container: String, route: String },
+    #[error(
+        "volume {volume} already exists in the pod; NotificationRoute {route} needs that name for the storerelay sidecar"
+    )]
+    VolumeCollision { volume: String, route: String },
+}
+
+fn secret_volume(name: String, reference: &KeyRef, path: &str) -> Volume {
+    Volume {
+        name,
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(reference.name.clone()),
+            items: Some(vec![KeyToPath { key: reference.key.clone(), path: path.to_string(), mode: None }]),
+            // A missing Secret must not keep the app from starting: the sidecar reports it instead.
+            optional: Some(true),
+            default_mode: Some(0o444),
+        }),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount { name: name.to_string(), mount_path: path.to_string(), read_only: Some(true), ..Default::default() }
+}
+
+fn quantity(text: &str) -> Quantity {
+    Quantity(text.to_string())
+}
+
+/// The sidecar container and volumes for `route`.
+pub fn injection(route: &NotificationRoute, options: &InjectOptions) -> Injection {
+    let route_name = route.metadata.name.clone().unwrap_or_default();
+    let spec = &route.spec;
+    let mut volumes = vec![Volume {
+        name: format!("{VOLUME_PREFIX}config"),
+        config_map: Some(ConfigMapVolumeSource { name: config_map_name(&route_name), ..Default::default() }),
+        ..Default::default()
+    }];
+    let mut mounts = vec![mount(&format!("{VOLUME_PREFIX}config"), CONFIG_DIR)];
+
+    let size_limit =
+        spool_size(spec).map(|(text, _)| text).unwrap_or_else(|_| crate::render::DEFAULT_SPOOL_SIZE.into());
+    volumes.push(Volume {
+        name: format!("{VOLUME_PREFIX}spool"),
+        empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(quantity(&size_limit)), medium: None }),
+        ..Default::default()
+    });
+    mounts.push(VolumeMount {
+        name: format!("{VOLUME_PREFIX}spool"),
+        mount_path: SPOOL_DIR.into(),
+        ..Default::default()
+    });
+
+    if let Some(verify) = &spec.verify {
+        if let Some(root) = &verify.apple_root {
+            let name = format!("{VOLUME_PREFIX}apple-root");
+            let volume = match (&root.config_map_key_ref, &root.secret_key_ref) {
+                (Some(reference), _) => Volume {
+                    name: name.clone(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: reference.name.clone(),
+                        items: Some(vec![KeyToPath {
+                            key: reference.key.clone(),
+                            path: APPLE_ROOT_FILE.into(),
+                            mode: None,
+                        }]),
+                        optional: Some(true),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                (None, Some(reference)) => secret_volume(name.clone(), reference, APPLE_ROOT_FILE),
+                (None, None) => Volume { name: name.clone(), ..Default::default() },
+            };
+            volumes.push(volume);
+            mounts.push(mount(&name, APPLE_ROOT_DIR));
+        }
+        if let Some(source) = &verify.v1_password_from {
+            let name = format!("{VOLUME_PREFIX}v1-password");
+            volumes.push(secret_volume(name.clone(), &source.secret_key_ref, V1_PASSWORD_FILE));
+            mounts.push(mount(&name, V1_PASSWORD_DIR));
+        }
+    }
+    for destination in &spec.destinations {
+        // One projected volume per destination: its files stay current when a Secret rotates (a
+        // subPath mount would not).
+        let sources: Vec<VolumeProjection> = [(&destination.url_from, "url"), (&destination.headers_from, "headers")]
+            .into_iter()
+            .filter_map(|(source, file)| {
+                let reference = &source.as_ref()?.secret_key_ref;
+                Some(VolumeProjection {
+                    secret: Some(SecretProjection {
+                        name: reference.name.clone(),
+                        items: Some(vec![KeyToPath { key: reference.key.clone(), path: file.into(), mode: None }]),
+                        optional: Some(true),
+                    }),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        if sources.is_empty() {
+            continue;
+        }
+        let name = format!("{VOLUME_PREFIX}dest-{}", destination.name);
+        volumes.push(Volume {
+            name: name.clone(),
+            projected: Some(ProjectedVolumeSource { sources: Some(sources), default_mode: Some(0o444) }),
+            ..Default::default()
+        });
+        mounts.push(mount(&name, &destination_secret_dir(&destination.name)));
+    }
+    // The sidecar talks to no Kubernetes API: an empty folder where the token would be keeps it out.
+    volumes.push(Volume {
+        name: format!("{VOLUME_PREFIX}no-token"),
+        empty_dir: Some(EmptyDirVolumeSource { medium: Some("Memory".into()), size_limit: Some(quantity("1Ki")) }),
+        ..Default::default()
+    });
+    mounts.push(mount(&format!("{VOLUME_PREFIX}no-token"), SERVICE_ACCOUNT_DIR));
+
+    let sidecar = spec.sidecar.clone().unwrap_or_default();
+    let resources = sidecar.resources.unwrap_or_else(|| ResourceRequirements {
+        requests: Some(BTreeMap::from([("cpu".into(), quantity("10m")), ("memory".into(), quantity("32Mi"))])),
+        limits: Some(BTreeMap::from([("memory".into(), quantity("64Mi"))])),
+        ..Default::default()
+    });
+    let admin_probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(spec.listen.admin_port),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(1),
+        ..Default::default()
+    };
+    let container = Container {
+        name: CONTAINER_NAME.into(),
+        image: Some(sidecar.image.unwrap_or_else(|| options.image.clone())),
+        image_pull_policy: sidecar.image_pull_policy.or_else(|| options.image_pull_policy.clone()),
+        args: Some(vec!["--config".into(), format!("{CONFIG_DIR}/{CONFIG_KEY}")]),
+        // A native sidecar: starts before the app, stops after it, restarts on its own.
+        restart_policy: Some("Always".into()),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("storerelay".into()),
+                container_port: spec.listen.port,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("storerelay-adm".into()),
+                container_port: spec.listen.admin_port,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+        ]),
+        startup_probe: Some(admin_probe("/readyz", 1, 60)),
+        readiness_probe: Some(admin_probe("/readyz", 5, 3)),
+        liveness_probe: Some(admin_probe("/healthz", 10, 3)),
+        resources: Some(resources),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(SIDECAR_UID),
+            run_as_group: Some(SIDECAR_UID),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(mounts),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Default::default()
+    };
+    let revision = revision(&container, &volumes);
+    Injection { route: route_name, revision, container, volumes }
+}
+
+/// A short hash of everything injected: a change means pods made before it are outdated.
+fn revision(container: &Container, volumes: &[Volume]) -> String {
+    let bytes = serde_json::to_vec(&(container, volumes)).unwrap_or_default();
+    Sha256::digest(&bytes).iter().take(5).map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn is_injected(spec: &PodSpec) -> bool {
+    spec.init_containers.iter().flatten().chain(&spec.containers).any(|c| c.name == CONTAINER_NAME)
+}
+
+pub fn opted_out(meta: &ObjectMeta) -> bool {
+    meta.annotations.as_ref().and_then(|a| a.get(INJECT_ANNOTATION)).is_some_and(|v| v == "false")
+}
+
+/// Adds the sidecar to a pod (or pod template). Leaves opted-out and already injected pods alone.
+pub fn inject(meta: &mut ObjectMeta, spec: &mut PodSpec, injection: &Injection) -> Result<Outcome, InjectError> {
+    if opted_out(meta) {
+        return Ok(Outcome::OptedOut);
+    }
+    if is_injected(spec) {
+        return Ok(Outcome::AlreadyInjected);
+    }
+    let our_ports: Vec<i32> = injection.container.ports.iter().flatten().map(|p| p.container_port).collect();
+    for container in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
+        for port in container.ports.iter().flatten() {
+            if our_ports.contains(&port.container_port) {
+                return Err(InjectError::PortCollision {
+                    port: port.container_port,
+                    container: container.name.clone(),
+                    route: injection.route.clone(),
+                });
+            }
+        }
+    }
+    let existing: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+    if let Some(volume) = injection.volumes.iter().find(|v| existing.contains(&v.name.as_str())) {
+        return Err(InjectError::VolumeCollision { volume: volume.name.clone(), route: injection.route.clone() });
+    }
+    spec.init_containers.get_or_insert_with(Vec::new).push(injection.container.clone());
+    spec.volumes.get_or_insert_with(Vec::new).extend(injection.volumes.iter().cloned());
+    meta.annotations.get_or_insert_with(BTreeMap::new).insert(INJECTED_ANNOTATION.into(), injection.annotation_value());
+    Ok(Outcome::Injected)
+}
+
+/// Removes what [`inject`] added. Returns whether anything changed.
+pub fn uninject(meta: &mut ObjectMeta, spec: &mut PodSpec) -> bool {
+    let mut ours: Vec<String> = Vec::new();
+    let mut changed = false;
+    if let Some(init) = &mut spec.init_containers {
+        if let Some(index) = init.iter().position(|c| c.name == CONTAINER_NAME) {
+            let sidecar = init.remove(index);
+            ours.extend(sidecar.volume_mounts.into_iter().flatten().map(|m| m.name));
+            changed = true;
+        }
+        if init.is_empty() {
+            spec.init_containers = None;
+        }
+    }
+    if let Some(volumes) = &mut spec.volumes {
+        volumes.retain(|v| !ours.contains(&v.name));
+        if volumes.is_empty() {
+            spec.volumes = None;
+        }
+    }
+    if let Some(annotations) = &mut meta.annotations {
+        changed |= annotations.remove(INJECTED_ANNOTATION).is_some();
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
+    changed
+}
+
+/// The route and revision an injected pod carries.
+pub fn injected_as(meta: &ObjectMeta) -> Option<(String, String)> {
+    let value = meta.annotations.as_ref()?.get(INJECTED_ANNOTATION)?;
+    let (route, revision) = value.split_once('@')?;
+    Some((route.to_string(), revision.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Pod;
+
+    fn route() -> NotificationRoute {
+        serde_yaml::from_str(
+            r#"
+apiVersion: storerelay.dev/v1alpha1
+kind: NotificationRoute
+metadata: {name: payments, namespace: shop}
+spec:
+  selector: {matchLabels: {app: payments}}
+  upstream: {port: 8080}
+  destinations:
+    - name: revenuecat
+      urlFrom: {secretKeyRef: {name: revenuecat, key: url}}
+"#,
+        )
+        .unwrap()
+    }
+
+    fn pod() -> Pod {
+        serde_yaml::from_str(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: p, labels: {app: payments}}
+spec:
+  containers:
+    - name: app
+      image: example/app
+      ports: [{containerPort: 8080}]
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn injects_a_native_sidecar_once() {
+        let injection = injection(&route(), &InjectOptions::default());
+        let mut pod = pod();
+        let spec = pod.spec.as_mut().unwrap();
+        assert_eq!(inject(&mut pod.metadata, spec, &injection), Ok(Outcome::Injected));
+        let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+        assert_eq!(sidecar.security_context.as_ref().unwrap().run_as_user, Some(65532));
+        let annotation = &pod.metadata.annotations.as_ref().unwrap()[INJECTED_ANNOTATION];
+        assert_eq!(annotation, &format!("payments@{}", injection.revision));
+        let once = pod.clone();
+        let spec = pod.spec.as_mut().unwrap();
+        assert_eq!(inject(&mut pod.metadata, spec, &injection), Ok(Outcome::AlreadyInjected));
+        assert_eq!(pod, once);
+    }
+
+    #[test]
+    fn uninject_restores_the_original() {
+        let injection = injection(&route(), &InjectOptions::default());
+        let original = pod();
+        let mut pod = original.clone();
+        let spec = pod.spec.as_mut().unwrap();
+        inject(&mut pod.metadata, spec, &injection).unwrap();
+        let spec = pod.spec.as_mut().unwrap();
+        assert!(uninject(&mut pod.metadata, spec));
+        assert_eq!(pod, original);
+    }
+
+    #[test]
+    fn opt_out_and_collisions() {
+        let injection = injection(&route(), &InjectOptions::default());
+        let mut pod = pod();
+        pod.metadata.annotations = Some(BTreeMap::from([(INJECT_ANNOTATION.to_string(), "false".to_string())]));
+        let spec = pod.spec.as_mut().unwrap();
+        assert_eq!(inject(&mut pod.metadata, spec, &injection), Ok(Outcome::OptedOut));
+
+        let mut pod = self::pod();
+        pod.spec.as_mut().unwrap().containers[0]
+            .ports
+            .as_mut()
+            .unwrap()
+            .push(ContainerPort { container_port: 9089, ..Default::default() });
+        let spec = pod.spec.as_mut().unwrap();
+        let err = inject(&mut pod.metadata, spec, &injection).unwrap_err();
+        assert_eq!(err, InjectError::PortCollision { port: 9089, container: "app".into(), route: "payments".into() });
+        assert!(err.to_string().contains("port 9089") && err.to_string().contains("NotificationRoute payments"));
+    }
+
+    #[test]
+    fn the_revision_follows_injection_time_fields_only() {
+        let base = injection(&route(), &InjectOptions::default());
+        let mut changed = route();
+        changed.spec.sidecar = Some(crate::crd::SidecarSpec { image: Some("other:1".into()), ..Default::default() });
+        assert_ne!(injection(&changed, &InjectOptions::default()).revision, base.revision);
+        let mut live = route();
+        live.spec.destinations[0].timeout = Some("3s".into());
+        assert_eq!(injection(&live, &InjectOptions::default()).revision, base.revision, "a live setting");
+    }
+}

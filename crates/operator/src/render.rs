@@ -1,0 +1,236 @@
+//! A route's sidecar config, rendered through the sidecar's own config types and validated by the same
+//! rules the sidecar applies, so the operator can never emit a file the sidecar refuses.
+//!
+//! Secrets are never copied into the config: it names files, and [`crate::inject`] mounts the Secrets
+//! there, so a rotated Secret reaches running pods without a restart.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use storerelay_config::{
+    ByteSize, DedupeConfig, Destination, Duration, Limits, Problem, RetryPolicy, SidecarConfig, SpoolConfig, Upstream,
+    VerifyConfig, defaults,
+};
+
+use crate::crd::{NotificationRoute, NotificationRouteSpec};
+
+/// Where the pieces live inside the sidecar container.
+pub const CONFIG_DIR: &str = "/etc/storerelay/config";
+pub const CONFIG_KEY: &str = "config.yaml";
+pub const SPOOL_DIR: &str = "/var/lib/storerelay";
+pub const APPLE_ROOT_DIR: &str = "/etc/storerelay/apple";
+pub const APPLE_ROOT_FILE: &str = "root.cer";
+pub const V1_PASSWORD_DIR: &str = "/etc/storerelay/secrets/v1";
+pub const V1_PASSWORD_FILE: &str = "password";
+pub const DEFAULT_SPOOL_SIZE: &str = "256Mi";
+
+pub fn destination_secret_dir(destination: &str) -> String {
+    format!("/etc/storerelay/secrets/{destination}")
+}
+
+/// The ConfigMap holding a route's rendered config.
+pub fn config_map_name(route_name: &str) -> String {
+    format!("{route_name}-storerelay")
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct RenderError {
+    pub problems: Vec<Problem>,
+}
+
+fn duration(value: &Option<String>, key: &str, fallback: Duration, problems: &mut Vec<Problem>) -> Duration {
+    match value.as_deref().map(str::parse::<Duration>) {
+        None => fallback,
+        Some(Ok(parsed)) => parsed,
+        Some(Err(message)) => {
+            problems.push(Problem { key: key.to_string(), message });
+            fallback
+        }
+    }
+}
+
+/// The emptyDir size for the spool, and the share of it the sidecar may fill.
+pub fn spool_size(spec: &NotificationRouteSpec) -> Result<(String, ByteSize), Problem> {
+    let text = spec.spool.as_ref().and_then(|s| s.size_limit.clone()).unwrap_or_else(|| DEFAULT_SPOOL_SIZE.into());
+    let size: ByteSize = text.parse().map_err(|message| Problem { key: "spec.spool.sizeLimit".into(), message })?;
+    Ok((text, ByteSize(size.get() / 4 * 3)))
+}
+
+pub fn render(route: &NotificationRoute) -> Result<SidecarConfig, RenderError> {
+    let spec = &route.spec;
+    let mut problems = Vec::new();
+    let port = |p: i32| u16::try_from(p).unwrap_or(0);
+    let upstream = spec.upstream.as_ref().map(|u| Upstream {
+        url: format!("http://127.0.0.1:{}", u.port),
+        timeout: duration(&u.timeout, "spec.upstream.timeout", defaults::upstream_timeout(), &mut problems),
+    });
+    let max_bytes = match spool_size(spec) {
+        Ok((_, max)) => max,
+        Err(problem) => {
+            problems.push(problem);
+            defaults::spool_max_bytes()
+        }
+    };
+    let verify = spec.verify.as_ref().map_or_else(VerifyConfig::default, |v| VerifyConfig {
+        mode: v.mode,
+        root_certificates: v
+            .apple_root
+            .as_ref()
+            .map(|_| vec![PathBuf::from(APPLE_ROOT_DIR).join(APPLE_ROOT_FILE)])
+            .unwrap_or_default(),
+        bundle_ids: v.bundle_ids.clone(),
+        app_apple_ids: v.app_apple_ids.clone(),
+        environments: v.environments.clone(),
+        v1_password: None,
+        v1_password_file: v.v1_password_from.as_ref().map(|_| PathBuf::from(V1_PASSWORD_DIR).join(V1_PASSWORD_FILE)),
+    });
+    let destinations = spec
+        .destinations
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let key = |field: &str| format!("spec.destinations[{i}].{field}");
+            let dir = PathBuf::from(destination_secret_dir(&d.name));
+            let retry = d.retry.clone().unwrap_or_default();
+            Destination {
+                name: d.name.clone(),
+                url: d.url.clone(),
+                url_file: d.url_from.as_ref().map(|_| dir.join("url")),
+                headers: Default::default(),
+                headers_file: d.headers_from.as_ref().map(|_| dir.join("headers")),
+                timeout: duration(&d.timeout, &key("timeout"), defaults::destination_timeout(), &mut problems),
+                concurrency: d.concurrency.unwrap_or_else(defaults::concurrency),
+                retry: RetryPolicy {
+                    initial_backoff: duration(
+                        &retry.initial_backoff,
+                        &key("retry.initialBackoff"),
+                        defaults::initial_backoff(),
+                        &mut problems,
+                    ),
+                    max_backoff: duration(
+                        &retry.max_backoff,
+                        &key("retry.maxBackoff"),
+                        defaults::max_backoff(),
+                        &mut problems,
+                    ),
+                    max_age: duration(&retry.max_age, &key("retry.maxAge"), defaults::max_age(), &mut problems),
+                },
+                filter: d.filter.clone().unwrap_or_default(),
+            }
+        })
+        .collect();
+    let config = SidecarConfig {
+        listen: SocketAddr::from(([0, 0, 0, 0], port(spec.listen.port))),
+        admin: SocketAddr::from(([0, 0, 0, 0], port(spec.listen.admin_port))),
+        paths: spec.listen.paths.clone(),
+        upstream,
+        ack: spec.ack,
+        ack_timeout: defaults::ack_timeout(),
+        spool: SpoolConfig {
+            path: PathBuf::from(SPOOL_DIR).join("spool.db"),
+            max_bytes,
+            sync: spec.spool.as_ref().and_then(|s| s.sync).unwrap_or_default(),
+            retain_delivered: defaults::retain_delivered(),
+        },
+        limits: Limits::default(),
+        shutdown_grace_period: defaults::shutdown_grace_period(),
+        verify,
+        unknown_bodies: spec.unknown_bodies.unwrap_or_default(),
+        dedupe: DedupeConfig::default(),
+        destinations,
+    };
+    // The sidecar's own validation, with its keys mapped back to the route's where they differ.
+    problems.extend(config.problems().into_iter().map(|p| Problem { key: route_key(&p.key), message: p.message }));
+    if problems.is_empty() { Ok(config) } else { Err(RenderError { problems }) }
+}
+
+fn route_key(sidecar_key: &str) -> String {
+    match sidecar_key {
+        "admin" => "spec.listen.adminPort".into(),
+        "listen" => "spec.listen.port".into(),
+        key if key.starts_with("paths") => format!("spec.listen.{key}"),
+        key if key.starts_with("upstream") => "spec.upstream.port".into(),
+        key if key.starts_with("verify.rootCertificates") => "spec.verify.appleRoot".into(),
+        key => format!("spec.{key}"),
+    }
+}
+
+/// The rendered file as it goes into the ConfigMap.
+pub fn render_yaml(route: &NotificationRoute) -> Result<String, RenderError> {
+    let config = render(route)?;
+    Ok(format!(
+        "# Rendered by storerelay-operator from NotificationRoute {}/{}. Edit the route, not this file.\n{}",
+        route.metadata.namespace.as_deref().unwrap_or("default"),
+        route.metadata.name.as_deref().unwrap_or(""),
+        config.to_yaml()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn route(yaml: &str) -> NotificationRoute {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    const ROUTE: &str = r#"
+apiVersion: storerelay.dev/v1alpha1
+kind: NotificationRoute
+metadata: {name: payments, namespace: shop}
+spec:
+  selector: {matchLabels: {app: payments}}
+  upstream: {port: 8080, timeout: 3s}
+  verify:
+    mode: enforce
+    appleRoot: {configMapKeyRef: {name: apple-root-ca, key: AppleRootCA-G3.cer}}
+    bundleIds: [com.example.app]
+    v1PasswordFrom: {secretKeyRef: {name: app, key: v1-password}}
+  destinations:
+    - name: revenuecat
+      urlFrom: {secretKeyRef: {name: revenuecat, key: url}}
+      headersFrom: {secretKeyRef: {name: revenuecat, key: headers}}
+      match: {environments: [Production]}
+      retry: {maxAge: 72h}
+    - name: analytics
+      url: https://analytics.example.com/apple
+  spool: {sizeLimit: 128Mi, sync: normal}
+"#;
+
+    #[test]
+    fn renders_files_not_secrets_and_the_sidecar_accepts_it() {
+        let route = route(ROUTE);
+        let yaml = render_yaml(&route).unwrap();
+        let parsed = storerelay_config::parse(&yaml, Path::new("rendered.yaml")).unwrap();
+        assert_eq!(parsed.upstream.unwrap().url, "http://127.0.0.1:8080");
+        assert_eq!(
+            parsed.destinations[0].url_file.as_deref(),
+            Some(Path::new("/etc/storerelay/secrets/revenuecat/url"))
+        );
+        assert_eq!(
+            parsed.destinations[0].headers_file.as_deref(),
+            Some(Path::new("/etc/storerelay/secrets/revenuecat/headers"))
+        );
+        assert_eq!(parsed.destinations[0].retry.max_age, Duration::from_secs(72 * 3600));
+        assert_eq!(parsed.destinations[1].url.as_deref(), Some("https://analytics.example.com/apple"));
+        assert_eq!(parsed.verify.root_certificates, vec![PathBuf::from("/etc/storerelay/apple/root.cer")]);
+        assert_eq!(parsed.verify.v1_password_file.as_deref(), Some(Path::new("/etc/storerelay/secrets/v1/password")));
+        assert_eq!(parsed.spool.max_bytes, ByteSize(96 << 20), "three quarters of the 128Mi emptyDir");
+        assert_eq!(parsed.spool.sync, storerelay_config::SyncMode::Normal);
+    }
+
+    #[test]
+    fn problems_name_the_routes_keys() {
+        let mut route = route(ROUTE);
+        route.spec.verify.as_mut().unwrap().apple_root = None;
+        route.spec.destinations[1].timeout = Some("soon".into());
+        route.spec.listen.admin_port = route.spec.listen.port;
+        let err = render(&route).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"spec.destinations[1].timeout"), "{keys:?}");
+        assert!(keys.contains(&"spec.verify.appleRoot"), "{keys:?}");
+        assert!(keys.contains(&"spec.listen.adminPort"), "{keys:?}");
+    }
+}
