@@ -1,11 +1,15 @@
 //! storerelay-operator: injects the storerelay sidecar into the pods a `NotificationRoute` selects,
 //! renders its config, and reports status.
 
+pub mod certs;
 pub mod crd;
 pub mod inject;
 pub mod manifests;
+pub mod metrics;
 pub mod render;
 pub mod select;
+pub mod serve;
+pub mod webhook;
 
 pub use crd::{NotificationRoute, NotificationRouteSpec, NotificationRouteStatus};
 

@@ -1,102 +1,11 @@
-//! Prometheus metrics in the text exposition format.
-//!
-//! A handful of labelled counters and one histogram do not justify a metrics framework; this keeps the
-//! binary small and the names in one place. Label values are destination names, status codes and fixed
+//! The sidecar's metrics, in one place. Label values are destination names, status codes and fixed
 //! reason words: never URLs or header values.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
-use std::time::Duration;
+
+pub use storerelay_metrics::{CounterVec, DEFAULT_BUCKETS, HistogramVec, render_gauge};
 
 use crate::spool::DestinationStats;
-
-/// A counter family keyed by its label values.
-pub struct CounterVec {
-    name: &'static str,
-    help: &'static str,
-    labels: &'static [&'static str],
-    values: Mutex<BTreeMap<Vec<String>, u64>>,
-}
-
-impl CounterVec {
-    const fn new(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Self {
-        CounterVec { name, help, labels, values: Mutex::new(BTreeMap::new()) }
-    }
-
-    pub fn inc(&self, label_values: &[&str]) {
-        self.add(label_values, 1);
-    }
-
-    pub fn add(&self, label_values: &[&str], n: u64) {
-        let key = label_values.iter().map(|v| v.to_string()).collect();
-        let mut values = self.values.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        *values.entry(key).or_insert(0) += n;
-    }
-
-    pub fn get(&self, label_values: &[&str]) -> u64 {
-        let key: Vec<String> = label_values.iter().map(|v| v.to_string()).collect();
-        let values = self.values.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        values.get(&key).copied().unwrap_or(0)
-    }
-
-    fn render(&self, out: &mut String) {
-        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} counter", self.name, self.help, self.name);
-        let values = self.values.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (label_values, value) in values.iter() {
-            let _ = writeln!(out, "{}{} {value}", self.name, labels(self.labels, label_values));
-        }
-    }
-}
-
-const BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-
-#[derive(Default, Clone)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
-
-pub struct HistogramVec {
-    name: &'static str,
-    help: &'static str,
-    label: &'static str,
-    values: Mutex<BTreeMap<String, Histogram>>,
-}
-
-impl HistogramVec {
-    const fn new(name: &'static str, help: &'static str, label: &'static str) -> Self {
-        HistogramVec { name, help, label, values: Mutex::new(BTreeMap::new()) }
-    }
-
-    pub fn observe(&self, label_value: &str, took: Duration) {
-        let seconds = took.as_secs_f64();
-        let mut values = self.values.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let histogram = values.entry(label_value.to_string()).or_default();
-        for (bucket, count) in BUCKETS.iter().zip(histogram.counts.iter_mut()) {
-            if seconds <= *bucket {
-                *count += 1;
-            }
-        }
-        histogram.count += 1;
-        histogram.sum += seconds;
-    }
-
-    fn render(&self, out: &mut String) {
-        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} histogram", self.name, self.help, self.name);
-        let values = self.values.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (label_value, h) in values.iter() {
-            let label = format!("{}=\"{}\"", self.label, escape(label_value));
-            for (bucket, count) in BUCKETS.iter().zip(h.counts.iter()) {
-                let _ = writeln!(out, "{}_bucket{{{label},le=\"{bucket}\"}} {count}", self.name);
-            }
-            let _ = writeln!(out, "{}_bucket{{{label},le=\"+Inf\"}} {}", self.name, h.count);
-            let _ = writeln!(out, "{}_sum{{{label}}} {}", self.name, h.sum);
-            let _ = writeln!(out, "{}_count{{{label}}} {}", self.name, h.count);
-        }
-    }
-}
 
 /// Every metric the sidecar exports, except the spool gauges, which are read from the spool at scrape.
 pub struct Metrics {
@@ -149,6 +58,7 @@ impl Default for Metrics {
                 "storerelay_delivery_duration_seconds",
                 "Time of each delivery attempt.",
                 "destination",
+                DEFAULT_BUCKETS,
             ),
             upstream_responses: CounterVec::new(
                 "storerelay_upstream_responses_total",
@@ -212,41 +122,34 @@ impl Metrics {
             }),
         ];
         for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for (destination, stats) in &by_destination {
-                let v = stats.map_or(0.0, |s| value(s, snapshot.now_ms));
-                let _ = writeln!(out, "{name}{{destination=\"{}\"}} {v}", escape(destination));
-            }
+            let series: Vec<(Vec<(&str, &str)>, f64)> = by_destination
+                .iter()
+                .map(|(destination, stats)| {
+                    (vec![("destination", *destination)], stats.map_or(0.0, |s| value(s, snapshot.now_ms)))
+                })
+                .collect();
+            render_gauge(&mut out, name, help, &series);
         }
-        let _ = writeln!(
-            out,
-            "# HELP storerelay_spool_bytes Notification bytes held in the spool.\n# TYPE storerelay_spool_bytes gauge\nstorerelay_spool_bytes {}",
-            snapshot.stored_bytes
+        render_gauge(
+            &mut out,
+            "storerelay_spool_bytes",
+            "Notification bytes held in the spool.",
+            &[(vec![], snapshot.stored_bytes as f64)],
         );
-        let _ = writeln!(
-            out,
-            "# HELP storerelay_spool_max_bytes The spool's limit (spool.maxBytes).\n# TYPE storerelay_spool_max_bytes gauge\nstorerelay_spool_max_bytes {}",
-            snapshot.max_bytes
+        render_gauge(
+            &mut out,
+            "storerelay_spool_max_bytes",
+            "The spool's limit (spool.maxBytes).",
+            &[(vec![], snapshot.max_bytes as f64)],
         );
-        let _ = writeln!(
-            out,
-            "# HELP storerelay_ready 1 while the sidecar accepts notifications.\n# TYPE storerelay_ready gauge\nstorerelay_ready {}",
-            u8::from(snapshot.ready)
+        render_gauge(
+            &mut out,
+            "storerelay_ready",
+            "1 while the sidecar accepts notifications.",
+            &[(vec![], f64::from(u8::from(snapshot.ready)))],
         );
         out
     }
-}
-
-fn labels(names: &[&str], values: &[String]) -> String {
-    if names.is_empty() {
-        return String::new();
-    }
-    let pairs: Vec<String> = names.iter().zip(values).map(|(n, v)| format!("{n}=\"{}\"", escape(v))).collect();
-    format!("{{{}}}", pairs.join(","))
-}
-
-fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -261,7 +164,7 @@ mod tests {
         metrics.deliveries.inc(&["revenuecat", "delivered"]);
         metrics.deliveries.inc(&["revenuecat", "delivered"]);
         metrics.rejected.inc(&["too_large"]);
-        metrics.delivery_duration.observe("revenuecat", Duration::from_millis(20));
+        metrics.delivery_duration.observe("revenuecat", std::time::Duration::from_millis(20));
         let stats = [DestinationStats {
             destination: "revenuecat".into(),
             pending: 5,
