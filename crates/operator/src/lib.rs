@@ -2,14 +2,20 @@
 //! renders its config, and reports status.
 
 pub mod certs;
+pub mod controller;
 pub mod crd;
+pub mod ctl;
 pub mod inject;
+pub mod leader;
 pub mod manifests;
 pub mod metrics;
 pub mod render;
+pub mod run;
 pub mod select;
 pub mod serve;
+pub mod status;
 pub mod webhook;
+pub mod webhook_config;
 
 pub use crd::{NotificationRoute, NotificationRouteSpec, NotificationRouteStatus};
 
@@ -17,4 +23,11 @@ pub use crd::{NotificationRoute, NotificationRouteSpec, NotificationRouteStatus}
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
     serde_yaml::to_string(&NotificationRoute::crd()).unwrap_or_default()
+}
+
+/// JSON log lines on stderr; `STORERELAY_LOG` takes a tracing filter (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STORERELAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

@@ -1,0 +1,276 @@
+//! The route controller: reconcile renders the ConfigMap, checks references, counts pods, restarts
+//! workloads when asked, and writes status and Events; `error_policy` retries with a delay. Only the
+//! leader writes: other replicas keep their caches warm (the webhook reads them) and requeue.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::crd::{NotificationRoute, NotificationRouteStatus, RolloutPolicy};
+use crate::inject::{self, InjectOptions, RESTARTED_AT_ANNOTATION};
+use crate::metrics::Metrics;
+use crate::render::{CONFIG_KEY, config_map_name, render_yaml};
+use crate::status::{self, Facts, SecretsCheck, Workload};
+
+pub const FIELD_MANAGER: &str = "storerelay-operator";
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "storerelay-operator");
+/// A workload is restarted at most this often, whatever happens to its pods.
+const RESTART_INTERVAL: Duration = Duration::from_secs(600);
+/// Status is refreshed this often even when nothing triggers a reconcile.
+const RESYNC: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("the route has no namespace")]
+    NoNamespace,
+}
+
+/// What reconcile needs, shared by every reconciliation.
+pub struct Context {
+    pub client: Client,
+    pub pods: Store<PartialObjectMeta<Pod>>,
+    pub routes: Store<NotificationRoute>,
+    pub recorder: Recorder,
+    pub options: InjectOptions,
+    /// Whether the operator may `get` Secrets (chart value rbac.checkSecrets).
+    pub check_secrets: bool,
+    /// Whether the operator may patch workloads (chart value rbac.restartWorkloads).
+    pub restarts_allowed: bool,
+    pub leader: watch::Receiver<bool>,
+    pub metrics: Arc<Metrics>,
+    pub last_restart: Mutex<HashMap<String, Instant>>,
+}
+
+pub async fn reconcile(route: Arc<NotificationRoute>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !*ctx.leader.borrow() {
+        return Ok(Action::requeue(Duration::from_secs(15)));
+    }
+    let started = Instant::now();
+    let result = reconcile_route(&route, &ctx).await;
+    ctx.metrics.observe_reconcile(started.elapsed());
+    ctx.metrics.reconciliations.inc(&[if result.is_ok() { "ok" } else { "error" }]);
+    result
+}
+
+pub fn error_policy(route: Arc<NotificationRoute>, error: &Error, _: Arc<Context>) -> Action {
+    tracing::warn!(route = %route.name_any(), namespace = ?route.namespace(), %error, "reconcile failed; retrying in 30s");
+    Action::requeue(Duration::from_secs(30))
+}
+
+async fn reconcile_route(route: &NotificationRoute, ctx: &Context) -> Result<Action, Error> {
+    let namespace = route.namespace().ok_or(Error::NoNamespace)?;
+    let name = route.name_any();
+
+    let rendered = render_yaml(route);
+    if let Ok(yaml) = &rendered {
+        apply_config_map(ctx, route, &namespace, yaml).await?;
+    }
+    let render_error = rendered.as_ref().err().map(|e| e.to_string());
+    let secrets = check_references(ctx, route, &namespace).await?;
+
+    let injection = inject::injection(route, &ctx.options);
+    let all_routes = ctx.routes.state();
+    let route_refs: Vec<&NotificationRoute> = all_routes.iter().map(|r| r.as_ref()).collect();
+    let pods = ctx.pods.state();
+    let counts = status::count_pods(route, &injection.revision, pods.iter().map(|p| p.as_ref()), &route_refs);
+
+    let policy = route.spec.rollout.as_ref().map(|r| r.policy).unwrap_or_default();
+    if policy == RolloutPolicy::RestartWorkloads && ctx.restarts_allowed {
+        for workload in counts.workloads.iter().filter(|w| w.restartable()) {
+            restart(ctx, route, &namespace, workload).await?;
+        }
+    }
+
+    let old_conditions = route.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+    let mut conditions = status::conditions(&Facts {
+        generation: route.metadata.generation,
+        render_error: render_error.as_deref(),
+        secrets: &secrets,
+        counts: &counts,
+        policy,
+        restarts_allowed: ctx.restarts_allowed,
+    });
+    status::carry_transition_times(&mut conditions, &old_conditions);
+    let new_status = NotificationRouteStatus {
+        observed_generation: route.metadata.generation,
+        revision: Some(injection.revision.clone()),
+        config_map: rendered.is_ok().then(|| config_map_name(&name)),
+        matched: counts.matched,
+        injected: counts.injected,
+        outdated: counts.outdated,
+        missing: counts.missing,
+        workloads_to_restart: counts.workloads.iter().map(ToString::to_string).collect(),
+        conditions: conditions.clone(),
+    };
+    if route.status.as_ref() != Some(&new_status) {
+        let api: Api<NotificationRoute> = Api::namespaced(ctx.client.clone(), &namespace);
+        let patch = json!({"apiVersion": "storerelay.dev/v1alpha1", "kind": "NotificationRoute", "status": new_status});
+        api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch)).await?;
+    }
+    for condition in status::changed(&conditions, &old_conditions) {
+        let event = Event {
+            type_: if status::is_warning(condition) { EventType::Warning } else { EventType::Normal },
+            reason: condition.reason.clone(),
+            note: Some(format!("{}={}: {}", condition.type_, condition.status, condition.message)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        publish(ctx, route, event).await;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+async fn publish(ctx: &Context, route: &NotificationRoute, event: Event) {
+    let reference: ObjectReference = route.object_ref(&());
+    if let Err(error) = ctx.recorder.publish(&event, &reference).await {
+        tracing::warn!(%error, route = %route.name_any(), "cannot publish event");
+    }
+}
+
+async fn apply_config_map(ctx: &Context, route: &NotificationRoute, namespace: &str, yaml: &str) -> Result<(), Error> {
+    let name = config_map_name(&route.name_any());
+    let owner = route.controller_owner_ref(&());
+    let config_map = ConfigMap {
+        metadata: kube::core::ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(namespace.to_string()),
+            labels: Some(BTreeMap::from([
+                (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+                ("storerelay.dev/route".to_string(), route.name_any()),
+            ])),
+            owner_references: owner.map(|o| vec![o]),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), yaml.to_string())])),
+        ..Default::default()
+    };
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut value = serde_json::to_value(&config_map).unwrap_or_default();
+    value["apiVersion"] = json!("v1");
+    value["kind"] = json!("ConfigMap");
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(value)).await?;
+    Ok(())
+}
+
+/// Checks that every Secret key and the Apple root ConfigMap key the route names exist.
+async fn check_references(ctx: &Context, route: &NotificationRoute, namespace: &str) -> Result<SecretsCheck, Error> {
+    let mut missing = Vec::new();
+    let mut secret_refs = Vec::new();
+    for destination in &route.spec.destinations {
+        secret_refs
+            .extend(destination.url_from.iter().chain(&destination.headers_from).map(|s| s.secret_key_ref.clone()));
+    }
+    if let Some(verify) = &route.spec.verify {
+        secret_refs.extend(verify.v1_password_from.iter().map(|s| s.secret_key_ref.clone()));
+        if let Some(root) = &verify.apple_root {
+            secret_refs.extend(root.secret_key_ref.clone());
+            if let Some(reference) = &root.config_map_key_ref {
+                let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+                let found = api.get_opt(&reference.name).await?;
+                let has_key = found.is_some_and(|cm| {
+                    cm.data.is_some_and(|d| d.contains_key(&reference.key))
+                        || cm.binary_data.is_some_and(|d| d.contains_key(&reference.key))
+                });
+                if !has_key {
+                    missing.push(format!("ConfigMap {}/{}", reference.name, reference.key));
+                }
+            }
+        }
+    }
+    if !ctx.check_secrets {
+        return Ok(if missing.is_empty() { SecretsCheck::NotChecked } else { SecretsCheck::Missing(missing) });
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    secret_refs.sort();
+    secret_refs.dedup();
+    for reference in secret_refs {
+        // `get` only: the operator is never granted list or watch on Secrets.
+        let found = api.get_opt(&reference.name).await?;
+        if !found.is_some_and(|s| s.data.is_some_and(|d| d.contains_key(&reference.key))) {
+            missing.push(format!("Secret {}/{}", reference.name, reference.key));
+        }
+    }
+    Ok(if missing.is_empty() { SecretsCheck::Resolved } else { SecretsCheck::Missing(missing) })
+}
+
+/// What `kubectl rollout restart` does: a new annotation on the pod template, rate-limited.
+async fn restart(ctx: &Context, route: &NotificationRoute, namespace: &str, workload: &Workload) -> Result<(), Error> {
+    let key = format!("{namespace}/{workload}");
+    {
+        let mut last = ctx.last_restart.lock().unwrap_or_else(|p| p.into_inner());
+        if last.get(&key).is_some_and(|at| at.elapsed() < RESTART_INTERVAL) {
+            return Ok(());
+        }
+        last.insert(key, Instant::now());
+    }
+    let patch = json!({"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT_ANNOTATION: Timestamp::now().to_string()}}}}});
+    let params = PatchParams::default();
+    let client = ctx.client.clone();
+    match workload.kind.as_str() {
+        "Deployment" => {
+            Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client, namespace)
+                .patch(&workload.name, &params, &Patch::Merge(&patch))
+                .await?;
+        }
+        "StatefulSet" => {
+            Api::<k8s_openapi::api::apps::v1::StatefulSet>::namespaced(client, namespace)
+                .patch(&workload.name, &params, &Patch::Merge(&patch))
+                .await?;
+        }
+        "DaemonSet" => {
+            Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client, namespace)
+                .patch(&workload.name, &params, &Patch::Merge(&patch))
+                .await?;
+        }
+        _ => return Ok(()),
+    }
+    ctx.metrics.workload_restarts.inc(&[&workload.kind]);
+    tracing::info!(route = %route.name_any(), namespace, %workload, "restarted workload to pick up the sidecar");
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "RestartedWorkload".into(),
+        note: Some(format!("restarted {workload} so its pods get the current sidecar")),
+        action: "Restart".into(),
+        secondary: None,
+    };
+    publish(ctx, route, event).await;
+    Ok(())
+}
+
+/// Events for pods that two routes select, reported by the webhook.
+pub async fn report_conflicts(
+    ctx: Arc<Context>,
+    mut reports: tokio::sync::mpsc::UnboundedReceiver<crate::webhook::ConflictReport>,
+) {
+    while let Some(report) = reports.recv().await {
+        for route in ctx.routes.state().iter().filter(|r| {
+            r.namespace().as_deref() == Some(report.namespace.as_str()) && report.routes.contains(&r.name_any())
+        }) {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "SelectorConflict".into(),
+                note: Some(format!(
+                    "pod {} is selected by routes {}: not injected",
+                    report.pod,
+                    report.routes.join(", ")
+                )),
+                action: "Admit".into(),
+                secondary: None,
+            };
+            publish(&ctx, route, event).await;
+        }
+    }
+}

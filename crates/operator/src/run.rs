@@ -1,0 +1,202 @@
+//! Wires the operator together: caches, leader election, the controller, the webhook server, the
+//! certificate manager, and the admin endpoints.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::Client;
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::certs::{CertResolver, server_config};
+use crate::controller::{self, Context, MANAGED_BY};
+use crate::crd::NotificationRoute;
+use crate::inject::InjectOptions;
+use crate::metrics::Metrics;
+use crate::webhook::{self, WebhookState};
+use crate::webhook_config::{self, WebhookSettings};
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub webhook_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// This pod's name: the leader-election identity and the Events' reporting instance.
+    pub identity: String,
+    pub lease_name: String,
+    pub inject: InjectOptions,
+    pub check_secrets: bool,
+    pub restarts_allowed: bool,
+    pub webhook: WebhookSettings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot reach the Kubernetes API: {0}")]
+    Client(#[from] kube::Error),
+    #[error("cannot listen on {address} ({what}): {source}")]
+    Bind { what: &'static str, address: SocketAddr, source: std::io::Error },
+}
+
+struct Health {
+    metrics: Arc<Metrics>,
+    caches_synced: AtomicBool,
+    resolver: Arc<CertResolver>,
+}
+
+pub async fn run(settings: Settings) -> Result<(), RunError> {
+    let client = Client::try_default().await?;
+    run_with_client(client, settings).await
+}
+
+pub async fn run_with_client(client: Client, settings: Settings) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::default());
+    let resolver = Arc::new(CertResolver::default());
+    let (leading_tx, leading) = watch::channel(false);
+    let (_stop_tx, stop) = watch::channel(false);
+
+    let bind = |what: &'static str, address: SocketAddr| async move {
+        TcpListener::bind(address).await.map_err(|source| RunError::Bind { what, address, source })
+    };
+    let webhook_listener = bind("webhook", settings.webhook_addr).await?;
+    let admin_listener = bind("admin", settings.admin_addr).await?;
+
+    tokio::spawn(crate::leader::run(
+        client.clone(),
+        settings.webhook.namespace.clone(),
+        settings.lease_name.clone(),
+        settings.identity.clone(),
+        leading_tx,
+        metrics.clone(),
+    ));
+
+    // Pods, metadata only: labels, annotations and owners are all the status needs.
+    let (pods, pods_writer) = reflector::store();
+    let pod_events = watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(pods_writer)
+        .touched_objects()
+        .filter_map(|pod| async move { pod.ok().map(|_| ()) });
+
+    let routes_api: Api<NotificationRoute> = Api::all(client.clone());
+    let config_maps: Api<ConfigMap> = Api::all(client.clone());
+    let leadership = became_leader(leading.clone());
+    let controller = Controller::new(routes_api, watcher::Config::default())
+        .owns(config_maps, watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1)))
+        .reconcile_all_on(pod_events)
+        .reconcile_all_on(leadership)
+        .with_config(kube::runtime::controller::Config::default().debounce(std::time::Duration::from_secs(1)));
+    let routes = controller.store();
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter { controller: "storerelay-operator".into(), instance: Some(settings.identity.clone()) },
+    );
+    let context = Arc::new(Context {
+        client: client.clone(),
+        pods: pods.clone(),
+        routes: routes.clone(),
+        recorder,
+        options: settings.inject.clone(),
+        check_secrets: settings.check_secrets,
+        restarts_allowed: settings.restarts_allowed,
+        leader: leading.clone(),
+        metrics: metrics.clone(),
+        last_restart: Mutex::new(Default::default()),
+    });
+
+    let (conflicts_tx, conflicts_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(controller::report_conflicts(context.clone(), conflicts_rx));
+    let webhook_state = Arc::new(WebhookState {
+        routes: routes.clone(),
+        options: settings.inject.clone(),
+        metrics: metrics.clone(),
+        conflicts: Some(conflicts_tx),
+    });
+    tokio::spawn(crate::serve::serve_tls(
+        webhook_listener,
+        webhook::router(webhook_state),
+        server_config(resolver.clone()),
+        stop.clone(),
+    ));
+    tokio::spawn(webhook_config::manage(
+        client.clone(),
+        settings.webhook.clone(),
+        resolver.clone(),
+        routes.clone(),
+        leading.clone(),
+        metrics.clone(),
+    ));
+
+    let health = Arc::new(Health { metrics: metrics.clone(), caches_synced: AtomicBool::new(false), resolver });
+    let admin = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(|State(h): State<Arc<Health>>| async move { h.metrics.render() }))
+        .with_state(health.clone());
+    tokio::spawn(crate::serve::serve_plain(admin_listener, admin, stop.clone()));
+    {
+        let (routes, pods, health) = (routes.clone(), pods.clone(), health.clone());
+        tokio::spawn(async move {
+            let (routes_ready, pods_ready) = (routes.wait_until_ready().await, pods.wait_until_ready().await);
+            if routes_ready.is_ok() && pods_ready.is_ok() {
+                health.caches_synced.store(true, Ordering::SeqCst);
+                tracing::info!("caches synced");
+            }
+        });
+    }
+
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        webhook = %settings.webhook_addr,
+        admin = %settings.admin_addr,
+        identity = %settings.identity,
+        "storerelay-operator started"
+    );
+    controller
+        .shutdown_on_signal()
+        .run(controller::reconcile, controller::error_policy, context)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "controller");
+            }
+        })
+        .await;
+    tracing::info!("storerelay-operator stopped");
+    Ok(())
+}
+
+/// A stream that yields whenever this replica becomes leader, to reconcile everything at once.
+fn became_leader(leading: watch::Receiver<bool>) -> impl futures::Stream<Item = ()> + Send + 'static {
+    futures::stream::unfold(leading, |mut leading| async move {
+        loop {
+            leading.changed().await.ok()?;
+            if *leading.borrow() {
+                return Some(((), leading));
+            }
+        }
+    })
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    let synced = health.caches_synced.load(Ordering::SeqCst);
+    let certificate = health.resolver.is_loaded();
+    match (synced, certificate) {
+        (true, true) => (StatusCode::OK, "ready\n".to_string()),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: caches synced={synced}, serving certificate loaded={certificate}\n"),
+        ),
+    }
+}

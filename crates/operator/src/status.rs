@@ -1,0 +1,351 @@
+//! A route's status from what the caches hold: pod counts, the workloads to restart, and conditions.
+//! Pure functions, so every rule is tested without an API server.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::core::PartialObjectMeta;
+
+use crate::crd::{NotificationRoute, RolloutPolicy};
+use crate::inject::{INJECT_ANNOTATION, injected_as};
+use crate::select::{routes_for, selects};
+
+pub const READY: &str = "Ready";
+pub const DEGRADED: &str = "Degraded";
+pub const SECRETS_RESOLVED: &str = "SecretsResolved";
+pub const SELECTOR_CONFLICT: &str = "SelectorConflict";
+
+/// A workload that owns pods, as `Kind/name`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Workload {
+    pub kind: String,
+    pub name: String,
+}
+
+impl Workload {
+    /// Only these are restarted; bare Pods and Jobs never are.
+    pub fn restartable(&self) -> bool {
+        matches!(self.kind.as_str(), "Deployment" | "StatefulSet" | "DaemonSet")
+    }
+}
+
+impl std::fmt::Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.kind, self.name)
+    }
+}
+
+/// The workload a pod belongs to, from its controller owner reference. A ReplicaSet's pods belong to
+/// its Deployment, whose name is the ReplicaSet's without the `pod-template-hash` suffix.
+pub fn workload_of(meta: &ObjectMeta) -> Workload {
+    let owner = meta.owner_references.iter().flatten().find(|o| o.controller == Some(true));
+    match owner {
+        Some(owner) if owner.kind == "ReplicaSet" => {
+            let hash = meta.labels.as_ref().and_then(|l| l.get("pod-template-hash"));
+            match hash.and_then(|h| owner.name.strip_suffix(&format!("-{h}"))) {
+                Some(deployment) => Workload { kind: "Deployment".into(), name: deployment.into() },
+                None => Workload { kind: "ReplicaSet".into(), name: owner.name.clone() },
+            }
+        }
+        Some(owner) => Workload { kind: owner.kind.clone(), name: owner.name.clone() },
+        None => Workload { kind: "Pod".into(), name: meta.name.clone().unwrap_or_default() },
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PodCounts {
+    /// Pods the route selects (opted-out and terminating pods excluded).
+    pub matched: i32,
+    /// Of those, carrying this route's sidecar (any revision).
+    pub injected: i32,
+    /// Injected with an older revision.
+    pub outdated: i32,
+    /// Selected by this route alone but without the sidecar.
+    pub missing: i32,
+    /// Pods that other routes select too (nothing is injected into them).
+    pub conflicts: Vec<String>,
+    /// Workloads with outdated or missing pods.
+    pub workloads: BTreeSet<Workload>,
+}
+
+pub fn count_pods<'a>(
+    route: &NotificationRoute,
+    revision: &str,
+    pods: impl IntoIterator<Item = &'a PartialObjectMeta<Pod>>,
+    routes: &[&NotificationRoute],
+) -> PodCounts {
+    let route_name = route.metadata.name.clone().unwrap_or_default();
+    let namespace = route.metadata.namespace.clone().unwrap_or_default();
+    let mut counts = PodCounts::default();
+    for pod in pods {
+        let meta = &pod.metadata;
+        let labels = meta.labels.clone().unwrap_or_default();
+        if meta.namespace.as_deref() != Some(namespace.as_str())
+            || meta.deletion_timestamp.is_some()
+            || !selects(route, &namespace, &labels)
+        {
+            continue;
+        }
+        if meta.annotations.as_ref().and_then(|a| a.get(INJECT_ANNOTATION)).is_some_and(|v| v == "false") {
+            continue;
+        }
+        counts.matched += 1;
+        match injected_as(meta) {
+            Some((injected_route, injected_revision)) if injected_route == route_name => {
+                counts.injected += 1;
+                if injected_revision != revision {
+                    counts.outdated += 1;
+                    counts.workloads.insert(workload_of(meta));
+                }
+            }
+            Some(_) => {}
+            None if routes_for(routes.iter().copied(), &namespace, &labels).len() > 1 => {
+                counts.conflicts.push(meta.name.clone().unwrap_or_default());
+            }
+            None => {
+                counts.missing += 1;
+                counts.workloads.insert(workload_of(meta));
+            }
+        }
+    }
+    counts.conflicts.sort();
+    counts
+}
+
+/// What the secret check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretsCheck {
+    Resolved,
+    Missing(Vec<String>),
+    /// The operator may not read Secrets.
+    NotChecked,
+}
+
+/// Everything the conditions are derived from.
+pub struct Facts<'a> {
+    pub generation: Option<i64>,
+    pub render_error: Option<&'a str>,
+    pub secrets: &'a SecretsCheck,
+    pub counts: &'a PodCounts,
+    pub policy: RolloutPolicy,
+    /// Whether the operator may restart workloads (a chart value); without it RestartWorkloads acts as Manual.
+    pub restarts_allowed: bool,
+}
+
+fn condition(type_: &str, status: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: Time(Timestamp::now()),
+    }
+}
+
+pub fn conditions(facts: &Facts<'_>) -> Vec<Condition> {
+    let g = facts.generation;
+    let counts = facts.counts;
+    let workloads: Vec<String> = counts.workloads.iter().map(ToString::to_string).collect();
+    let ready = match facts.render_error {
+        Some(error) => condition(READY, false, "InvalidSpec", error.to_string(), g),
+        None if !counts.conflicts.is_empty() => condition(
+            READY,
+            false,
+            "SelectorConflict",
+            format!("pods selected by other routes too, none injected: {}", counts.conflicts.join(", ")),
+            g,
+        ),
+        None if counts.missing > 0 || counts.outdated > 0 => {
+            let automatic = facts.policy == RolloutPolicy::RestartWorkloads && facts.restarts_allowed;
+            let what = format!("{} pods missing the sidecar, {} outdated", counts.missing, counts.outdated);
+            let message = if automatic {
+                format!("{what}; restarting {}", workloads.join(", "))
+            } else if facts.policy == RolloutPolicy::RestartWorkloads {
+                format!(
+                    "{what}; the operator may not restart workloads (chart value rbac.restartWorkloads), restart {}",
+                    workloads.join(", ")
+                )
+            } else {
+                format!("{what}; restart {}", workloads.join(", "))
+            };
+            let reason = if counts.missing > 0 { "PodsMissingSidecar" } else { "PodsOutdated" };
+            condition(READY, false, reason, message, g)
+        }
+        None => condition(
+            READY,
+            true,
+            "Injected",
+            format!(
+                "config rendered; {} of {} selected pods carry the current sidecar",
+                counts.injected, counts.matched
+            ),
+            g,
+        ),
+    };
+    let degraded = match (facts.render_error, facts.secrets) {
+        (Some(error), _) => condition(DEGRADED, true, "InvalidSpec", error.to_string(), g),
+        (None, SecretsCheck::Missing(missing)) => {
+            condition(DEGRADED, true, "SecretsMissing", format!("missing: {}", missing.join(", ")), g)
+        }
+        _ => condition(DEGRADED, false, "AsExpected", "no problem found".into(), g),
+    };
+    let secrets = match facts.secrets {
+        SecretsCheck::Resolved => condition(SECRETS_RESOLVED, true, "Found", "every referenced Secret key and ConfigMap key exists".into(), g),
+        SecretsCheck::Missing(missing) => condition(SECRETS_RESOLVED, false, "Missing", format!("missing: {}", missing.join(", ")), g),
+        SecretsCheck::NotChecked => Condition {
+            status: "Unknown".into(),
+            ..condition(
+                SECRETS_RESOLVED,
+                false,
+                "NotChecked",
+                "the operator may not read Secrets (chart value rbac.checkSecrets grants get); the sidecar reports missing files in its log, metrics and /readyz".into(),
+                g,
+            )
+        },
+    };
+    let conflict = if counts.conflicts.is_empty() {
+        condition(SELECTOR_CONFLICT, false, "NoConflict", "no selected pod is selected by another route".into(), g)
+    } else {
+        condition(
+            SELECTOR_CONFLICT,
+            true,
+            "SelectorConflict",
+            format!("also selected by another route: {}", counts.conflicts.join(", ")),
+            g,
+        )
+    };
+    vec![ready, degraded, secrets, conflict]
+}
+
+/// Keeps `lastTransitionTime` of conditions whose status did not change, as Kubernetes expects.
+pub fn carry_transition_times(new: &mut [Condition], old: &[Condition]) {
+    for condition in new {
+        if let Some(previous) = old.iter().find(|o| o.type_ == condition.type_ && o.status == condition.status) {
+            condition.last_transition_time = previous.last_transition_time.clone();
+        }
+    }
+}
+
+/// Conditions whose status or reason changed: each becomes an Event.
+pub fn changed<'a>(new: &'a [Condition], old: &[Condition]) -> Vec<&'a Condition> {
+    new.iter()
+        .filter(|c| !old.iter().any(|o| o.type_ == c.type_ && o.status == c.status && o.reason == c.reason))
+        .collect()
+}
+
+/// Whether a condition in this state deserves a Warning event rather than a Normal one.
+pub fn is_warning(condition: &Condition) -> bool {
+    matches!(
+        (condition.type_.as_str(), condition.status.as_str()),
+        (READY, "False") | (DEGRADED, "True") | (SECRETS_RESOLVED, "False") | (SELECTOR_CONFLICT, "True")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use std::collections::BTreeMap;
+
+    fn route(name: &str, app: &str) -> NotificationRoute {
+        serde_yaml::from_str(&format!(
+            "apiVersion: storerelay.dev/v1alpha1\nkind: NotificationRoute\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: {app}}}}}\n  destinations: [{{name: d, url: 'https://d.invalid/'}}]\n"
+        ))
+        .unwrap()
+    }
+
+    fn pod(
+        name: &str,
+        labels: &[(&str, &str)],
+        annotation: Option<&str>,
+        owner: Option<(&str, &str)>,
+    ) -> PartialObjectMeta<Pod> {
+        let mut labels: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        labels.insert("pod-template-hash".into(), "7d9f".into());
+        PartialObjectMeta {
+            types: None,
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("shop".into()),
+                labels: Some(labels),
+                annotations: annotation
+                    .map(|a| BTreeMap::from([("storerelay.dev/injected".to_string(), a.to_string())])),
+                owner_references: owner.map(|(kind, name)| {
+                    vec![OwnerReference {
+                        kind: kind.into(),
+                        name: name.into(),
+                        controller: Some(true),
+                        ..Default::default()
+                    }]
+                }),
+                ..Default::default()
+            },
+            _phantom: Default::default(),
+        }
+    }
+
+    #[test]
+    fn counts_injected_outdated_missing_and_conflicts() {
+        let payments = route("payments", "payments");
+        let web = route("web", "web");
+        let pods = vec![
+            pod("a", &[("app", "payments")], Some("payments@rev2"), Some(("ReplicaSet", "payments-7d9f"))),
+            pod("b", &[("app", "payments")], Some("payments@rev1"), Some(("ReplicaSet", "payments-7d9f"))),
+            pod("c", &[("app", "payments")], None, Some(("StatefulSet", "ledger"))),
+            pod("d", &[("app", "cart")], None, None),
+        ];
+        let counts = count_pods(&payments, "rev2", &pods, &[&payments, &web]);
+        assert_eq!((counts.matched, counts.injected, counts.outdated, counts.missing), (3, 2, 1, 1));
+        let workloads: Vec<String> = counts.workloads.iter().map(ToString::to_string).collect();
+        assert_eq!(workloads, ["Deployment/payments", "StatefulSet/ledger"]);
+
+        let mut both = pod("e", &[("app", "payments")], None, None);
+        both.metadata.labels.as_mut().unwrap().insert("app".into(), "payments".into());
+        let overlapping = route("overlap", "payments");
+        let counts = count_pods(&payments, "rev2", &[both], &[&payments, &overlapping]);
+        assert_eq!((counts.matched, counts.missing, counts.conflicts.clone()), (1, 0, vec!["e".to_string()]));
+    }
+
+    #[test]
+    fn workloads_are_found_from_owner_references() {
+        let deployment = pod("p", &[], None, Some(("ReplicaSet", "payments-7d9f")));
+        assert_eq!(workload_of(&deployment.metadata).to_string(), "Deployment/payments");
+        assert!(workload_of(&deployment.metadata).restartable());
+        let job = pod("p", &[], None, Some(("Job", "nightly")));
+        assert!(!workload_of(&job.metadata).restartable());
+        let bare = pod("bare", &[], None, None);
+        assert_eq!(workload_of(&bare.metadata).to_string(), "Pod/bare");
+    }
+
+    #[test]
+    fn conditions_say_what_to_do() {
+        let mut counts = PodCounts { matched: 2, injected: 1, missing: 1, ..Default::default() };
+        counts.workloads.insert(Workload { kind: "Deployment".into(), name: "payments".into() });
+        let facts = Facts {
+            generation: Some(3),
+            render_error: None,
+            secrets: &SecretsCheck::NotChecked,
+            counts: &counts,
+            policy: RolloutPolicy::Manual,
+            restarts_allowed: false,
+        };
+        let conditions = conditions(&facts);
+        let ready = &conditions[0];
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "PodsMissingSidecar"));
+        assert!(ready.message.contains("restart Deployment/payments"), "{}", ready.message);
+        assert_eq!(ready.observed_generation, Some(3));
+        assert_eq!(conditions[2].status, "Unknown");
+        assert!(is_warning(ready));
+
+        let healthy = PodCounts { matched: 2, injected: 2, ..Default::default() };
+        let facts = Facts { counts: &healthy, secrets: &SecretsCheck::Resolved, ..facts };
+        let next = self::conditions(&facts);
+        assert_eq!(next[0].status, "True");
+        let events = changed(&next, &conditions);
+        assert_eq!(events.iter().map(|c| c.type_.as_str()).collect::<Vec<_>>(), [READY, SECRETS_RESOLVED]);
+        assert!(changed(&next, &next).is_empty());
+    }
+}
