@@ -32,6 +32,7 @@ pub const GROUP: &str = "storerelay.dev";
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(
+    cel,
     validation = Rule::new("self.destinations.all(d, self.destinations.exists_one(e, e.name == d.name))").message("destination names must be unique"),
     validation = Rule::new("!has(self.upstream) || self.upstream.port != self.listen.port").message("upstream.port must differ from listen.port"),
     validation = Rule::new("self.listen.port != self.listen.adminPort").message("listen.port must differ from listen.adminPort")
@@ -153,7 +154,7 @@ pub struct KeyRef {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.url) != has(self.urlFrom)").message("set exactly one of url and urlFrom"))]
+#[x_kube(cel, validation = Rule::new("has(self.url) != has(self.urlFrom)").message("set exactly one of url and urlFrom"))]
 pub struct DestinationSpec {
     /// Lowercase letters, digits and '-'; used in metrics and volume names.
     #[schemars(length(min = 1, max = 40), regex(pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
