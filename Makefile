@@ -2,13 +2,14 @@
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: build release test lint fmt demo clean
+.PHONY: build release test lint fmt demo crds clean
 
 build:
 	$(CARGO) build --workspace --all-targets
 
 release:
 	$(CARGO) build --release -p storerelay-sidecar --bin storerelay-sidecar
+	$(CARGO) build --release -p storerelay-operator --bins
 
 test:
 	$(CARGO) test --workspace --all-targets
@@ -23,6 +24,11 @@ fmt:
 demo:
 	$(CARGO) build -p storerelay-sidecar --bin storerelay-sidecar --example demo
 	$(TARGET_DIR)/debug/examples/demo
+
+# Regenerate the committed CRDs from the Rust types (a test fails while they differ).
+crds:
+	$(CARGO) run -q -p storerelay-operator --bin storerelayctl -- crd > deploy/crds/notificationroutes.storerelay.dev.yaml
+	cp deploy/crds/notificationroutes.storerelay.dev.yaml charts/storerelay/crds/
 
 clean:
 	$(CARGO) clean
