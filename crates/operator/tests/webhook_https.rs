@@ -50,6 +50,13 @@ struct Server {
 }
 
 async fn start(routes: Vec<NotificationRoute>) -> Server {
+    start_with(routes, None).await
+}
+
+async fn start_with(
+    routes: Vec<NotificationRoute>,
+    conflicts: Option<tokio::sync::mpsc::UnboundedSender<storerelay_operator::webhook::ConflictReport>>,
+) -> Server {
     let (store, mut writer) = reflector::store::<NotificationRoute>();
     for route in routes {
         writer.apply_watcher_event(&watcher::Event::Apply(route));
@@ -63,7 +70,7 @@ async fn start(routes: Vec<NotificationRoute>) -> Server {
         routes: store,
         options: InjectOptions::default(),
         metrics: metrics.clone(),
-        conflicts: None,
+        conflicts,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -145,4 +152,18 @@ async fn garbage_is_a_400_not_a_crash() {
     let server = start(vec![]).await;
     let response = server.client.post(&server.url).body("not json").send().await.unwrap();
     assert_eq!(response.status(), 400);
+}
+
+#[tokio::test]
+async fn conflicts_are_reported_for_events_except_on_dry_run() {
+    let (reports, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let server =
+        start_with(vec![route("payments", "{app: payments}"), route("all-web", "{tier: web}")], Some(reports)).await;
+    let both = pod(json!({"app": "payments", "tier": "web"}), json!([]));
+    admit(&server, review(both.clone(), true)).await;
+    assert!(received.try_recv().is_err(), "a dry run emits nothing");
+    admit(&server, review(both, false)).await;
+    let report = received.try_recv().expect("a conflict report for the Events");
+    assert_eq!(report.routes, ["all-web", "payments"]);
+    assert_eq!((report.namespace.as_str(), report.pod.as_str()), ("shop", "payments-7d9f-*"));
 }
