@@ -2,7 +2,7 @@
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: build release test lint fmt demo crds clean
+.PHONY: build release test lint fmt demo crds manifests clean
 
 build:
 	$(CARGO) build --workspace --all-targets
@@ -13,6 +13,8 @@ release:
 
 test:
 	$(CARGO) test --workspace --all-targets
+	$(CARGO) build -p storerelay-operator --bin storerelayctl
+	STORERELAYCTL=$(abspath $(TARGET_DIR))/debug/storerelayctl tests/chart/run.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -29,6 +31,10 @@ demo:
 crds:
 	$(CARGO) run -q -p storerelay-operator --bin storerelayctl -- crd > deploy/crds/notificationroutes.storerelay.dev.yaml
 	cp deploy/crds/notificationroutes.storerelay.dev.yaml charts/storerelay/crds/
+
+# Regenerate deploy/storerelay.yaml: the chart rendered with its defaults (a test fails while it differs).
+manifests:
+	$$(tests/tools/install-helm.sh) template storerelay charts/storerelay -n storerelay --include-crds > deploy/storerelay.yaml
 
 clean:
 	$(CARGO) clean
