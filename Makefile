@@ -2,7 +2,7 @@
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: build release test lint fmt demo crds manifests clean
+.PHONY: build release test lint fmt demo crds manifests images clean
 
 build:
 	$(CARGO) build --workspace --all-targets
@@ -15,6 +15,7 @@ test:
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) build -p storerelay-operator --bin storerelayctl
 	STORERELAYCTL=$(abspath $(TARGET_DIR))/debug/storerelayctl tests/chart/run.sh
+	tests/images/smoke.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -31,6 +32,10 @@ demo:
 crds:
 	$(CARGO) run -q -p storerelay-operator --bin storerelayctl -- crd > deploy/crds/notificationroutes.storerelay.dev.yaml
 	cp deploy/crds/notificationroutes.storerelay.dev.yaml charts/storerelay/crds/
+
+# Container images for the sidecar and the operator, with podman, buildah or docker.
+images:
+	images/build.sh sidecar operator
 
 # Regenerate deploy/storerelay.yaml: the chart rendered with its defaults (a test fails while it differs).
 manifests:

@@ -217,27 +217,21 @@ fn admit(metrics: &Metrics, config: &RuntimeConfig, body: &[u8]) -> Result<Notif
         Ok(()) => Ok(notification),
         Err(reason) => {
             metrics.rejected.inc(&[reason.as_str()]);
-            let facts = (notification.version_label(), notification.uuid.as_deref(), notification.bundle_id.as_deref());
-            if mode == VerifyMode::Enforce {
-                tracing::warn!(
-                    reason = reason.as_str(),
-                    version = facts.0,
-                    uuid = facts.1,
-                    bundle = facts.2,
-                    "notification failed verification; answering 401"
-                );
-                let body = format!(r#"{{"error":"verification failed","reason":"{}"}}"#, reason.as_str());
-                Err((StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "application/json")], body).into_response())
-            } else {
-                tracing::warn!(
-                    reason = reason.as_str(),
-                    version = facts.0,
-                    uuid = facts.1,
-                    bundle = facts.2,
-                    "notification failed verification; accepted (verify.mode: log)"
-                );
-                Ok(notification)
+            let enforce = mode == VerifyMode::Enforce;
+            tracing::warn!(
+                reason = reason.as_str(),
+                version = notification.version_label(),
+                uuid = notification.uuid.as_deref(),
+                bundle = notification.bundle_id.as_deref(),
+                mode = if enforce { "enforce" } else { "log" },
+                "notification failed verification; {}",
+                if enforce { "answering 401" } else { "accepted" }
+            );
+            if !enforce {
+                return Ok(notification);
             }
+            let body = format!(r#"{{"error":"verification failed","reason":"{}"}}"#, reason.as_str());
+            Err((StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "application/json")], body).into_response())
         }
     }
 }

@@ -174,19 +174,23 @@ impl Verifier {
 pub fn read_certificate(path: &Path) -> Result<Vec<u8>, String> {
     let bytes = std::fs::read(path)
         .map_err(|e| format!("verify.rootCertificates: cannot read {}: {}", path.display(), e.kind()))?;
+    certificate_der(&bytes)
+        .ok_or_else(|| format!("verify.rootCertificates: {} is not a PEM certificate", path.display()))
+}
+
+/// The DER bytes of a certificate given as DER or PEM.
+pub fn certificate_der(bytes: &[u8]) -> Option<Vec<u8>> {
     if !bytes.starts_with(b"-----BEGIN") {
-        return Ok(bytes);
+        return Some(bytes.to_vec());
     }
-    let text = String::from_utf8_lossy(&bytes);
+    let text = String::from_utf8_lossy(bytes);
     let body: String = text
         .lines()
         .skip_while(|l| !l.starts_with("-----BEGIN"))
         .skip(1)
         .take_while(|l| !l.starts_with("-----END"))
         .collect();
-    STANDARD
-        .decode(body.trim())
-        .map_err(|_| format!("verify.rootCertificates: {} is not a PEM certificate", path.display()))
+    STANDARD.decode(body.trim()).ok()
 }
 
 pub fn fingerprint(der: &[u8]) -> String {

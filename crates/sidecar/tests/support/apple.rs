@@ -26,14 +26,7 @@ pub fn read(path: PathBuf) -> Vec<u8> {
 }
 
 pub fn pem_to_der(pem: &[u8]) -> Vec<u8> {
-    let text = String::from_utf8_lossy(pem);
-    let body: String = text
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    STANDARD.decode(body.trim()).expect("PEM body")
+    storerelay_sidecar::verify::certificate_der(pem).expect("PEM body")
 }
 
 /// Apple's test leaf key (SEC1 PEM) as a signing key.
