@@ -1,0 +1,4 @@
+//! Test support for the integration tier.
+#![allow(dead_code)]
+
+pub mod cluster;
