@@ -27,8 +27,11 @@ pub const FIELD_MANAGER: &str = "storerelay-operator";
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "storerelay-operator");
 /// A workload is restarted at most this often, whatever happens to its pods.
 const RESTART_INTERVAL: Duration = Duration::from_secs(600);
-/// Status is refreshed this often even when nothing triggers a reconcile.
-const RESYNC: Duration = Duration::from_secs(300);
+/// Status is refreshed this often even when nothing triggers a reconcile: Secrets are not watched (the
+/// operator may only `get` them), so this is how a created or deleted Secret shows in SecretsResolved.
+const RESYNC: Duration = Duration::from_secs(60);
+/// Sooner while something is wrong, so a fix shows quickly.
+const RESYNC_DEGRADED: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -130,7 +133,8 @@ async fn reconcile_route(route: &NotificationRoute, ctx: &Context) -> Result<Act
         };
         publish(ctx, route, event).await;
     }
-    Ok(Action::requeue(RESYNC))
+    let degraded = render_error.is_some() || matches!(secrets, SecretsCheck::Missing(_));
+    Ok(Action::requeue(if degraded { RESYNC_DEGRADED } else { RESYNC }))
 }
 
 async fn publish(ctx: &Context, route: &NotificationRoute, event: Event) {
@@ -217,7 +221,7 @@ async fn restart(ctx: &Context, route: &NotificationRoute, namespace: &str, work
         last.insert(key, Instant::now());
     }
     let patch = json!({"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT_ANNOTATION: Timestamp::now().to_string()}}}}});
-    let params = PatchParams::default();
+    let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
     let client = ctx.client.clone();
     match workload.kind.as_str() {
         "Deployment" => {

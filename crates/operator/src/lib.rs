@@ -16,13 +16,14 @@ pub mod serve;
 pub mod status;
 pub mod webhook;
 pub mod webhook_config;
+pub mod yaml11;
 
 pub use crd::{NotificationRoute, NotificationRouteSpec, NotificationRouteStatus};
 
 /// The CRD as YAML, exactly as `storerelayctl crd` prints it and the chart ships it.
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
-    serde_yaml::to_string(&NotificationRoute::crd()).unwrap_or_default()
+    yaml11::to_string(&serde_json::to_value(NotificationRoute::crd()).unwrap_or_default())
 }
 
 /// JSON log lines on stderr; `STORERELAY_LOG` takes a tracing filter (default `info`).

@@ -82,22 +82,31 @@ pub async fn run_with_client(client: Client, settings: Settings) -> Result<(), R
     ));
 
     // Pods, metadata only: labels, annotations and owners are all the status needs.
-    let (pods, pods_writer) = reflector::store();
-    let pod_events = watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
+    // Caches polled by their own tasks, so the webhook and readiness never depend on the controller.
+    let (routes, routes_writer) = reflector::store::<NotificationRoute>();
+    let route_feed = watcher(Api::<NotificationRoute>::all(client.clone()), watcher::Config::default())
         .default_backoff()
-        .reflect(pods_writer)
-        .touched_objects()
-        .filter_map(|pod| async move { pod.ok().map(|_| ()) });
+        .reflect(routes_writer);
+    tokio::spawn(drain(route_feed, "route watch", None));
+    // Pods, metadata only: labels, annotations and owners are all the status needs. Each change asks
+    // the controller to recount every route.
+    let (pods, pods_writer) = reflector::store();
+    let pod_feed = watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(pods_writer);
+    let (pod_changed, pod_changes) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(drain(pod_feed, "pod watch", Some(pod_changed)));
+    let pod_changes =
+        futures::stream::unfold(pod_changes, |mut changes| async move { changes.recv().await.map(|()| ((), changes)) });
 
     let routes_api: Api<NotificationRoute> = Api::all(client.clone());
     let config_maps: Api<ConfigMap> = Api::all(client.clone());
     let leadership = became_leader(leading.clone());
     let controller = Controller::new(routes_api, watcher::Config::default())
         .owns(config_maps, watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1)))
-        .reconcile_all_on(pod_events)
+        .reconcile_all_on(pod_changes)
         .reconcile_all_on(leadership)
         .with_config(kube::runtime::controller::Config::default().debounce(std::time::Duration::from_secs(1)));
-    let routes = controller.store();
 
     let recorder = Recorder::new(
         client.clone(),
@@ -149,14 +158,16 @@ pub async fn run_with_client(client: Client, settings: Settings) -> Result<(), R
     {
         let (routes, pods, health) = (routes.clone(), pods.clone(), health.clone());
         tokio::spawn(async move {
-            let (routes_ready, pods_ready) = (routes.wait_until_ready().await, pods.wait_until_ready().await);
+            let routes_ready = routes.wait_until_ready().await;
+            tracing::debug!(ok = routes_ready.is_ok(), "routes cache");
+            let pods_ready = pods.wait_until_ready().await;
+            tracing::debug!(ok = pods_ready.is_ok(), "pods cache");
             if routes_ready.is_ok() && pods_ready.is_ok() {
                 health.caches_synced.store(true, Ordering::SeqCst);
                 tracing::info!("caches synced");
             }
         });
     }
-
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         webhook = %settings.webhook_addr,
@@ -169,12 +180,32 @@ pub async fn run_with_client(client: Client, settings: Settings) -> Result<(), R
         .run(controller::reconcile, controller::error_policy, context)
         .for_each(|result| async move {
             if let Err(error) = result {
-                tracing::debug!(%error, "controller");
+                tracing::warn!(%error, "controller");
             }
         })
         .await;
     tracing::info!("storerelay-operator stopped");
     Ok(())
+}
+
+/// Polls a reflected watch stream forever, logging errors and reporting changed objects.
+async fn drain<K>(
+    feed: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    what: &'static str,
+    changed: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+) {
+    futures::pin_mut!(feed);
+    while let Some(event) = feed.next().await {
+        match event {
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                if let Some(changed) = &changed {
+                    let _ = changed.send(());
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "{what}"),
+        }
+    }
 }
 
 /// A stream that yields whenever this replica becomes leader, to reconcile everything at once.

@@ -256,7 +256,8 @@ async fn patch_configuration(
         return Ok(());
     }
     let patch: json_patch::Patch = serde_json::from_value(json!(operations)).map_err(kube::Error::SerdeError)?;
-    api.patch(&settings.configuration_name, &PatchParams::default(), &Patch::<()>::Json(patch)).await?;
+    let params = PatchParams { field_manager: Some(crate::controller::FIELD_MANAGER.into()), ..Default::default() };
+    api.patch(&settings.configuration_name, &params, &Patch::<()>::Json(patch)).await?;
     for field in &fields {
         metrics.webhook_patches.inc(&[field]);
     }

@@ -15,8 +15,8 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use storerelay_operator::NotificationRoute;
 use support::cluster::{Cluster, binaries, free_port};
@@ -51,8 +51,14 @@ fn helm() -> PathBuf {
 }
 
 fn run_helm(helm: &Path, cluster: &Cluster, args: &[&str]) -> String {
-    let out = Command::new(helm).args(args).arg(format!("--kubeconfig={}", cluster.kubeconfig.display())).output().unwrap();
-    assert!(out.status.success(), "helm {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out =
+        Command::new(helm).args(args).arg(format!("--kubeconfig={}", cluster.kubeconfig.display())).output().unwrap();
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -82,7 +88,7 @@ impl Operator {
                 "--check-secrets",
             ])
             .env("KUBECONFIG", kubeconfig)
-            .env("STORERELAY_LOG", "info")
+            .env("STORERELAY_LOG", std::env::var("STORERELAY_TEST_OPERATOR_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
@@ -100,7 +106,13 @@ impl Operator {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("operator exited ({status}):\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
             }
-            assert!(Instant::now() < deadline, "operator not ready:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+            if Instant::now() > deadline {
+                let body = match client.get(format!("{}/readyz", self.admin)).send().await {
+                    Ok(response) => response.text().await.unwrap_or_default(),
+                    Err(error) => error.to_string(),
+                };
+                panic!("operator not ready ({body}):\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -152,17 +164,15 @@ fn sidecars(pod: &Pod) -> usize {
     pod.spec.as_ref().map_or(0, |s| s.init_containers.iter().flatten().filter(|c| c.name == "storerelay").count())
 }
 
-async fn route_status(routes: &Api<NotificationRoute>, name: &str) -> Option<storerelay_operator::NotificationRouteStatus> {
+async fn route_status(
+    routes: &Api<NotificationRoute>,
+    name: &str,
+) -> Option<storerelay_operator::NotificationRouteStatus> {
     routes.get(name).await.ok().and_then(|r| r.status)
 }
 
 fn condition(status: &storerelay_operator::NotificationRouteStatus, kind: &str) -> (String, String) {
-    status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == kind)
-        .map(|c| (c.status.clone(), c.reason.clone()))
-        .unwrap_or_default()
+    status.conditions.iter().find(|c| c.type_ == kind).map(|c| (c.status.clone(), c.reason.clone())).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,7 +190,19 @@ async fn against_a_real_kube_apiserver() {
     }
 
     // 5. The chart installs (its crds/ brings the CRD); the operator then runs with its permissions.
-    run_helm(&helm, &cluster, &["install", RELEASE, root().join("charts/storerelay").to_str().unwrap(), "-n", OPERATOR_NAMESPACE, "--set", "rbac.checkSecrets=true"]);
+    run_helm(
+        &helm,
+        &cluster,
+        &[
+            "install",
+            RELEASE,
+            root().join("charts/storerelay").to_str().unwrap(),
+            "-n",
+            OPERATOR_NAMESPACE,
+            "--set",
+            "rbac.checkSecrets=true",
+        ],
+    );
     let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
     wait_until("the CRD to be established", Duration::from_secs(30), || async {
         let crd = crds.get("notificationroutes.storerelay.dev").await.ok()?;
@@ -191,10 +213,22 @@ async fn against_a_real_kube_apiserver() {
     // 1. The schema and CEL rules, enforced by the API server.
     let routes: Api<NotificationRoute> = Api::namespaced(admin.clone(), "shop");
     for (bad, message) in [
-        (json!({"selector": {"matchLabels": {"a": "b"}}, "destinations": [{"name": "x", "url": "https://x.invalid/"}, {"name": "x", "url": "https://y.invalid/"}]}), "destination names must be unique"),
-        (json!({"selector": {"matchLabels": {"a": "b"}}, "destinations": [{"name": "x", "url": "https://x.invalid/", "urlFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}), "exactly one of url and urlFrom"),
-        (json!({"selector": {}, "destinations": [{"name": "x", "url": "https://x.invalid/"}]}), "selector must not be empty"),
-        (json!({"selector": {"matchLabels": {"a": "b"}}, "upstream": {"port": 70000}, "destinations": [{"name": "x", "url": "https://x.invalid/"}]}), "70000"),
+        (
+            json!({"selector": {"matchLabels": {"a": "b"}}, "destinations": [{"name": "x", "url": "https://x.invalid/"}, {"name": "x", "url": "https://y.invalid/"}]}),
+            "destination names must be unique",
+        ),
+        (
+            json!({"selector": {"matchLabels": {"a": "b"}}, "destinations": [{"name": "x", "url": "https://x.invalid/", "urlFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}),
+            "exactly one of url and urlFrom",
+        ),
+        (
+            json!({"selector": {}, "destinations": [{"name": "x", "url": "https://x.invalid/"}]}),
+            "selector must not be empty",
+        ),
+        (
+            json!({"selector": {"matchLabels": {"a": "b"}}, "upstream": {"port": 70000}, "destinations": [{"name": "x", "url": "https://x.invalid/"}]}),
+            "70000",
+        ),
     ] {
         let object: NotificationRoute = serde_json::from_value(json!({"apiVersion": "storerelay.dev/v1alpha1", "kind": "NotificationRoute", "metadata": {"name": "bad"}, "spec": bad})).unwrap();
         let error = routes.create(&PostParams::default(), &object).await.expect_err("an invalid route is refused");
@@ -212,10 +246,9 @@ async fn against_a_real_kube_apiserver() {
 
     // 6. The operator runs as the chart's ServiceAccount (impersonated by the admin).
     let impersonating = cluster.dir.path().join("operator.kubeconfig");
-    let text = std::fs::read_to_string(&cluster.kubeconfig).unwrap().replace(
-        "  user:\n",
-        &format!("  user:\n    as: system:serviceaccount:{OPERATOR_NAMESPACE}:{FULLNAME}\n"),
-    );
+    let text = std::fs::read_to_string(&cluster.kubeconfig)
+        .unwrap()
+        .replace("  user:\n", &format!("  user:\n    as: system:serviceaccount:{OPERATOR_NAMESPACE}:{FULLNAME}\n"));
     std::fs::write(&impersonating, text).unwrap();
     let mut operator = Operator::start(&impersonating, webhook_port, cluster.dir.path().join("operator.log"));
     operator.wait_ready().await;
@@ -237,24 +270,42 @@ async fn against_a_real_kube_apiserver() {
     })
     .await;
     let config_maps: Api<ConfigMap> = Api::namespaced(admin.clone(), "shop");
-    wait_until("the rendered ConfigMap", Duration::from_secs(30), || async { config_maps.get_opt("payments-storerelay").await.ok()? }).await;
+    wait_until("the rendered ConfigMap", Duration::from_secs(30), || async {
+        config_maps.get_opt("payments-storerelay").await.ok()?
+    })
+    .await;
 
     let shop_pods: Api<Pod> = Api::namespaced(admin.clone(), "shop");
     let other_pods: Api<Pod> = Api::namespaced(admin.clone(), "other");
-    let created = shop_pods.create(&PostParams::default(), &pod("payments-1", "shop", json!({"app": "payments"}), json!({}))).await.unwrap();
+    let created = shop_pods
+        .create(&PostParams::default(), &pod("payments-1", "shop", json!({"app": "payments"}), json!({})))
+        .await
+        .unwrap();
     assert_eq!(sidecars(&created), 1, "the stored pod has the sidecar exactly once");
     assert!(created.metadata.annotations.unwrap()["storerelay.dev/injected"].starts_with("payments@"));
-    let cart = shop_pods.create(&PostParams::default(), &pod("cart-1", "shop", json!({"app": "cart"}), json!({}))).await.unwrap();
+    let cart = shop_pods
+        .create(&PostParams::default(), &pod("cart-1", "shop", json!({"app": "cart"}), json!({})))
+        .await
+        .unwrap();
     assert_eq!(sidecars(&cart), 0);
-    let elsewhere = other_pods.create(&PostParams::default(), &pod("payments-1", "other", json!({"app": "payments"}), json!({}))).await.unwrap();
+    let elsewhere = other_pods
+        .create(&PostParams::default(), &pod("payments-1", "other", json!({"app": "payments"}), json!({})))
+        .await
+        .unwrap();
     assert_eq!(sidecars(&elsewhere), 0, "another namespace is unchanged");
     let opted_out = shop_pods
-        .create(&PostParams::default(), &pod("payments-debug", "shop", json!({"app": "payments"}), json!({"storerelay.dev/inject": "false"})))
+        .create(
+            &PostParams::default(),
+            &pod("payments-debug", "shop", json!({"app": "payments"}), json!({"storerelay.dev/inject": "false"})),
+        )
         .await
         .unwrap();
     assert_eq!(sidecars(&opted_out), 0);
     let dry = shop_pods
-        .create(&PostParams { dry_run: true, ..Default::default() }, &pod("payments-dry", "shop", json!({"app": "payments"}), json!({})))
+        .create(
+            &PostParams { dry_run: true, ..Default::default() },
+            &pod("payments-dry", "shop", json!({"app": "payments"}), json!({})),
+        )
         .await
         .unwrap();
     assert_eq!(sidecars(&dry), 1, "dry runs are injected too (sideEffects NoneOnDryRun)");
@@ -262,13 +313,22 @@ async fn against_a_real_kube_apiserver() {
     routes.create(&PostParams::default(), &route("web", json!({"tier": "web"}), json!({}))).await.unwrap();
     wait_until("the second route in the webhook's cache", Duration::from_secs(30), || async {
         let probe = shop_pods
-            .create(&PostParams { dry_run: true, ..Default::default() }, &pod("probe", "shop", json!({"tier": "web"}), json!({})))
+            .create(
+                &PostParams { dry_run: true, ..Default::default() },
+                &pod("probe", "shop", json!({"tier": "web"}), json!({})),
+            )
             .await
             .ok()?;
         (sidecars(&probe) == 1).then_some(())
     })
     .await;
-    let both = shop_pods.create(&PostParams::default(), &pod("payments-web", "shop", json!({"app": "payments", "tier": "web"}), json!({}))).await.unwrap();
+    let both = shop_pods
+        .create(
+            &PostParams::default(),
+            &pod("payments-web", "shop", json!({"app": "payments", "tier": "web"}), json!({})),
+        )
+        .await
+        .unwrap();
     assert_eq!(sidecars(&both), 0, "two routes select it: nothing is injected");
     let status = wait_until("SelectorConflict on the route", Duration::from_secs(60), || async {
         let status = route_status(&routes, "payments").await?;
@@ -281,7 +341,10 @@ async fn against_a_real_kube_apiserver() {
 
     // 3. With the operator down, pods are admitted unchanged (failurePolicy Ignore) and later counted.
     operator.stop();
-    let unchanged = shop_pods.create(&PostParams::default(), &pod("payments-2", "shop", json!({"app": "payments"}), json!({}))).await.unwrap();
+    let unchanged = shop_pods
+        .create(&PostParams::default(), &pod("payments-2", "shop", json!({"app": "payments"}), json!({})))
+        .await
+        .unwrap();
     assert_eq!(sidecars(&unchanged), 0);
     let mut operator = Operator::start(&impersonating, webhook_port, cluster.dir.path().join("operator-2.log"));
     operator.wait_ready().await;
@@ -304,7 +367,10 @@ async fn against_a_real_kube_apiserver() {
     }
     assert_eq!(condition(&status, "SecretsResolved"), ("False".to_string(), "Missing".to_string()));
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), "shop");
-    let secret: Secret = serde_json::from_value(json!({"metadata": {"name": "revenuecat"}, "stringData": {"url": "https://api.example.invalid/hook/TOKEN"}})).unwrap();
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "revenuecat"}, "stringData": {"url": "https://api.example.invalid/hook/TOKEN"}}),
+    )
+    .unwrap();
     secrets.create(&PostParams::default(), &secret).await.unwrap();
     wait_until("SecretsResolved True", Duration::from_secs(60), || async {
         let status = route_status(&routes, "payments").await?;
@@ -338,15 +404,19 @@ async fn against_a_real_kube_apiserver() {
         assert!(reasons.iter().any(|r| r == reason), "no {reason} event in {reasons:?}");
     }
 
-    // 6 (continued). Without rbac.checkSecrets the ServiceAccount reads no Secret outside its namespace.
-    run_helm(&helm, &cluster, &["upgrade", RELEASE, root().join("charts/storerelay").to_str().unwrap(), "-n", OPERATOR_NAMESPACE, "--set", "rbac.checkSecrets=false"]);
+    // 6 (continued). The chart's base permissions (without the rbac.checkSecrets binding) read no
+    // Secret outside the operator's namespace.
+    let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(admin.clone());
+    bindings.delete(&format!("{FULLNAME}-check-secrets"), &DeleteParams::default()).await.unwrap();
     let as_operator = {
         let kubeconfig = kube::config::Kubeconfig::read_from(&impersonating).unwrap();
         Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap()).unwrap()
     };
-    let app_secret: Secret = serde_json::from_value(json!({"metadata": {"name": "app"}, "stringData": {"k": "v"}})).unwrap();
+    let app_secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "app"}, "stringData": {"k": "v"}})).unwrap();
     secrets.create(&PostParams::default(), &app_secret).await.unwrap();
-    let forbidden = Api::<Secret>::namespaced(as_operator.clone(), "shop").get("app").await.expect_err("no Secret access");
+    let forbidden =
+        Api::<Secret>::namespaced(as_operator.clone(), "shop").get("app").await.expect_err("no Secret access");
     assert!(forbidden.to_string().contains("forbidden"), "{forbidden}");
     let own = Api::<Secret>::namespaced(as_operator, OPERATOR_NAMESPACE).get(&format!("{FULLNAME}-webhook-tls")).await;
     assert!(own.is_ok(), "its own certificate Secret is readable: {own:?}");

@@ -21,7 +21,8 @@ pub fn binaries() -> Option<PathBuf> {
         eprintln!("skipping the kube-apiserver tier: Go is not installed");
         return None;
     }
-    let output = Command::new(root.join("tests/kube-bin/build.sh")).stderr(Stdio::inherit()).output().expect("run build.sh");
+    let output =
+        Command::new(root.join("tests/kube-bin/build.sh")).stderr(Stdio::inherit()).output().expect("run build.sh");
     assert!(output.status.success(), "tests/kube-bin/build.sh failed");
     Some(PathBuf::from(String::from_utf8(output.stdout).unwrap().trim()))
 }
@@ -191,7 +192,11 @@ impl Cluster {
             }
             for process in &mut self.processes {
                 if let Ok(Some(status)) = process.child.try_wait() {
-                    panic!("{} exited ({status}):\n{}", process.name, std::fs::read_to_string(&process.log).unwrap_or_default());
+                    panic!(
+                        "{} exited ({status}):\n{}",
+                        process.name,
+                        std::fs::read_to_string(&process.log).unwrap_or_default()
+                    );
                 }
             }
             assert!(Instant::now() < deadline, "{url} not ready within {within:?}:\n{}", self.logs());
