@@ -421,6 +421,24 @@ async fn against_a_real_kube_apiserver() {
     let own = Api::<Secret>::namespaced(as_operator, OPERATOR_NAMESPACE).get(&format!("{FULLNAME}-webhook-tls")).await;
     assert!(own.is_ok(), "its own certificate Secret is readable: {own:?}");
 
+    // storerelayctl check reads the same facts a user would.
+    let check = Command::new(env!("CARGO_BIN_EXE_storerelayctl"))
+        .args([
+            "check",
+            &format!("--namespace={OPERATOR_NAMESPACE}"),
+            &format!("--webhook-configuration={FULLNAME}"),
+            &format!("--webhook-secret={FULLNAME}-webhook-tls"),
+        ])
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(report.contains("[ok] CRD notificationroutes.storerelay.dev established"), "{report}");
+    assert!(report.contains("[ok] webhook caBundle matches the operator's CA"), "{report}");
+    assert!(report.contains("[ok] serving certificate valid for"), "{report}");
+    assert!(report.contains("[FAIL] route shop/payments: matched 2 injected 1"), "{report}");
+    assert_eq!(check.status.code(), Some(1), "a route that is not Ready fails the check");
+
     // 5 (continued). helm uninstall removes what it installed.
     operator.stop();
     run_helm(&helm, &cluster, &["uninstall", RELEASE, "-n", OPERATOR_NAMESPACE]);
