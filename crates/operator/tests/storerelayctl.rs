@@ -55,5 +55,5 @@ fn errors_name_the_file() {
 #[test]
 fn crd_prints_the_crd() {
     let out = ctl(&["crd"], "");
-    assert!(String::from_utf8(out.stdout).unwrap().contains("name: notificationroutes.storerelay.dev"));
+    assert!(String::from_utf8(out.stdout).unwrap().contains("\"name\": \"notificationroutes.storerelay.dev\""));
 }
