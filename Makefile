@@ -2,7 +2,7 @@
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: build release test lint fmt demo crds manifests images clean
+.PHONY: build release test lint fmt demo crds manifests images bench bench-quick bench-prepare clean
 
 build:
 	$(CARGO) build --workspace --all-targets
@@ -32,6 +32,17 @@ demo:
 crds:
 	$(CARGO) run -q -p storerelay-operator --bin storerelayctl -- crd > deploy/crds/notificationroutes.storerelay.dev.yaml
 	cp deploy/crds/notificationroutes.storerelay.dev.yaml charts/storerelay/crds/
+
+# Benchmarks (docs/benchmarks.md, target/bench/results.json): the sidecar against direct, Node and nginx.
+bench: bench-prepare
+	$(TARGET_DIR)/release/storerelay-bench run --sidecar $(TARGET_DIR)/release/storerelay-sidecar --out $(TARGET_DIR)/bench
+
+bench-quick: bench-prepare
+	$(TARGET_DIR)/release/storerelay-bench run --quick --sidecar $(TARGET_DIR)/release/storerelay-sidecar --out $(TARGET_DIR)/bench
+
+bench-prepare:
+	bench/setup.sh
+	$(CARGO) build --release -p storerelay-sidecar --bin storerelay-sidecar -p storerelay-bench
 
 # Container images for the sidecar and the operator, with podman, buildah or docker.
 images:

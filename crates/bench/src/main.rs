@@ -1,0 +1,565 @@
+//! `make bench` / `make bench-quick`: one run that measures, on this machine and side by side,
+//! going straight to a stand-in app, going through storerelay-sidecar, through the Express + axios
+//! forwarder most teams write (bench/forwarder.js), and through nginx's `mirror`; then the sidecar's own
+//! spool numbers and the webhook's admission latency. Everything listens on 127.0.0.1; every load is
+//! bounded in count and time. Results: target/bench/results.json and docs/benchmarks.md.
+
+mod load;
+mod procs;
+mod standin;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the benchmarks.
+    Run {
+        /// Shorter runs and a smaller backlog (about 3 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// The release build of storerelay-sidecar.
+        #[arg(long)]
+        sidecar: PathBuf,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        report: PathBuf,
+    },
+    /// A stand-in app: answers every request 200 `{}`.
+    App { port: u16 },
+    /// A stand-in destination: answers 200 and counts bodies (GET /count).
+    Destination { port: u16 },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    match cli.command {
+        Cmd::App { port } => runtime.block_on(standin::serve(port, false)),
+        Cmd::Destination { port } => runtime.block_on(standin::serve(port, true)),
+        Cmd::Run { quick, sidecar, out, report } => {
+            let results = runtime.block_on(run(quick, &sidecar));
+            std::fs::create_dir_all(&out).expect("output folder");
+            std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results).unwrap_or_default())
+                .expect("results.json");
+            let markdown = render(&results);
+            std::fs::write(&report, &markdown).expect("report");
+            println!("{markdown}");
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0)).unwrap_or(0)
+}
+
+/// A process that is killed when dropped.
+struct Proc {
+    child: Child,
+    name: String,
+}
+
+impl Proc {
+    fn spawn(name: &str, program: &Path, args: &[String], env: &[(&str, String)]) -> Proc {
+        let mut command = Command::new(program);
+        command.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().unwrap_or_else(|e| panic!("start {name} ({}): {e}", program.display()));
+        Proc { child, name: name.to_string() }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn terminate(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = &self.name;
+    }
+}
+
+async fn wait_port(port: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_ready(url: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap_or_default();
+    loop {
+        if client.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "{url} not ready");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn bench_binary() -> PathBuf {
+    std::env::current_exe().expect("current exe")
+}
+
+/// The bodies: a realistic V2 notification (a JWS whose payload holds two more JWS, each with a three
+/// certificate x5c chain, ~20 KB) and a small one.
+fn bodies() -> Vec<(&'static str, Vec<u8>)> {
+    use base64::Engine;
+    let b64 = |n: usize, seed: u8| {
+        let bytes: Vec<u8> = (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    };
+    let url = |s: String| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let jws = |payload: String, seed: u8| {
+        let header =
+            json!({"alg": "ES256", "x5c": [b64(780, seed), b64(750, seed + 1), b64(420, seed + 2)]}).to_string();
+        format!("{}.{}.{}", url(header), url(payload), b64(64, seed + 3).replace(['+', '/', '='], ""))
+    };
+    let transaction = json!({"transactionId": "2000000123456789", "originalTransactionId": "2000000123456780", "bundleId": "com.example.app", "productId": "pro.monthly", "purchaseDate": 1_700_000_000_000u64, "expiresDate": 1_702_592_000_000u64, "type": "Auto-Renewable Subscription", "environment": "Production", "storefront": "USA", "price": 9990, "currency": "USD"}).to_string();
+    let renewal = json!({"originalTransactionId": "2000000123456780", "autoRenewProductId": "pro.monthly", "autoRenewStatus": 1, "environment": "Production", "signedDate": 1_700_000_000_000u64}).to_string();
+    let payload = json!({
+        "notificationType": "DID_RENEW", "notificationUUID": "0a1b2c3d-4e5f-6789-abcd-ef0123456789", "version": "2.0", "signedDate": 1_700_000_000_000u64,
+        "data": {"environment": "Production", "bundleId": "com.example.app", "appAppleId": 1234, "bundleVersion": "42", "status": 1,
+                 "signedTransactionInfo": jws(transaction, 10), "signedRenewalInfo": jws(renewal, 20)}
+    })
+    .to_string();
+    let large = json!({"signedPayload": jws(payload, 30)}).to_string().into_bytes();
+    let small = br#"{"signedPayload":"eyJhbGciOiJFUzI1NiJ9.eyJub3RpZmljYXRpb25UeXBlIjoiVEVTVCJ9.c2ln"}"#.to_vec();
+    vec![("V2 ~20 KB", large), ("small", small)]
+}
+
+struct Timing {
+    saturation: Duration,
+    fixed_rate: Duration,
+    rate: u32,
+    backlog: usize,
+    webhook_reviews: usize,
+}
+
+async fn run(quick: bool, sidecar: &Path) -> Value {
+    let timing = if quick {
+        Timing {
+            saturation: Duration::from_secs(4),
+            fixed_rate: Duration::from_secs(4),
+            rate: 1000,
+            backlog: 20_000,
+            webhook_reviews: 2_000,
+        }
+    } else {
+        Timing {
+            saturation: Duration::from_secs(10),
+            fixed_rate: Duration::from_secs(15),
+            rate: 1000,
+            backlog: 100_000,
+            webhook_reviews: 10_000,
+        }
+    };
+    let work = tempfile::tempdir().expect("temp dir");
+    let mut results = json!({"machine": procs::machine(), "quick": quick, "proxies": {}, "sidecar": {}, "webhook": {}});
+
+    let app_port = free_port();
+    let destination_port = free_port();
+    let _app = Proc::spawn("app", &bench_binary(), &["app".into(), app_port.to_string()], &[]);
+    let _destination =
+        Proc::spawn("destination", &bench_binary(), &["destination".into(), destination_port.to_string()], &[]);
+    wait_port(app_port, Duration::from_secs(10)).await;
+    wait_port(destination_port, Duration::from_secs(10)).await;
+    let destination_url = format!("http://127.0.0.1:{destination_port}/hook");
+
+    for (body_name, body) in bodies() {
+        let body_file = work.path().join("body.json");
+        std::fs::write(&body_file, &body).expect("body");
+        let mut rows = serde_json::Map::new();
+        for target in ["direct", "storerelay-sidecar", "node-express-axios", "nginx-mirror"] {
+            let Some(mut server) = start_target(target, work.path(), sidecar, app_port, &destination_url).await else {
+                rows.insert(target.into(), json!({"skipped": "not installed"}));
+                continue;
+            };
+            eprintln!("bench: {target}, body {body_name}");
+            let url = format!("http://127.0.0.1:{}/apple/notifications", server.port);
+            let idle_rss = procs::tree_rss_kib(server.pid());
+            let cpu_before = procs::tree_cpu_seconds(server.pid());
+            let saturation = load::wrk(&url, &body_file, timing.saturation, server.pid()).await;
+            let cpu_after = procs::tree_cpu_seconds(server.pid());
+            let fixed = load::fixed_rate(&url, &body, timing.rate, timing.fixed_rate).await;
+            let cpu_per_10k = if saturation.requests > 0 {
+                (cpu_after - cpu_before) / saturation.requests as f64 * 10_000.0
+            } else {
+                0.0
+            };
+            rows.insert(
+                target.into(),
+                json!({
+                    "throughput_rps": saturation.rps,
+                    "saturation_errors": saturation.errors,
+                    "p50_ms": fixed.p50_ms, "p99_ms": fixed.p99_ms, "p999_ms": fixed.p999_ms,
+                    "fixed_rate_errors": fixed.errors,
+                    "rss_idle_kib": idle_rss, "rss_load_kib": saturation.peak_rss_kib,
+                    "cpu_seconds_per_10k": cpu_per_10k,
+                }),
+            );
+            server.stop();
+        }
+        results["proxies"][body_name] = Value::Object(rows);
+    }
+
+    eprintln!("bench: the sidecar alone");
+    results["sidecar"] = sidecar_only(sidecar, work.path(), &timing, &destination_url, destination_port).await;
+    eprintln!("bench: the webhook");
+    results["webhook"] = webhook(timing.webhook_reviews).await;
+    results
+}
+
+struct Target {
+    port: u16,
+    process: Proc,
+}
+
+impl Target {
+    fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+    fn stop(&mut self) {
+        self.process.terminate();
+    }
+}
+
+fn sidecar_config(dir: &Path, port: u16, admin: u16, extra: &str, sync: &str) -> PathBuf {
+    let path = dir.join(format!("sidecar-{port}.yaml"));
+    let spool = dir.join(format!("spool-{port}.db"));
+    let text = format!(
+        // Duplicate suppression off: the load repeats one body, which must count as distinct notifications.
+        "listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nspool: {{path: {}, sync: {sync}, maxBytes: 4Gi}}\nlimits: {{maxConcurrentRequests: 4096}}\ndedupe: {{window: 0s}}\n{extra}",
+        spool.display()
+    );
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
+async fn start_target(name: &str, dir: &Path, sidecar: &Path, app_port: u16, destination_url: &str) -> Option<Target> {
+    let port = free_port();
+    let process = match name {
+        // The baseline: a stand-in app of its own, so its process can be measured like the others.
+        "direct" => Proc::spawn("app", &bench_binary(), &["app".into(), port.to_string()], &[]),
+        "storerelay-sidecar" => {
+            let admin = free_port();
+            let extra = format!(
+                "upstream: {{url: \"http://127.0.0.1:{app_port}\"}}\nack: upstream\ndestinations:\n  - {{name: revenuecat, url: \"{destination_url}\", concurrency: 16}}\n"
+            );
+            let config = sidecar_config(dir, port, admin, &extra, "full");
+            Proc::spawn(
+                "sidecar",
+                sidecar,
+                &["--config".into(), config.display().to_string()],
+                &[("STORERELAY_LOG", "warn".into())],
+            )
+        }
+        "node-express-axios" => {
+            let modules = PathBuf::from(".cache/bench/node_modules");
+            if Command::new("node").arg("--version").output().is_err() || !modules.exists() {
+                return None;
+            }
+            let script = std::fs::canonicalize("bench/forwarder.js").ok()?;
+            Proc::spawn(
+                "node",
+                Path::new("node"),
+                &[script.display().to_string()],
+                &[
+                    ("PORT", port.to_string()),
+                    ("DESTINATION", destination_url.to_string()),
+                    ("NODE_PATH", std::fs::canonicalize(&modules).ok()?.display().to_string()),
+                ],
+            )
+        }
+        "nginx-mirror" => {
+            let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().map(PathBuf::from).find(|p| p.exists())?;
+            let root = dir.join(format!("nginx-{port}"));
+            std::fs::create_dir_all(root.join("logs")).ok()?;
+            let destination = destination_url.trim_start_matches("http://").split('/').next().unwrap_or_default();
+            let conf = format!(
+                "worker_processes auto;\npid {root}/nginx.pid;\nerror_log {root}/logs/error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {root}/body;\n  proxy_temp_path {root}/proxy;\n  fastcgi_temp_path {root}/fastcgi;\n  uwsgi_temp_path {root}/uwsgi;\n  scgi_temp_path {root}/scgi;\n  client_body_buffer_size 1m;\n  upstream app {{ server 127.0.0.1:{app_port}; keepalive 64; }}\n  upstream destination {{ server {destination}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ mirror /mirror; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_pass http://app; }}\n    location = /mirror {{ internal; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_pass http://destination/hook; }}\n  }}\n}}\n",
+                root = root.display()
+            );
+            let conf_path = root.join("nginx.conf");
+            std::fs::write(&conf_path, conf).ok()?;
+            Proc::spawn(
+                "nginx",
+                &nginx,
+                &[
+                    "-p".into(),
+                    root.display().to_string(),
+                    "-c".into(),
+                    conf_path.display().to_string(),
+                    "-g".into(),
+                    "daemon off; user root;".into(),
+                ],
+                &[],
+            )
+        }
+        _ => return None,
+    };
+    wait_port(port, Duration::from_secs(20)).await;
+    Some(Target { port, process })
+}
+
+/// The sidecar alone: spooled ingest, backlog drain, time to ready with a backlog, size.
+async fn sidecar_only(
+    sidecar: &Path,
+    dir: &Path,
+    timing: &Timing,
+    destination_url: &str,
+    destination_port: u16,
+) -> Value {
+    let (_, small) = bodies().pop().expect("small body");
+    let body_file = dir.join("small.json");
+    std::fs::write(&body_file, &small).expect("body");
+    let mut out = json!({});
+    for sync in ["full", "normal"] {
+        let (port, admin) = (free_port(), free_port());
+        let config = sidecar_config(dir, port, admin, "ack: spooled\n", sync);
+        let mut process = Proc::spawn(
+            "sidecar",
+            sidecar,
+            &["--config".into(), config.display().to_string()],
+            &[("STORERELAY_LOG", "warn".into())],
+        );
+        wait_port(port, Duration::from_secs(10)).await;
+        let result = load::wrk(
+            &format!("http://127.0.0.1:{port}/apple/notifications"),
+            &body_file,
+            timing.saturation,
+            process.pid(),
+        )
+        .await;
+        out[format!("spooled_ingest_rps_sync_{sync}")] = json!(result.rps);
+        process.terminate();
+    }
+
+    // A backlog: notifications stored while no destination was configured, then given to one.
+    let (port, admin) = (free_port(), free_port());
+    let config = sidecar_config(dir, port, admin, "ack: spooled\n", "normal");
+    let mut filler = Proc::spawn(
+        "sidecar",
+        sidecar,
+        &["--config".into(), config.display().to_string()],
+        &[("STORERELAY_LOG", "warn".into())],
+    );
+    wait_port(port, Duration::from_secs(10)).await;
+    eprintln!("bench: filling a backlog of {}", timing.backlog);
+    let filled =
+        load::closed_loop(&format!("http://127.0.0.1:{port}/apple/notifications"), &small, timing.backlog, 64).await;
+    filler.terminate();
+    let spool = dir.join(format!("spool-{port}.db"));
+    let redeliver = Command::new(sidecar)
+        .args(["spool", "--spool"])
+        .arg(&spool)
+        .args(["redeliver", "--destination", "revenuecat"])
+        .output()
+        .expect("spool redeliver");
+    assert!(redeliver.status.success(), "spool redeliver failed");
+    eprintln!("bench: draining {filled}");
+    let before = standin::count(destination_port).await;
+    let extra = format!("destinations:\n  - {{name: revenuecat, url: \"{destination_url}\", concurrency: 32}}\n");
+    let config = sidecar_config(dir, port, admin, &format!("ack: spooled\n{extra}"), "normal");
+    let started = Instant::now();
+    let process = Proc::spawn(
+        "sidecar",
+        sidecar,
+        &["--config".into(), config.display().to_string()],
+        &[("STORERELAY_LOG", "warn".into())],
+    );
+    let ready = wait_ready(&format!("http://127.0.0.1:{admin}/readyz"), Duration::from_secs(60)).await;
+    let rss_with_backlog = procs::tree_rss_kib(process.pid());
+    let deadline = started + Duration::from_secs(600);
+    let mut delivered = 0;
+    while Instant::now() < deadline {
+        delivered = standin::count(destination_port).await - before;
+        if delivered >= filled as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drain = started.elapsed();
+    out["backlog"] = json!(filled);
+    out["backlog_delivered"] = json!(delivered);
+    out["drain_rps"] = json!(delivered as f64 / drain.as_secs_f64());
+    out["ready_ms_with_backlog"] = json!(ready.as_secs_f64() * 1000.0);
+    out["rss_kib_with_backlog"] = json!(rss_with_backlog);
+    out["binary_bytes"] = json!(std::fs::metadata(sidecar).map(|m| m.len()).unwrap_or(0));
+    out["image_bytes"] = procs::image_size("storerelay/storerelay-sidecar");
+    drop(process);
+    out
+}
+
+/// Admission latency of the webhook over HTTPS with 50 concurrent AdmissionReviews.
+async fn webhook(reviews: usize) -> Value {
+    use kube::runtime::{reflector, watcher};
+    use std::sync::Arc;
+    use storerelay_operator::certs::{CertResolver, generate, server_config};
+    use storerelay_operator::inject::InjectOptions;
+    use storerelay_operator::metrics::Metrics;
+    use storerelay_operator::webhook::{WebhookState, router};
+
+    let (store, mut writer) = reflector::store::<storerelay_operator::NotificationRoute>();
+    for i in 0..1000 {
+        let route: storerelay_operator::NotificationRoute = serde_yaml::from_str(&format!(
+            "apiVersion: storerelay.dev/v1alpha1\nkind: NotificationRoute\nmetadata: {{name: route-{i}, namespace: ns-{}}}\nspec:\n  selector: {{matchLabels: {{app: app-{i}}}}}\n  upstream: {{port: 8080}}\n  destinations: [{{name: revenuecat, urlFrom: {{secretKeyRef: {{name: revenuecat, key: url}}}}}}]\n",
+            i % 50
+        ))
+        .expect("route");
+        writer.apply_watcher_event(&watcher::Event::Apply(route));
+    }
+    let bundle = generate(&["localhost".into()], &["127.0.0.1".parse().expect("ip")], time::OffsetDateTime::now_utc())
+        .expect("cert");
+    let resolver = Arc::new(CertResolver::default());
+    resolver.load(&bundle.cert_pem, &bundle.key_pem).expect("load");
+    let state = Arc::new(WebhookState {
+        routes: store,
+        options: InjectOptions::default(),
+        metrics: Arc::new(Metrics::default()),
+        conflicts: None,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr: SocketAddr = listener.local_addr().expect("addr");
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(storerelay_operator::serve::serve_tls(listener, router(state), server_config(resolver), stopped));
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(bundle.ca_cert_pem.as_bytes()).expect("ca"))
+        .no_proxy()
+        .build()
+        .expect("client");
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "resource": {"group": "", "version": "v1", "resource": "pods"},
+                    "namespace": "ns-7", "operation": "CREATE", "userInfo": {"username": "bench"},
+                    "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "app-", "labels": {"app": "app-7"}},
+                               "spec": {"containers": [{"name": "app", "image": "example/app:1", "ports": [{"containerPort": 8080}]}]}}}
+    });
+    let body = serde_json::to_vec(&review).expect("json");
+    let result =
+        load::closed_loop_with(&client, &format!("https://127.0.0.1:{}/mutate", addr.port()), &body, reviews, 50).await;
+    json!({"routes": 1000, "reviews": reviews, "concurrency": 50, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "errors": result.errors, "rps": result.rps})
+}
+
+fn render(results: &Value) -> String {
+    let mut md = String::from(
+        "# Benchmarks\n\nGenerated by `make bench` (`crates/bench`); every number below comes from one run on the machine described, and the ratios are computed from that same run. Raw results: `target/bench/results.json`.\n\n",
+    );
+    md.push_str(&format!("Machine: {}\n\n", results["machine"].as_str().unwrap_or("unknown")));
+    if results["quick"].as_bool() == Some(true) {
+        md.push_str("Mode: **quick** (`make bench-quick`: shorter runs, smaller backlog; noisier).\n\n");
+    }
+    let f = |v: &Value, digits: usize| v.as_f64().map_or("-".to_string(), |x| format!("{x:.digits$}"));
+    for (body, rows) in results["proxies"].as_object().into_iter().flatten() {
+        md.push_str(&format!("## Proxy and mirror, body {body}\n\nThe sidecar runs with `ack: upstream`, `sync: full`, one destination, and duplicate suppression off (the load repeats one body, and every request must be stored as a distinct notification). Throughput with wrk (1 thread, 32 connections) at saturation; latency at a fixed {} requests/s (open loop, measured from each request's scheduled time); RSS from /proc (process tree); CPU from /proc per 10,000 requests at saturation.\n\n", 1000));
+        md.push_str("| target | throughput (req/s) | p50 ms | p99 ms | p999 ms | RSS idle MiB | RSS load MiB | CPU s / 10k | errors |\n|---|---|---|---|---|---|---|---|---|\n");
+        for (name, row) in rows.as_object().into_iter().flatten() {
+            if row.get("skipped").is_some() {
+                md.push_str(&format!(
+                    "| {name} | skipped: {} | | | | | | | |\n",
+                    row["skipped"].as_str().unwrap_or("")
+                ));
+                continue;
+            }
+            let mib = |v: &Value| v.as_f64().map_or("-".into(), |k| format!("{:.1}", k / 1024.0));
+            md.push_str(&format!(
+                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                f(&row["throughput_rps"], 0),
+                f(&row["p50_ms"], 3),
+                f(&row["p99_ms"], 3),
+                f(&row["p999_ms"], 3),
+                mib(&row["rss_idle_kib"]),
+                mib(&row["rss_load_kib"]),
+                f(&row["cpu_seconds_per_10k"], 2),
+                row["saturation_errors"].as_u64().unwrap_or(0) + row["fixed_rate_errors"].as_u64().unwrap_or(0),
+            ));
+        }
+        let sidecar = &rows["storerelay-sidecar"];
+        let ratio = |key: &str, other: &str| {
+            let (a, b) = (sidecar[key].as_f64(), rows[other][key].as_f64());
+            match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => "-".into(),
+            }
+        };
+        let added = |key: &str| match (sidecar[key].as_f64(), rows["direct"][key].as_f64()) {
+            (Some(a), Some(b)) => format!("{:+.3} ms", a - b),
+            _ => "-".into(),
+        };
+        md.push_str(&format!(
+            "\nRatios: sidecar/direct throughput {}, sidecar/node throughput {}, sidecar/nginx throughput {}; sidecar/node idle RSS {}; p99 added over direct {}, p50 added {}.\n\n",
+            ratio("throughput_rps", "direct"),
+            ratio("throughput_rps", "node-express-axios"),
+            ratio("throughput_rps", "nginx-mirror"),
+            ratio("rss_idle_kib", "node-express-axios"),
+            added("p99_ms"),
+            added("p50_ms"),
+        ));
+    }
+    let s = &results["sidecar"];
+    md.push_str("## The sidecar alone\n\n| measure | value |\n|---|---|\n");
+    md.push_str(&format!(
+        "| spooled ingest, `sync: full` (req/s, small body) | {} |\n",
+        f(&s["spooled_ingest_rps_sync_full"], 0)
+    ));
+    md.push_str(&format!(
+        "| spooled ingest, `sync: normal` (req/s, small body) | {} |\n",
+        f(&s["spooled_ingest_rps_sync_normal"], 0)
+    ));
+    md.push_str(&format!(
+        "| backlog drained once the destination is there (notifications/s; backlog {}) | {} |\n",
+        s["backlog"],
+        f(&s["drain_rps"], 0)
+    ));
+    md.push_str(&format!("| time to ready with that backlog pending (ms) | {} |\n", f(&s["ready_ms_with_backlog"], 1)));
+    md.push_str(&format!(
+        "| RSS with that backlog pending, at ready (MiB) | {} |\n",
+        s["rss_kib_with_backlog"].as_f64().map_or("-".into(), |k| format!("{:.1}", k / 1024.0))
+    ));
+    md.push_str(&format!(
+        "| stripped release binary (MiB) | {} |\n",
+        s["binary_bytes"].as_f64().map_or("-".into(), |b| format!("{:.2}", b / 1048576.0))
+    ));
+    md.push_str(&format!(
+        "| image, static binary on scratch (MiB) | {} |\n\n",
+        s["image_bytes"].as_f64().map_or("not built (make images)".into(), |b| format!("{:.2}", b / 1048576.0))
+    ));
+    let w = &results["webhook"];
+    md.push_str(&format!(
+        "## The webhook\n\n{} AdmissionReviews over HTTPS, 50 at a time, against a cache of {} routes: p50 {} ms, p99 {} ms, {} reviews/s, {} errors.\n",
+        w["reviews"], w["routes"], f(&w["p50_ms"], 3), f(&w["p99_ms"], 3), f(&w["rps"], 0), w["errors"]
+    ));
+    md
+}
