@@ -42,7 +42,8 @@ bench-quick: bench-prepare
 
 bench-prepare:
 	bench/setup.sh
-	$(CARGO) build --release -p storerelay-sidecar --bin storerelay-sidecar -p storerelay-bench
+	$(CARGO) build --release -p storerelay-sidecar --bin storerelay-sidecar
+	$(CARGO) build --release -p storerelay-bench
 
 # Container images for the sidecar and the operator, with podman, buildah or docker.
 images:

@@ -37,6 +37,13 @@ enum Cmd {
         #[arg(long, default_value = "docs/benchmarks.md")]
         report: PathBuf,
     },
+    /// Re-render the report from a results.json.
+    Report {
+        #[arg(long, default_value = "target/bench/results.json")]
+        results: PathBuf,
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        report: PathBuf,
+    },
     /// A stand-in app: answers every request 200 `{}`.
     App { port: u16 },
     /// A stand-in destination: answers 200 and counts bodies (GET /count).
@@ -49,6 +56,11 @@ fn main() {
     match cli.command {
         Cmd::App { port } => runtime.block_on(standin::serve(port, false)),
         Cmd::Destination { port } => runtime.block_on(standin::serve(port, true)),
+        Cmd::Report { results, report } => {
+            let text = std::fs::read_to_string(&results).expect("results.json");
+            let results: Value = serde_json::from_str(&text).expect("results.json is JSON");
+            std::fs::write(&report, render(&results)).expect("report");
+        }
         Cmd::Run { quick, sidecar, out, report } => {
             let results = runtime.block_on(run(quick, &sidecar));
             std::fs::create_dir_all(&out).expect("output folder");
@@ -561,5 +573,95 @@ fn render(results: &Value) -> String {
         "## The webhook\n\n{} AdmissionReviews over HTTPS, 50 at a time, against a cache of {} routes: p50 {} ms, p99 {} ms, {} reviews/s, {} errors.\n",
         w["reviews"], w["routes"], f(&w["p50_ms"], 3), f(&w["p99_ms"], 3), f(&w["rps"], 0), w["errors"]
     ));
+    md.push_str(&goals(results));
+    md
+}
+
+/// The design goals next to this run's numbers. Goals, not assertions: a miss is reported, not failed.
+fn goals(results: &Value) -> String {
+    let small = &results["proxies"]["small"];
+    let large = &results["proxies"]["V2 ~20 KB"];
+    let sidecar = &results["sidecar"];
+    let value = |v: &Value| v.as_f64();
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let minus = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
+    let rows: Vec<(&str, Option<f64>, bool, f64, &str)> = vec![
+        (
+            "sidecar idle RSS (MiB)",
+            value(&small["storerelay-sidecar"]["rss_idle_kib"]).map(|k| k / 1024.0),
+            false,
+            8.0,
+            "≤ 8",
+        ),
+        (
+            "sidecar idle RSS / Node's",
+            ratio(
+                value(&small["storerelay-sidecar"]["rss_idle_kib"]),
+                value(&small["node-express-axios"]["rss_idle_kib"]),
+            ),
+            false,
+            0.1,
+            "≤ 0.1",
+        ),
+        (
+            "throughput / Node's, small body",
+            ratio(
+                value(&small["storerelay-sidecar"]["throughput_rps"]),
+                value(&small["node-express-axios"]["throughput_rps"]),
+            ),
+            true,
+            5.0,
+            "≥ 5",
+        ),
+        (
+            "throughput / Node's, V2 ~20 KB",
+            ratio(
+                value(&large["storerelay-sidecar"]["throughput_rps"]),
+                value(&large["node-express-axios"]["throughput_rps"]),
+            ),
+            true,
+            5.0,
+            "≥ 5",
+        ),
+        (
+            "p99 added over direct at 1,000 req/s, small (ms)",
+            minus(value(&small["storerelay-sidecar"]["p99_ms"]), value(&small["direct"]["p99_ms"])),
+            false,
+            2.0,
+            "≤ 2",
+        ),
+        (
+            "p99 added over direct at 1,000 req/s, V2 ~20 KB (ms)",
+            minus(value(&large["storerelay-sidecar"]["p99_ms"]), value(&large["direct"]["p99_ms"])),
+            false,
+            2.0,
+            "≤ 2",
+        ),
+        (
+            "spooled ingest, sync: full (req/s)",
+            value(&sidecar["spooled_ingest_rps_sync_full"]),
+            true,
+            10_000.0,
+            "≥ 10,000",
+        ),
+        ("backlog drain (notifications/s)", value(&sidecar["drain_rps"]), true, 2_000.0, "≥ 2,000"),
+        ("ready with the backlog pending (ms)", value(&sidecar["ready_ms_with_backlog"]), false, 100.0, "≤ 100"),
+        ("stripped binary (MiB)", value(&sidecar["binary_bytes"]).map(|b| b / 1048576.0), false, 6.0, "≤ 6"),
+        ("webhook p99 (ms)", value(&results["webhook"]["p99_ms"]), false, 5.0, "≤ 5"),
+    ];
+    let mut md = String::from("\n## Goals\n\n| goal | target | this run | met |\n|---|---|---|---|\n");
+    for (name, measured, higher_is_better, target, text) in rows {
+        let (shown, met) = match measured {
+            Some(m) => (
+                format!("{m:.2}"),
+                if (higher_is_better && m >= target) || (!higher_is_better && m <= target) { "yes" } else { "**no**" },
+            ),
+            None => ("-".into(), "-"),
+        };
+        md.push_str(&format!("| {name} | {text} | {shown} | {met} |\n"));
+    }
     md
 }
