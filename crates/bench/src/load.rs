@@ -113,13 +113,17 @@ pub async fn fixed_rate(url: &str, body: &[u8], rate: u32, duration: Duration) -
             _ => errors += 1,
         }
     }
+    summarize(latencies, errors, total as f64 / started.elapsed().as_secs_f64())
+}
+
+fn summarize(mut latencies: Vec<Duration>, errors: u64, rps: f64) -> Latency {
     latencies.sort();
     Latency {
         p50_ms: percentile(&latencies, 0.50),
         p99_ms: percentile(&latencies, 0.99),
         p999_ms: percentile(&latencies, 0.999),
         errors,
-        rps: total as f64 / started.elapsed().as_secs_f64(),
+        rps,
     }
 }
 
@@ -166,12 +170,5 @@ pub async fn closed_loop_with(
             errors += e;
         }
     }
-    latencies.sort();
-    Latency {
-        p50_ms: percentile(&latencies, 0.50),
-        p99_ms: percentile(&latencies, 0.99),
-        p999_ms: percentile(&latencies, 0.999),
-        errors,
-        rps: count as f64 / started.elapsed().as_secs_f64(),
-    }
+    summarize(latencies, errors, count as f64 / started.elapsed().as_secs_f64())
 }

@@ -153,6 +153,14 @@ fn context(
     })
 }
 
+const STATUS: &str = "/apis/storerelay.dev/v1alpha1/namespaces/shop/notificationroutes/payments/status";
+
+/// The condition of `kind` in the status the controller wrote (its first status patch).
+fn written_condition(calls: &[Call], kind: &str) -> Value {
+    let status = &find(calls, Method::PATCH, STATUS)[0].body["status"];
+    status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == kind).cloned().unwrap()
+}
+
 fn find<'a>(calls: &'a [Call], method: Method, path: &str) -> Vec<&'a Call> {
     calls.iter().filter(|c| c.method == method && c.path == path).collect()
 }
@@ -228,13 +236,7 @@ async fn restart_workloads_patches_the_deployment_once() {
         find(&calls, Method::GET, "/api/v1/namespaces/shop/secrets/revenuecat").is_empty(),
         "no Secret reads without rbac.checkSecrets"
     );
-    let status = &find(
-        &calls,
-        Method::PATCH,
-        "/apis/storerelay.dev/v1alpha1/namespaces/shop/notificationroutes/payments/status",
-    )[0]
-    .body["status"];
-    let secrets = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "SecretsResolved").unwrap();
+    let secrets = written_condition(&calls, "SecretsResolved");
     assert_eq!((secrets["status"].clone(), secrets["reason"].clone()), (json!("Unknown"), json!("NotChecked")));
     assert_eq!(ctx.metrics.workload_restarts.get(&["Deployment"]), 1);
 }
@@ -248,14 +250,7 @@ async fn a_missing_secret_is_reported_and_an_invalid_spec_renders_nothing() {
     reconcile(Arc::new(route.clone()), ctx).await.unwrap();
     let calls = calls.lock().unwrap().clone();
     assert!(find(&calls, Method::PATCH, "/api/v1/namespaces/shop/configmaps/payments-storerelay").is_empty());
-    let status = &find(
-        &calls,
-        Method::PATCH,
-        "/apis/storerelay.dev/v1alpha1/namespaces/shop/notificationroutes/payments/status",
-    )[0]
-    .body["status"];
-    let by_type =
-        |kind: &str| status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == kind).cloned().unwrap();
+    let by_type = |kind: &str| written_condition(&calls, kind);
     assert_eq!(by_type("Ready")["reason"], "InvalidSpec");
     assert!(by_type("Ready")["message"].as_str().unwrap().contains("spec.destinations[0].timeout"));
     assert_eq!(by_type("Degraded")["status"], "True");
