@@ -80,7 +80,6 @@ pub fn free_port() -> u16 {
 /// A process that is killed when dropped.
 struct Proc {
     child: Child,
-    name: String,
 }
 
 impl Proc {
@@ -91,7 +90,7 @@ impl Proc {
             command.env(key, value);
         }
         let child = command.spawn().unwrap_or_else(|e| panic!("start {name} ({}): {e}", program.display()));
-        Proc { child, name: name.to_string() }
+        Proc { child }
     }
 
     fn pid(&self) -> u32 {
@@ -117,7 +116,6 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = &self.name;
     }
 }
 

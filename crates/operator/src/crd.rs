@@ -259,12 +259,6 @@ pub struct NotificationRouteStatus {
     pub conditions: Vec<Condition>,
 }
 
-impl NotificationRoute {
-    pub fn destinations(&self) -> &[DestinationSpec] {
-        &self.spec.destinations
-    }
-}
-
 /// Labels of a selector as a map, for the common matchLabels-only case in tests and tools.
 pub fn match_labels(labels: &[(&str, &str)]) -> LabelSelector {
     LabelSelector {

@@ -170,10 +170,6 @@ impl SpoolDb {
         Ok(SpoolDb { conn, path: path.to_path_buf() })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn err(&self, source: rusqlite::Error) -> SpoolError {
         SpoolError::Sqlite { path: self.path.clone(), source }
     }

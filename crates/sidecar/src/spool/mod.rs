@@ -87,10 +87,6 @@ impl Spool {
         Ok((Spool { ops, shared }, report))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.shared.path
-    }
-
     pub fn set_max_bytes(&self, max_bytes: u64) {
         self.shared.max_bytes.store(max_bytes, Ordering::Relaxed);
     }
