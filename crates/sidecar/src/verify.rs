@@ -12,6 +12,8 @@ use app_store_server_library::chain_verifier::ChainVerifier;
 use app_store_server_library::crypto::{CryptoProvider, jws};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 use storerelay_config::{Environment, NotificationVersion, VerifyConfig, VerifyMode};
 use subtle::ConstantTimeEq;
@@ -175,22 +177,20 @@ pub fn read_certificate(path: &Path) -> Result<Vec<u8>, String> {
     let bytes = std::fs::read(path)
         .map_err(|e| format!("verify.rootCertificates: cannot read {}: {}", path.display(), e.kind()))?;
     certificate_der(&bytes)
-        .ok_or_else(|| format!("verify.rootCertificates: {} is not a PEM certificate", path.display()))
+        .ok_or_else(|| format!("verify.rootCertificates: {} is neither a DER nor a PEM certificate", path.display()))
 }
 
 /// The DER bytes of a certificate given as DER or PEM.
+///
+/// PEM files may carry explanatory text before the `BEGIN` line (RFC 7468 §5.2, and what
+/// `openssl x509 -text` writes), so PEM is recognised anywhere in the file, not only at its start.
 pub fn certificate_der(bytes: &[u8]) -> Option<Vec<u8>> {
-    if !bytes.starts_with(b"-----BEGIN") {
-        return Some(bytes.to_vec());
+    const PEM_MARKER: &[u8] = b"-----BEGIN";
+    if bytes.windows(PEM_MARKER.len()).any(|w| w == PEM_MARKER) {
+        return CertificateDer::from_pem_slice(bytes).ok().map(|c| c.to_vec());
     }
-    let text = String::from_utf8_lossy(bytes);
-    let body: String = text
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    STANDARD.decode(body.trim()).ok()
+    // A DER certificate is an ASN.1 SEQUENCE.
+    (bytes.first() == Some(&0x30)).then(|| bytes.to_vec())
 }
 
 pub fn fingerprint(der: &[u8]) -> String {
@@ -199,4 +199,35 @@ pub fn fingerprint(der: &[u8]) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A minimal DER SEQUENCE stands in for a certificate: only the framing is under test here.
+    const DER: &[u8] = &[0x30, 0x03, 0x02, 0x01, 0x01];
+
+    fn pem(der: &[u8]) -> String {
+        format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", STANDARD.encode(der))
+    }
+
+    #[test]
+    fn der_and_pem_give_the_same_bytes() {
+        assert_eq!(certificate_der(DER).as_deref(), Some(DER));
+        assert_eq!(certificate_der(pem(DER).as_bytes()).as_deref(), Some(DER));
+    }
+
+    #[test]
+    fn explanatory_text_before_the_pem_block_is_skipped() {
+        let with_text = format!("Certificate:\n    Data:\n        Version: 3 (0x2)\n{}", pem(DER));
+        assert_eq!(certificate_der(with_text.as_bytes()).as_deref(), Some(DER));
+    }
+
+    #[test]
+    fn neither_der_nor_pem_is_refused() {
+        assert_eq!(certificate_der(b"not a certificate"), None);
+        assert_eq!(certificate_der(b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n"), None);
+        assert_eq!(certificate_der(b""), None);
+    }
 }
