@@ -5,8 +5,6 @@
 //!
 //! One test runs the scenarios in order on one server, since starting it costs more than all of them.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,7 +17,7 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use storerelay_operator::NotificationRoute;
-use support::cluster::{Cluster, binaries, free_port};
+use storerelay_testenv::{Cluster, binaries, free_port};
 
 const RELEASE: &str = "sr";
 const OPERATOR_NAMESPACE: &str = "storerelay";

@@ -10,9 +10,12 @@ use p256::ecdsa::{Signature, SigningKey};
 use p256::pkcs8::DecodePrivateKey;
 use rcgen::{BasicConstraints, CertificateParams, CustomExtension, DnType, IsCa, Issuer, KeyPair};
 
-/// `../shared/fixtures/apple`. Missing fixtures fail the test under CI and skip it elsewhere.
+/// `../shared/fixtures/apple` beside the project (or `$STORERELAY_APPLE_FIXTURES`, for a checkout that
+/// lives elsewhere). Missing fixtures fail the test under CI and skip it elsewhere.
 pub fn fixtures() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/apple");
+    let dir = std::env::var_os("STORERELAY_APPLE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/apple"));
     if dir.join("README.md").exists() {
         return Some(dir);
     }

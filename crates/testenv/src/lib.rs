@@ -1,6 +1,6 @@
-//! A real etcd and kube-apiserver on loopback for the integration tier: generated certificates, RBAC,
-//! the MutatingAdmissionWebhook plugin, an admin kubeconfig. Everything stops, and its data is deleted,
-//! when the `Cluster` drops — also when a test fails.
+//! A real etcd and kube-apiserver on loopback, for the operator's integration tier and its benchmark:
+//! generated certificates, RBAC, the MutatingAdmissionWebhook plugin, an admin kubeconfig. Everything
+//! stops, and its data is deleted, when the `Cluster` drops — also when a test fails.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
