@@ -9,6 +9,8 @@ build:
 
 release:
 	$(CARGO) build --release -p storerelay-sidecar --bin storerelay-sidecar
+	$(CARGO) build --release -p storerelay-operator --bin storerelay-operator
+	tests/tools/install-helm.sh >/dev/null
 	$(CARGO) build --release -p storerelay-operator --bins
 
 test:
@@ -35,14 +37,16 @@ crds:
 
 # Benchmarks (docs/benchmarks.md, target/bench/results.json): the sidecar against direct, Node and nginx.
 bench: bench-prepare
-	$(TARGET_DIR)/release/storerelay-bench run --sidecar $(TARGET_DIR)/release/storerelay-sidecar --out $(TARGET_DIR)/bench
+	$(TARGET_DIR)/release/storerelay-bench run --sidecar $(TARGET_DIR)/release/storerelay-sidecar --operator $(TARGET_DIR)/release/storerelay-operator --out $(TARGET_DIR)/bench
 
 bench-quick: bench-prepare
-	$(TARGET_DIR)/release/storerelay-bench run --quick --sidecar $(TARGET_DIR)/release/storerelay-sidecar --out $(TARGET_DIR)/bench
+	$(TARGET_DIR)/release/storerelay-bench run --quick --sidecar $(TARGET_DIR)/release/storerelay-sidecar --operator $(TARGET_DIR)/release/storerelay-operator --out $(TARGET_DIR)/bench
 
 bench-prepare:
 	bench/setup.sh
 	$(CARGO) build --release -p storerelay-sidecar --bin storerelay-sidecar
+	$(CARGO) build --release -p storerelay-operator --bin storerelay-operator
+	tests/tools/install-helm.sh >/dev/null
 	$(CARGO) build --release -p storerelay-bench
 
 # Container images for the sidecar and the operator, with podman, buildah or docker.

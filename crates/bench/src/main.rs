@@ -5,10 +5,10 @@
 //! bounded in count and time. Results: target/bench/results.json and docs/benchmarks.md.
 
 mod load;
+mod operator;
 mod procs;
 mod standin;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,10 +32,17 @@ enum Cmd {
         /// The release build of storerelay-sidecar.
         #[arg(long)]
         sidecar: PathBuf,
+        /// The release build of storerelay-operator.
+        #[arg(long)]
+        operator: PathBuf,
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
         #[arg(long, default_value = "docs/benchmarks.md")]
         report: PathBuf,
+        /// Run only these sections (while working on one); the results go to `<out>/partial.json` and
+        /// the report is printed, not written.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<Section>,
     },
     /// Re-render the report from a results.json.
     Report {
@@ -50,6 +57,14 @@ enum Cmd {
     Destination { port: u16 },
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    Proxies,
+    Sidecar,
+    Webhook,
+    Operator,
+}
+
 fn main() {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
@@ -61,13 +76,21 @@ fn main() {
             let results: Value = serde_json::from_str(&text).expect("results.json is JSON");
             std::fs::write(&report, render(&results)).expect("report");
         }
-        Cmd::Run { quick, sidecar, out, report } => {
-            let results = runtime.block_on(run(quick, &sidecar));
+        Cmd::Run { quick, sidecar, operator, out, report, only } => {
+            let sections = if only.is_empty() {
+                vec![Section::Proxies, Section::Sidecar, Section::Webhook, Section::Operator]
+            } else {
+                only.clone()
+            };
+            let results = runtime.block_on(run(quick, &sidecar, &operator, &sections));
             std::fs::create_dir_all(&out).expect("output folder");
-            std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results).unwrap_or_default())
-                .expect("results.json");
+            let name = if only.is_empty() { "results.json" } else { "partial.json" };
+            std::fs::write(out.join(name), serde_json::to_string_pretty(&results).unwrap_or_default())
+                .expect("results");
             let markdown = render(&results);
-            std::fs::write(&report, &markdown).expect("report");
+            if only.is_empty() {
+                std::fs::write(&report, &markdown).expect("report");
+            }
             println!("{markdown}");
         }
     }
@@ -95,6 +118,10 @@ impl Proc {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     fn terminate(&mut self) {
@@ -176,9 +203,11 @@ struct Timing {
     rate: u32,
     backlog: usize,
     webhook_reviews: usize,
+    routes: usize,
+    pods: usize,
 }
 
-async fn run(quick: bool, sidecar: &Path) -> Value {
+async fn run(quick: bool, sidecar: &Path, operator: &Path, sections: &[Section]) -> Value {
     let timing = if quick {
         Timing {
             saturation: Duration::from_secs(4),
@@ -186,6 +215,8 @@ async fn run(quick: bool, sidecar: &Path) -> Value {
             rate: 1000,
             backlog: 20_000,
             webhook_reviews: 2_000,
+            routes: 100,
+            pods: 1_000,
         }
     } else {
         Timing {
@@ -194,10 +225,12 @@ async fn run(quick: bool, sidecar: &Path) -> Value {
             rate: 1000,
             backlog: 100_000,
             webhook_reviews: 10_000,
+            routes: 1_000,
+            pods: 10_000,
         }
     };
     let work = tempfile::tempdir().expect("temp dir");
-    let mut results = json!({"machine": procs::machine(), "quick": quick, "proxies": {}, "sidecar": {}, "webhook": {}});
+    let mut results = json!({"machine": procs::machine(), "quick": quick, "proxies": {}, "sidecar": {}, "webhook": {}, "operator": {}});
 
     let app_port = free_port();
     let destination_port = free_port();
@@ -208,7 +241,7 @@ async fn run(quick: bool, sidecar: &Path) -> Value {
     wait_port(destination_port, Duration::from_secs(10)).await;
     let destination_url = format!("http://127.0.0.1:{destination_port}/hook");
 
-    for (body_name, body) in bodies() {
+    for (body_name, body) in bodies().into_iter().filter(|_| sections.contains(&Section::Proxies)) {
         let body_file = work.path().join("body.json");
         std::fs::write(&body_file, &body).expect("body");
         let mut rows = serde_json::Map::new();
@@ -245,10 +278,18 @@ async fn run(quick: bool, sidecar: &Path) -> Value {
         results["proxies"][body_name] = Value::Object(rows);
     }
 
-    eprintln!("bench: the sidecar alone");
-    results["sidecar"] = sidecar_only(sidecar, work.path(), &timing, &destination_url, destination_port).await;
-    eprintln!("bench: the webhook");
-    results["webhook"] = webhook(timing.webhook_reviews).await;
+    if sections.contains(&Section::Sidecar) {
+        eprintln!("bench: the sidecar alone");
+        results["sidecar"] = sidecar_only(sidecar, work.path(), &timing, &destination_url, destination_port).await;
+    }
+    if sections.contains(&Section::Webhook) {
+        eprintln!("bench: the webhook");
+        results["webhook"] = operator::webhook(timing.webhook_reviews).await;
+    }
+    if sections.contains(&Section::Operator) {
+        eprintln!("bench: the operator's memory with {} routes and {} pods", timing.routes, timing.pods);
+        results["operator"] = operator::memory(operator, timing.routes, timing.pods).await;
+    }
     results
 }
 
@@ -433,56 +474,6 @@ async fn sidecar_only(
     out
 }
 
-/// Admission latency of the webhook over HTTPS with 50 concurrent AdmissionReviews.
-async fn webhook(reviews: usize) -> Value {
-    use kube::runtime::{reflector, watcher};
-    use std::sync::Arc;
-    use storerelay_operator::certs::{CertResolver, generate, server_config};
-    use storerelay_operator::inject::InjectOptions;
-    use storerelay_operator::metrics::Metrics;
-    use storerelay_operator::webhook::{WebhookState, router};
-
-    let (store, mut writer) = reflector::store::<storerelay_operator::NotificationRoute>();
-    for i in 0..1000 {
-        let route: storerelay_operator::NotificationRoute = serde_yaml::from_str(&format!(
-            "apiVersion: storerelay.dev/v1alpha1\nkind: NotificationRoute\nmetadata: {{name: route-{i}, namespace: ns-{}}}\nspec:\n  selector: {{matchLabels: {{app: app-{i}}}}}\n  upstream: {{port: 8080}}\n  destinations: [{{name: revenuecat, urlFrom: {{secretKeyRef: {{name: revenuecat, key: url}}}}}}]\n",
-            i % 50
-        ))
-        .expect("route");
-        writer.apply_watcher_event(&watcher::Event::Apply(route));
-    }
-    let bundle = generate(&["localhost".into()], &["127.0.0.1".parse().expect("ip")], time::OffsetDateTime::now_utc())
-        .expect("cert");
-    let resolver = Arc::new(CertResolver::default());
-    resolver.load(&bundle.cert_pem, &bundle.key_pem).expect("load");
-    let state = Arc::new(WebhookState {
-        routes: store,
-        options: InjectOptions::default(),
-        metrics: Arc::new(Metrics::default()),
-        conflicts: None,
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr: SocketAddr = listener.local_addr().expect("addr");
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(storerelay_operator::serve::serve_tls(listener, router(state), server_config(resolver), stopped));
-    let client = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(bundle.ca_cert_pem.as_bytes()).expect("ca"))
-        .no_proxy()
-        .build()
-        .expect("client");
-    let review = json!({
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "resource": {"group": "", "version": "v1", "resource": "pods"},
-                    "namespace": "ns-7", "operation": "CREATE", "userInfo": {"username": "bench"},
-                    "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "app-", "labels": {"app": "app-7"}},
-                               "spec": {"containers": [{"name": "app", "image": "example/app:1", "ports": [{"containerPort": 8080}]}]}}}
-    });
-    let body = serde_json::to_vec(&review).expect("json");
-    let result =
-        load::closed_loop_with(&client, &format!("https://127.0.0.1:{}/mutate", addr.port()), &body, reviews, 50).await;
-    json!({"routes": 1000, "reviews": reviews, "concurrency": 50, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "errors": result.errors, "rps": result.rps})
-}
-
 fn render(results: &Value) -> String {
     let mut md = String::from(
         "# Benchmarks\n\nGenerated by `make bench` (`crates/bench`); every number below comes from one run on the machine described, and the ratios are computed from that same run. Raw results: `target/bench/results.json`.\n\n",
@@ -571,8 +562,28 @@ fn render(results: &Value) -> String {
         "## The webhook\n\n{} AdmissionReviews over HTTPS, 50 at a time, against a cache of {} routes: p50 {} ms, p99 {} ms, {} reviews/s, {} errors.\n",
         w["reviews"], w["routes"], f(&w["p50_ms"], 3), f(&w["p99_ms"], 3), f(&w["rps"], 0), w["errors"]
     ));
+    md.push_str(&operator_memory(&results["operator"]));
     md.push_str(&goals(results));
     md
+}
+
+fn operator_memory(o: &Value) -> String {
+    if let Some(reason) = o["skipped"].as_str() {
+        return format!("\n## The operator's memory\n\nSkipped: {reason}.\n");
+    }
+    let mib = |v: &Value| v.as_f64().map_or("-".into(), |k| format!("{:.1}", k / 1024.0));
+    let ms = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.0}"));
+    format!(
+        "\n## The operator's memory\n\nThe operator process against a real kube-apiserver and etcd (crates/testenv) with the chart installed, before and after {} NotificationRoutes (over 50 namespaces) and {} pods exist; RSS from /proc, \"steady\" 5 s after every route's status was written.\n\n| measure | value |\n|---|---|\n| RSS, empty cluster (MiB) | {} |\n| RSS at ready, caches synced (MiB) | {} |\n| RSS steady, every route reconciled (MiB) | {} |\n| peak RSS (MiB) | {} |\n| time to ready (ms) | {} |\n| time until every route's status is written (ms) | {} |\n",
+        o["routes"],
+        o["pods"],
+        mib(&o["rss_empty_kib"]),
+        mib(&o["rss_ready_kib"]),
+        mib(&o["rss_steady_kib"]),
+        mib(&o["rss_peak_kib"]),
+        ms(&o["ready_ms"]),
+        ms(&o["all_reconciled_ms"])
+    )
 }
 
 /// The design goals next to this run's numbers. Goals, not assertions: a miss is reported, not failed.
