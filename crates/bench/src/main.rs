@@ -51,6 +51,16 @@ enum Cmd {
         #[arg(long, default_value = "docs/benchmarks.md")]
         report: PathBuf,
     },
+    /// One open-loop load at a fixed rate against a URL (to look at one target by hand).
+    Load {
+        url: String,
+        #[arg(long)]
+        body: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// A stand-in app: answers every request 200 `{}`.
     App { port: u16 },
     /// A stand-in destination: answers 200 and counts bodies (GET /count).
@@ -71,6 +81,14 @@ fn main() {
     match cli.command {
         Cmd::App { port } => runtime.block_on(standin::serve(port, false)),
         Cmd::Destination { port } => runtime.block_on(standin::serve(port, true)),
+        Cmd::Load { url, body, rate, seconds } => {
+            let body = std::fs::read(&body).expect("body file");
+            let result = runtime.block_on(load::fixed_rate(&url, &body, rate, Duration::from_secs(seconds)));
+            println!(
+                "p50 {:.3} ms, p99 {:.3} ms, p999 {:.3} ms, {:.0} req/s, {} errors",
+                result.p50_ms, result.p99_ms, result.p999_ms, result.rps, result.errors
+            );
+        }
         Cmd::Report { results, report } => {
             let text = std::fs::read_to_string(&results).expect("results.json");
             let results: Value = serde_json::from_str(&text).expect("results.json is JSON");

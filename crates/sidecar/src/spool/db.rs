@@ -121,6 +121,16 @@ pub struct OpenReport {
 pub struct SpoolDb {
     conn: Connection,
     path: PathBuf,
+    sync: SyncMode,
+    /// Whether commits currently flush as `sync` says (true) or as NORMAL (false).
+    flushing: std::cell::Cell<bool>,
+}
+
+fn pragma(sync: SyncMode) -> &'static str {
+    match sync {
+        SyncMode::Full => "FULL",
+        SyncMode::Normal => "NORMAL",
+    }
 }
 
 impl SpoolDb {
@@ -150,10 +160,8 @@ impl SpoolDb {
         let err = |source| SpoolError::Sqlite { path: path.to_path_buf(), source };
         let conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
-        let sync = match sync {
-            SyncMode::Full => "FULL",
-            SyncMode::Normal => "NORMAL",
-        };
+        let configured = sync;
+        let sync = pragma(sync);
         // temp_store: the sidecar's root filesystem is read-only, so SQLite's scratch space stays in memory.
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA temp_store = MEMORY;"
@@ -167,7 +175,7 @@ impl SpoolDb {
         }
         conn.execute_batch(SCHEMA).map_err(err)?;
         conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(err)?;
-        Ok(SpoolDb { conn, path: path.to_path_buf() })
+        Ok(SpoolDb { conn, path: path.to_path_buf(), sync: configured, flushing: std::cell::Cell::new(true) })
     }
 
     fn err(&self, source: rusqlite::Error) -> SpoolError {
@@ -178,6 +186,26 @@ impl SpoolDb {
     pub fn quick_check(&self) -> Result<Option<String>> {
         let verdict: String = self.conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(|e| self.err(e))?;
         Ok((verdict != "ok").then_some(verdict))
+    }
+
+    /// Whether the next commits must survive a power loss as `spool.sync` says (batches that store
+    /// notifications), or may be flushed with the next such commit (batches that only record delivery
+    /// outcomes or prune: losing one to a power cut means a repeated delivery, never a lost
+    /// notification). In WAL mode a later flushed commit flushes every earlier one with it.
+    pub fn flush_commits(&self, as_configured: bool) -> Result<()> {
+        if self.flushing.get() == as_configured || self.sync == SyncMode::Normal {
+            return Ok(());
+        }
+        let mode = if as_configured { pragma(self.sync) } else { "NORMAL" };
+        self.conn.execute_batch(&format!("PRAGMA synchronous = {mode}")).map_err(|e| self.err(e))?;
+        self.flushing.set(as_configured);
+        Ok(())
+    }
+
+    /// SQLite's `synchronous` setting for this connection now (1 NORMAL, 2 FULL).
+    #[cfg(test)]
+    pub fn synchronous(&self) -> i64 {
+        self.conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap_or(-1)
     }
 
     pub fn begin(&self) -> Result<()> {

@@ -180,7 +180,9 @@ fn writer(db: SpoolDb, mut ops: mpsc::UnboundedReceiver<Op>, shared: Arc<Shared>
 /// rolled back already, e.g. on a full disk); a full spool fails only the insert that did not fit.
 fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
     let mut owed: Vec<Owed> = Vec::with_capacity(writes.len());
-    let mut failure: Option<String> = db.begin().err().map(|e| e.to_string());
+    // Only a batch that stores notifications is owed the configured fsync before its replies.
+    let stores = writes.iter().any(|op| matches!(op, Op::Insert { .. }));
+    let mut failure: Option<String> = db.flush_commits(stores).and_then(|()| db.begin()).err().map(|e| e.to_string());
     let mut stored = shared.stored_bytes.load(Ordering::Relaxed);
     let mut inserted = false;
     let now = now_ms();
@@ -365,6 +367,18 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         spool.insert(new("/", Bytes::from(vec![b'c'; 60]), &["d"])).await.unwrap();
         assert_eq!(spool.stored_bytes(), 60);
+    }
+
+    #[tokio::test]
+    async fn stores_are_flushed_as_configured_and_outcomes_without_their_own_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(&dir.path().join("s.db"), SyncMode::Full, 1 << 20).unwrap();
+        let id = spool.insert(new("/", Bytes::from_static(b"{}"), &["d"])).await.unwrap().notification_id;
+        assert_eq!(spool.read(|db| Ok(db.synchronous())).await.unwrap(), 2, "an insert commits with FULL");
+        spool.record("d".into(), id, Outcome::Delivered { status: 200 }).await.unwrap();
+        assert_eq!(spool.read(|db| Ok(db.synchronous())).await.unwrap(), 1, "an outcome alone commits with NORMAL");
+        spool.insert(new("/", Bytes::from_static(b"{}"), &["d"])).await.unwrap();
+        assert_eq!(spool.read(|db| Ok(db.synchronous())).await.unwrap(), 2, "and the next insert with FULL again");
     }
 
     #[tokio::test]
