@@ -12,10 +12,13 @@ pub fn selects(route: &NotificationRoute, namespace: &str, labels: &BTreeMap<Str
     if route.metadata.namespace.as_deref() != Some(namespace) {
         return false;
     }
-    match Selector::try_from(route.spec.selector.clone()) {
-        Ok(selector) if !selector.selects_all() => selector.matches(labels),
-        _ => false,
-    }
+    pod_selector(route).is_some_and(|selector| selector.matches(labels))
+}
+
+/// The route's label selector, parsed; `None` when it cannot be read or is empty (it selects nothing).
+/// Parse it once when matching one route against many pods.
+pub fn pod_selector(route: &NotificationRoute) -> Option<Selector> {
+    Selector::try_from(route.spec.selector.clone()).ok().filter(|selector| !selector.selects_all())
 }
 
 /// The routes among `routes` that select the pod, by name for a stable order.

@@ -1,16 +1,16 @@
 //! A route's status from what the caches hold: pod counts, the workloads to restart, and conditions.
 //! Pure functions, so every rule is tested without an API server.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::core::PartialObjectMeta;
+use kube::core::{PartialObjectMeta, SelectorExt};
 
 use crate::crd::{NotificationRoute, RolloutPolicy};
 use crate::inject::{INJECT_ANNOTATION, injected_as};
-use crate::select::{routes_for, selects};
+use crate::select::{pod_selector, routes_for};
 
 pub const READY: &str = "Ready";
 pub const DEGRADED: &str = "Degraded";
@@ -76,15 +76,20 @@ pub fn count_pods<'a>(
     pods: impl IntoIterator<Item = &'a PartialObjectMeta<Pod>>,
     routes: &[&NotificationRoute],
 ) -> PodCounts {
+    // Runs for every route against every cached pod: nothing here may allocate per pod it skips.
+    static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
     let route_name = route.metadata.name.clone().unwrap_or_default();
     let namespace = route.metadata.namespace.clone().unwrap_or_default();
     let mut counts = PodCounts::default();
+    let Some(selector) = pod_selector(route) else {
+        return counts;
+    };
     for pod in pods {
         let meta = &pod.metadata;
-        let labels = meta.labels.clone().unwrap_or_default();
+        let labels = meta.labels.as_ref().unwrap_or(&NO_LABELS);
         if meta.namespace.as_deref() != Some(namespace.as_str())
             || meta.deletion_timestamp.is_some()
-            || !selects(route, &namespace, &labels)
+            || !selector.matches(labels)
         {
             continue;
         }
@@ -101,7 +106,7 @@ pub fn count_pods<'a>(
                 }
             }
             Some(_) => {}
-            None if routes_for(routes.iter().copied(), &namespace, &labels).len() > 1 => {
+            None if routes_for(routes.iter().copied(), &namespace, labels).len() > 1 => {
                 counts.conflicts.push(meta.name.clone().unwrap_or_default());
             }
             None => {
