@@ -126,9 +126,11 @@ impl Notification {
 /// Reads a body. Only non-JSON is an error; everything else yields what could be learnt.
 pub fn decode(body: &[u8]) -> Result<Notification, DecodeError> {
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|_| DecodeError::NotJson)?;
-    let mut notification =
-        Notification { dedupe_key: format!("sha256:{}", hex(&Sha256::digest(body))), ..Default::default() };
-    let Some(object) = value.as_object() else { return Ok(notification) };
+    let mut notification = Notification::default();
+    let Some(object) = value.as_object() else {
+        notification.dedupe_key = body_key(body);
+        return Ok(notification);
+    };
 
     if let Some(signed) = object.get("signedPayload") {
         notification.version = Some(NotificationVersion::V2);
@@ -142,9 +144,6 @@ pub fn decode(body: &[u8]) -> Result<Notification, DecodeError> {
             }
             None => notification.malformed = Some("signedPayload is not a string".into()),
         }
-        if let Some(uuid) = &notification.uuid {
-            notification.dedupe_key = format!("v2:{uuid}");
-        }
     } else if object.contains_key("notification_type") {
         notification.version = Some(NotificationVersion::V1);
         let text = |key: &str| object.get(key).and_then(|v| v.as_str()).map(str::to_string);
@@ -153,7 +152,16 @@ pub fn decode(body: &[u8]) -> Result<Notification, DecodeError> {
         notification.bundle_id = text("bid");
         notification.v1_password = text("password");
     }
+    // Hashing a 20 KB body costs more than the rest of decoding: only when there is no UUID.
+    notification.dedupe_key = match &notification.uuid {
+        Some(uuid) => format!("v2:{uuid}"),
+        None => body_key(body),
+    };
     Ok(notification)
+}
+
+fn body_key(body: &[u8]) -> String {
+    format!("sha256:{}", hex(&Sha256::digest(body)))
 }
 
 fn read_v2_payload(payload: &serde_json::Value, notification: &mut Notification) {

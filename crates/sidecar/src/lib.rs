@@ -51,16 +51,27 @@ pub enum StartError {
     Verify { file: PathBuf, message: String },
 }
 
-/// Structured JSON log lines on stderr; `STORERELAY_LOG` takes a tracing filter (default `info`).
+/// Structured JSON log lines on stderr; `STORERELAY_LOG` takes `level` or `target=level,...` directives
+/// (default `info`). Parsed as tracing's `Targets`, not `EnvFilter`: the same syntax for these, without
+/// a regex engine in a binary that runs beside every app pod.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STORERELAY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_current_span(false)
-        .with_writer(std::io::stderr)
-        .try_init();
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let default = Targets::new().with_default(LevelFilter::INFO);
+    let (filter, refused) = match std::env::var("STORERELAY_LOG") {
+        Ok(text) => match text.parse::<Targets>() {
+            Ok(filter) => (filter, None),
+            Err(error) => (default, Some(error)),
+        },
+        Err(_) => (default, None),
+    };
+    let layer = tracing_subscriber::fmt::layer().json().with_current_span(false).with_writer(std::io::stderr);
+    let _ = tracing_subscriber::registry().with(layer).with(filter).try_init();
+    if let Some(error) = refused {
+        tracing::warn!(%error, "STORERELAY_LOG is not a valid filter; logging at info");
+    }
 }
 
 /// Runs the sidecar until SIGTERM or SIGINT, then drains and returns.
