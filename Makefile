@@ -9,8 +9,6 @@ build:
 
 release:
 	$(CARGO) build --release -p storerelay-sidecar --bin storerelay-sidecar
-	$(CARGO) build --release -p storerelay-operator --bin storerelay-operator
-	tests/tools/install-helm.sh >/dev/null
 	$(CARGO) build --release -p storerelay-operator --bins
 
 test:

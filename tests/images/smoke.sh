@@ -33,7 +33,9 @@ curl -fsS http://127.0.0.1:19089/readyz
 status=$(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'content-type: application/json' \
   --data '{"notification_type":"TEST","environment":"Sandbox"}' http://127.0.0.1:18089/apple/notifications)
 [ "$status" = 200 ] || { echo "image smoke test: POST answered $status"; "${podman[@]}" logs "$name"; exit 1; }
-curl -fsS http://127.0.0.1:19089/metrics | grep -q '^storerelay_notifications_received_total{version="v1"' \
-  || { echo "image smoke test: the notification was not counted"; exit 1; }
+# Read the whole page first: `curl | grep -q` fails under pipefail when grep stops reading early.
+metrics=$(curl -fsS http://127.0.0.1:19089/metrics)
+grep -q '^storerelay_notifications_received_total{version="v1"' <<< "$metrics" \
+  || { echo "image smoke test: the notification was not counted"; echo "$metrics"; exit 1; }
 "${podman[@]}" stop -t 10 "$name" >/dev/null
 echo "1 passed, 0 failed: sidecar image answers /healthz, /readyz and stores a notification"
