@@ -679,7 +679,9 @@ fn goals(results: &Value) -> String {
         ("stripped binary (MiB)", value(&sidecar["binary_bytes"]).map(|b| b / 1048576.0), false, 6.0, "≤ 6"),
         ("webhook p99 (ms)", value(&results["webhook"]["p99_ms"]), false, 5.0, "≤ 5"),
     ];
-    let mut md = String::from("\n## Goals\n\n| goal | target | this run | met |\n|---|---|---|---|\n");
+    let mut md = String::from(
+        "\n## Goals\n\nWhat dominates each number, and what was tried: [performance.md](performance.md).\n\n| goal | target | this run | met |\n|---|---|---|---|\n",
+    );
     for (name, measured, higher_is_better, target, text) in rows {
         let (shown, met) = match measured {
             Some(m) => (
