@@ -138,10 +138,6 @@ impl Proc {
         self.child.id()
     }
 
-    fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
     fn terminate(&mut self) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -172,7 +168,7 @@ async fn wait_port(port: u16, within: Duration) {
     }
 }
 
-async fn wait_ready(url: &str, within: Duration) -> Duration {
+pub async fn wait_ready(url: &str, within: Duration) -> Duration {
     let started = Instant::now();
     let client = reqwest::Client::builder().no_proxy().build().unwrap_or_default();
     loop {

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use storerelay_operator::NotificationRoute;
 use storerelay_testenv::Cluster;
 
-use crate::{Proc, free_port, load, procs};
+use crate::{Proc, free_port, load, procs, wait_ready};
 
 /// Routes are spread over this many namespaces, as in a cluster with many teams.
 const NAMESPACES: usize = 50;
@@ -156,28 +156,6 @@ fn start_operator(binary: &Path, cluster: &Cluster, admin_port: u16) -> Proc {
     )
 }
 
-/// Peak resident memory of one process (VmHWM), in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-async fn wait_ready(admin_port: u16, operator: &mut Proc, within: Duration) -> Duration {
-    let started = Instant::now();
-    let client = reqwest::Client::builder().no_proxy().build().unwrap_or_default();
-    let url = format!("http://127.0.0.1:{admin_port}/readyz");
-    loop {
-        if client.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
-            return started.elapsed();
-        }
-        assert!(operator.running(), "the operator exited before it was ready");
-        assert!(started.elapsed() < within, "the operator was not ready within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Waits until every route's status reflects its spec; returns how long that took.
 async fn wait_reconciled(client: &kube::Client, routes: usize, within: Duration) -> Duration {
     let started = Instant::now();
@@ -219,7 +197,7 @@ pub async fn memory(operator: &Path, routes: usize, pods: usize) -> Value {
     let settle = Duration::from_secs(5);
     let admin_port = free_port();
     let mut empty = start_operator(operator, &cluster, admin_port);
-    wait_ready(admin_port, &mut empty, Duration::from_secs(60)).await;
+    wait_ready(&format!("http://127.0.0.1:{admin_port}/readyz"), Duration::from_secs(60)).await;
     tokio::time::sleep(settle).await;
     let rss_empty = procs::tree_rss_kib(empty.pid());
     empty.terminate();
@@ -232,12 +210,12 @@ pub async fn memory(operator: &Path, routes: usize, pods: usize) -> Value {
 
     let admin_port = free_port();
     let mut full = start_operator(operator, &cluster, admin_port);
-    let ready = wait_ready(admin_port, &mut full, Duration::from_secs(120)).await;
+    let ready = wait_ready(&format!("http://127.0.0.1:{admin_port}/readyz"), Duration::from_secs(120)).await;
     let rss_ready = procs::tree_rss_kib(full.pid());
     let reconciled = ready + wait_reconciled(&client, routes, Duration::from_secs(600)).await;
     tokio::time::sleep(settle).await;
     let rss_steady = procs::tree_rss_kib(full.pid());
-    let rss_peak = peak_rss_kib(full.pid());
+    let rss_peak = procs::peak_rss_kib(full.pid());
     full.terminate();
     json!({
         "routes": routes, "pods": pods,

@@ -28,17 +28,19 @@ fn tree(pid: u32) -> Vec<u32> {
     all
 }
 
+/// A `kB` field of /proc/<pid>/status, such as `VmRSS:` or `VmHWM:`.
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
+}
+
 pub fn tree_rss_kib(pid: u32) -> u64 {
-    tree(pid)
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-        .filter_map(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .sum()
+    tree(pid).iter().filter_map(|&p| status_kib(p, "VmRSS:")).sum()
+}
+
+/// Peak resident memory of one process (VmHWM), in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:").unwrap_or(0)
 }
 
 pub fn tree_cpu_seconds(pid: u32) -> f64 {

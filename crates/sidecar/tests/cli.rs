@@ -67,3 +67,22 @@ fn schema_is_json() {
     let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(schema["properties"]["destinations"].is_object());
 }
+
+#[test]
+fn an_invalid_log_filter_is_reported_and_info_used() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(
+        &path,
+        format!("listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:0\nspool: {{path: {}/s.db}}\n", dir.path().display()),
+    )
+    .unwrap();
+    let out =
+        Command::new(binary()).arg("--config").arg(&path).env("STORERELAY_LOG", "storerelay=loud").output().unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("STORERELAY_LOG is not a valid filter; logging at info"), "{err}");
+    // Logging still works at info: the start failure is there as before.
+    assert!(err.contains(&format!("cannot listen on 127.0.0.1:{port} (listen)")), "{err}");
+}
