@@ -45,8 +45,9 @@ pub async fn webhook(reviews: usize) -> Value {
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr: SocketAddr = listener.local_addr().expect("addr");
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(storerelay_operator::serve::serve_tls(listener, router(state), server_config(resolver), stopped));
+    // Never cancelled: the server lives as long as the benchmark process.
+    let stop = storerelay_runtime::CancellationToken::new();
+    tokio::spawn(storerelay_operator::serve::serve_tls(listener, router(state), server_config(resolver), stop));
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(bundle.ca_cert_pem.as_bytes()).expect("ca"))
         .no_proxy()

@@ -336,8 +336,8 @@ impl SidecarConfig {
             }
         }
         if let Some(upstream) = &self.upstream {
-            if let Err(message) = check_http_url(&upstream.url, false) {
-                problem("upstream.url".into(), message);
+            if let Err(url_problem) = check_http_url(&upstream.url, false) {
+                problem("upstream.url".into(), url_problem.to_string());
             }
             if upstream.timeout.is_zero() {
                 problem("upstream.timeout".into(), "must be more than 0s".into());
@@ -391,8 +391,8 @@ impl SidecarConfig {
             }
             match (&destination.url, &destination.url_file) {
                 (Some(url), None) => {
-                    if let Err(message) = check_http_url(url, true) {
-                        problem(key("url"), message);
+                    if let Err(url_problem) = check_http_url(url, true) {
+                        problem(key("url"), url_problem.to_string());
                     }
                 }
                 (None, Some(_)) => {}
@@ -442,20 +442,35 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// What is wrong with a URL, said without echoing it (it may hold a token). Reads after "the URL".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlProblem {
+    #[error("is not a valid URL ({0})")]
+    Invalid(url::ParseError),
+    #[error("scheme `{0}` is not http or https")]
+    Scheme(String),
+    #[error("has no host")]
+    NoHost,
+    #[error("must not carry user:password (use headers for credentials)")]
+    UserInfo,
+    #[error("must not have a query or fragment (the request's own is appended)")]
+    QueryOrFragment,
+}
+
 /// Checks an http(s) URL without ever echoing it (it may hold a token).
-pub fn check_http_url(url: &str, allow_query: bool) -> Result<(), String> {
-    let parsed = url::Url::parse(url.trim()).map_err(|e| format!("is not a valid URL ({e})"))?;
+pub fn check_http_url(url: &str, allow_query: bool) -> Result<(), UrlProblem> {
+    let parsed = url::Url::parse(url.trim()).map_err(UrlProblem::Invalid)?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(format!("scheme `{}` is not http or https", parsed.scheme()));
+        return Err(UrlProblem::Scheme(parsed.scheme().to_string()));
     }
     if parsed.host_str().is_none_or(str::is_empty) {
-        return Err("has no host".into());
+        return Err(UrlProblem::NoHost);
     }
     if !parsed.username().is_empty() || parsed.password().is_some() {
-        return Err("must not carry user:password (use headers for credentials)".into());
+        return Err(UrlProblem::UserInfo);
     }
     if !allow_query && (parsed.query().is_some() || parsed.fragment().is_some()) {
-        return Err("must not have a query or fragment (the request's own is appended)".into());
+        return Err(UrlProblem::QueryOrFragment);
     }
     Ok(())
 }

@@ -21,7 +21,7 @@ use crate::crd::{NotificationRoute, NotificationRouteStatus, RolloutPolicy};
 use crate::inject::{self, InjectOptions, RESTARTED_AT_ANNOTATION};
 use crate::metrics::Metrics;
 use crate::render::{CONFIG_KEY, config_map_name, render_yaml};
-use crate::status::{self, Facts, SecretsCheck, Workload};
+use crate::status::{self, Facts, RestartableKind, SecretsCheck, Workload};
 
 pub const FIELD_MANAGER: &str = "storerelay-operator";
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "storerelay-operator");
@@ -64,7 +64,7 @@ pub async fn reconcile(route: Arc<NotificationRoute>, ctx: Arc<Context>) -> Resu
     let started = Instant::now();
     let result = reconcile_route(&route, &ctx).await;
     ctx.metrics.observe_reconcile(started.elapsed());
-    ctx.metrics.reconciliations.inc(&[if result.is_ok() { "ok" } else { "error" }]);
+    ctx.metrics.count_reconciliation(if result.is_ok() { "ok" } else { "error" });
     result
 }
 
@@ -92,7 +92,7 @@ async fn reconcile_route(route: &NotificationRoute, ctx: &Context) -> Result<Act
 
     let policy = route.spec.rollout.as_ref().map(|r| r.policy).unwrap_or_default();
     if policy == RolloutPolicy::RestartWorkloads && ctx.restarts_allowed {
-        for workload in counts.workloads.iter().filter(|w| w.restartable()) {
+        for workload in counts.workloads.iter().filter(|w| w.restartable().is_some()) {
             restart(ctx, route, &namespace, workload).await?;
         }
     }
@@ -212,6 +212,7 @@ async fn check_references(ctx: &Context, route: &NotificationRoute, namespace: &
 
 /// What `kubectl rollout restart` does: a new annotation on the pod template, rate-limited.
 async fn restart(ctx: &Context, route: &NotificationRoute, namespace: &str, workload: &Workload) -> Result<(), Error> {
+    let Some(kind) = workload.restartable() else { return Ok(()) };
     let key = format!("{namespace}/{workload}");
     {
         let mut last = ctx.last_restart.lock().unwrap_or_else(|p| p.into_inner());
@@ -223,25 +224,24 @@ async fn restart(ctx: &Context, route: &NotificationRoute, namespace: &str, work
     let patch = json!({"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT_ANNOTATION: Timestamp::now().to_string()}}}}});
     let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
     let client = ctx.client.clone();
-    match workload.kind.as_str() {
-        "Deployment" => {
+    match kind {
+        RestartableKind::Deployment => {
             Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client, namespace)
                 .patch(&workload.name, &params, &Patch::Merge(&patch))
                 .await?;
         }
-        "StatefulSet" => {
+        RestartableKind::StatefulSet => {
             Api::<k8s_openapi::api::apps::v1::StatefulSet>::namespaced(client, namespace)
                 .patch(&workload.name, &params, &Patch::Merge(&patch))
                 .await?;
         }
-        "DaemonSet" => {
+        RestartableKind::DaemonSet => {
             Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client, namespace)
                 .patch(&workload.name, &params, &Patch::Merge(&patch))
                 .await?;
         }
-        _ => return Ok(()),
     }
-    ctx.metrics.workload_restarts.inc(&[&workload.kind]);
+    ctx.metrics.count_workload_restart(kind.as_str());
     tracing::info!(route = %route.name_any(), namespace, %workload, "restarted workload to pick up the sidecar");
     let event = Event {
         type_: EventType::Normal,

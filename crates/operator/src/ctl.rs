@@ -1,7 +1,11 @@
-//! `storerelayctl check`: is storerelay healthy in this cluster? The CRD is served, the webhook
-//! configuration trusts the certificate the operator serves, and each route's status in a line.
+//! storerelayctl's commands. Offline: a route file rendered to its sidecar config, or its injection
+//! applied to manifests (through [`crate::manifests`]). Online, `check`: is storerelay healthy in this
+//! cluster? The CRD is served, the webhook configuration trusts the certificate the operator serves,
+//! and each route's status in a line.
 
 use std::fmt::Write;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
@@ -10,7 +14,68 @@ use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
 use crate::crd::NotificationRoute;
+use crate::inject::{InjectOptions, injection};
+use crate::manifests::{ManifestError, inject_documents, uninject_documents};
+use crate::render::{RenderError, render_yaml};
 use crate::webhook_config::bundle_from_secret;
+
+/// Why an offline command failed: the file at fault, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum OfflineError {
+    #[error("{}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: not a NotificationRoute: {source}", path.display())]
+    NotARoute { path: PathBuf, source: serde_yaml::Error },
+    #[error("{}: {source}", path.display())]
+    Render { path: PathBuf, source: RenderError },
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+}
+
+pub fn read_route(path: &Path) -> Result<NotificationRoute, OfflineError> {
+    let text = std::fs::read_to_string(path).map_err(|source| OfflineError::Read { path: path.into(), source })?;
+    serde_yaml::from_str(&text).map_err(|source| OfflineError::NotARoute { path: path.into(), source })
+}
+
+/// `render-config`: the sidecar config a route file renders to.
+pub fn render_config(route_path: &Path) -> Result<String, OfflineError> {
+    let route = read_route(route_path)?;
+    render_yaml(&route).map_err(|source| OfflineError::Render { path: route_path.into(), source })
+}
+
+/// Manifests from a file, or from standard input when `file` is `-`.
+pub fn read_manifests(file: &str) -> Result<String, OfflineError> {
+    if file == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|source| OfflineError::Read { path: "standard input".into(), source })?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(file).map_err(|source| OfflineError::Read { path: file.into(), source })
+}
+
+/// `inject` (or `uninject`): the route's sidecar added to (removed from) every selected Pod and pod
+/// template in `manifests`.
+pub fn rewrite_manifests(
+    route_path: &Path,
+    manifests: &str,
+    image: Option<&str>,
+    inject: bool,
+) -> Result<String, OfflineError> {
+    let route = read_route(route_path)?;
+    let mut options = InjectOptions::default();
+    if let Some(image) = image {
+        options.image = image.to_string();
+    }
+    let injection = injection(&route, &options);
+    let rewritten = if inject {
+        inject_documents(manifests, &route, &injection)
+    } else {
+        uninject_documents(manifests, &route, &injection)
+    };
+    Ok(rewritten?)
+}
 
 pub struct CheckTarget {
     pub namespace: String,

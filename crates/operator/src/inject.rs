@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sha2::{Digest, Sha256};
 
-use crate::crd::{KeyRef, NotificationRoute};
+use crate::crd::{KeyRef, NotificationRoute, NotificationRouteSpec};
 use crate::render::{
     APPLE_ROOT_DIR, APPLE_ROOT_FILE, CONFIG_DIR, CONFIG_KEY, SPOOL_DIR, V1_PASSWORD_DIR, V1_PASSWORD_FILE,
     config_map_name, destination_secret_dir, spool_size,
@@ -108,27 +108,76 @@ fn quantity(text: &str) -> Quantity {
 pub fn injection(route: &NotificationRoute, options: &InjectOptions) -> Injection {
     let route_name = route.metadata.name.clone().unwrap_or_default();
     let spec = &route.spec;
-    let mut volumes = vec![Volume {
-        name: format!("{VOLUME_PREFIX}config"),
-        config_map: Some(ConfigMapVolumeSource { name: config_map_name(&route_name), ..Default::default() }),
-        ..Default::default()
-    }];
-    let mut mounts = vec![mount(&format!("{VOLUME_PREFIX}config"), CONFIG_DIR)];
+    let mut storage = Storage::default();
+    storage.add_config(&route_name);
+    storage.add_spool(spec);
+    storage.add_verify_files(spec);
+    storage.add_destination_secrets(spec);
+    storage.add_no_token();
 
-    let size_limit =
-        spool_size(spec).map(|(text, _)| text).unwrap_or_else(|_| crate::render::DEFAULT_SPOOL_SIZE.into());
-    volumes.push(Volume {
-        name: format!("{VOLUME_PREFIX}spool"),
-        empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(quantity(&size_limit)), medium: None }),
+    let sidecar = spec.sidecar.clone().unwrap_or_default();
+    let admin_port = spec.listen.admin_port;
+    let container = Container {
+        name: CONTAINER_NAME.into(),
+        image: Some(sidecar.image.unwrap_or_else(|| options.image.clone())),
+        image_pull_policy: sidecar.image_pull_policy.or_else(|| options.image_pull_policy.clone()),
+        args: Some(vec!["--config".into(), format!("{CONFIG_DIR}/{CONFIG_KEY}")]),
+        // A native sidecar: starts before the app, stops after it, restarts on its own.
+        restart_policy: Some("Always".into()),
+        ports: Some(ports(spec.listen.port, admin_port)),
+        startup_probe: Some(admin_probe(admin_port, "/readyz", 1, 60)),
+        readiness_probe: Some(admin_probe(admin_port, "/readyz", 5, 3)),
+        liveness_probe: Some(admin_probe(admin_port, "/healthz", 10, 3)),
+        resources: Some(sidecar.resources.unwrap_or_else(default_resources)),
+        security_context: Some(restricted_security_context()),
+        volume_mounts: Some(storage.mounts),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
-    });
-    mounts.push(VolumeMount {
-        name: format!("{VOLUME_PREFIX}spool"),
-        mount_path: SPOOL_DIR.into(),
-        ..Default::default()
-    });
+    };
+    let revision = revision(&container, &storage.volumes);
+    Injection { route: route_name, revision, container, volumes: storage.volumes }
+}
 
-    if let Some(verify) = &spec.verify {
+/// The volumes the sidecar needs and where it mounts each.
+#[derive(Default)]
+struct Storage {
+    volumes: Vec<Volume>,
+    mounts: Vec<VolumeMount>,
+}
+
+impl Storage {
+    fn add(&mut self, volume: Volume, mount: VolumeMount) {
+        self.volumes.push(volume);
+        self.mounts.push(mount);
+    }
+
+    /// The rendered config, from the route's ConfigMap.
+    fn add_config(&mut self, route_name: &str) {
+        let name = format!("{VOLUME_PREFIX}config");
+        let volume = Volume {
+            name: name.clone(),
+            config_map: Some(ConfigMapVolumeSource { name: config_map_name(route_name), ..Default::default() }),
+            ..Default::default()
+        };
+        self.add(volume, mount(&name, CONFIG_DIR));
+    }
+
+    /// The spool: an `emptyDir` sized from `spool.maxBytes`, the one writable mount.
+    fn add_spool(&mut self, spec: &NotificationRouteSpec) {
+        let name = format!("{VOLUME_PREFIX}spool");
+        let size_limit =
+            spool_size(spec).map(|(text, _)| text).unwrap_or_else(|_| crate::render::DEFAULT_SPOOL_SIZE.into());
+        let volume = Volume {
+            name: name.clone(),
+            empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(quantity(&size_limit)), medium: None }),
+            ..Default::default()
+        };
+        self.add(volume, VolumeMount { name, mount_path: SPOOL_DIR.into(), ..Default::default() });
+    }
+
+    /// Apple's root certificate and the V1 shared secret, when the route verifies with them.
+    fn add_verify_files(&mut self, spec: &NotificationRouteSpec) {
+        let Some(verify) = &spec.verify else { return };
         if let Some(root) = &verify.apple_root {
             let name = format!("{VOLUME_PREFIX}apple-root");
             let volume = match (&root.config_map_key_ref, &root.secret_key_ref) {
@@ -149,109 +198,111 @@ pub fn injection(route: &NotificationRoute, options: &InjectOptions) -> Injectio
                 (None, Some(reference)) => secret_volume(name.clone(), reference, APPLE_ROOT_FILE),
                 (None, None) => Volume { name: name.clone(), ..Default::default() },
             };
-            volumes.push(volume);
-            mounts.push(mount(&name, APPLE_ROOT_DIR));
+            self.add(volume, mount(&name, APPLE_ROOT_DIR));
         }
         if let Some(source) = &verify.v1_password_from {
             let name = format!("{VOLUME_PREFIX}v1-password");
-            volumes.push(secret_volume(name.clone(), &source.secret_key_ref, V1_PASSWORD_FILE));
-            mounts.push(mount(&name, V1_PASSWORD_DIR));
+            self.add(
+                secret_volume(name.clone(), &source.secret_key_ref, V1_PASSWORD_FILE),
+                mount(&name, V1_PASSWORD_DIR),
+            );
         }
     }
-    for destination in &spec.destinations {
-        // One projected volume per destination: its files stay current when a Secret rotates (a
-        // subPath mount would not).
-        let sources: Vec<VolumeProjection> = [(&destination.url_from, "url"), (&destination.headers_from, "headers")]
-            .into_iter()
-            .filter_map(|(source, file)| {
-                let reference = &source.as_ref()?.secret_key_ref;
-                Some(VolumeProjection {
-                    secret: Some(SecretProjection {
-                        name: reference.name.clone(),
-                        items: Some(vec![KeyToPath { key: reference.key.clone(), path: file.into(), mode: None }]),
-                        optional: Some(true),
-                    }),
-                    ..Default::default()
-                })
-            })
-            .collect();
-        if sources.is_empty() {
-            continue;
-        }
-        let name = format!("{VOLUME_PREFIX}dest-{}", destination.name);
-        volumes.push(Volume {
-            name: name.clone(),
-            projected: Some(ProjectedVolumeSource { sources: Some(sources), default_mode: Some(0o444) }),
-            ..Default::default()
-        });
-        mounts.push(mount(&name, &destination_secret_dir(&destination.name)));
-    }
-    // The sidecar talks to no Kubernetes API: an empty folder where the token would be keeps it out.
-    volumes.push(Volume {
-        name: format!("{VOLUME_PREFIX}no-token"),
-        empty_dir: Some(EmptyDirVolumeSource { medium: Some("Memory".into()), size_limit: Some(quantity("1Ki")) }),
-        ..Default::default()
-    });
-    mounts.push(mount(&format!("{VOLUME_PREFIX}no-token"), SERVICE_ACCOUNT_DIR));
 
-    let sidecar = spec.sidecar.clone().unwrap_or_default();
-    let resources = sidecar.resources.unwrap_or_else(|| ResourceRequirements {
-        requests: Some(BTreeMap::from([("cpu".into(), quantity("10m")), ("memory".into(), quantity("32Mi"))])),
-        limits: Some(BTreeMap::from([("memory".into(), quantity("64Mi"))])),
+    /// One projected volume per destination with Secret references: its files stay current when a
+    /// Secret rotates (a subPath mount would not).
+    fn add_destination_secrets(&mut self, spec: &NotificationRouteSpec) {
+        for destination in &spec.destinations {
+            let sources: Vec<VolumeProjection> =
+                [(&destination.url_from, "url"), (&destination.headers_from, "headers")]
+                    .into_iter()
+                    .filter_map(|(source, file)| {
+                        let reference = &source.as_ref()?.secret_key_ref;
+                        Some(VolumeProjection {
+                            secret: Some(SecretProjection {
+                                name: reference.name.clone(),
+                                items: Some(vec![KeyToPath {
+                                    key: reference.key.clone(),
+                                    path: file.into(),
+                                    mode: None,
+                                }]),
+                                optional: Some(true),
+                            }),
+                            ..Default::default()
+                        })
+                    })
+                    .collect();
+            if sources.is_empty() {
+                continue;
+            }
+            let name = format!("{VOLUME_PREFIX}dest-{}", destination.name);
+            let volume = Volume {
+                name: name.clone(),
+                projected: Some(ProjectedVolumeSource { sources: Some(sources), default_mode: Some(0o444) }),
+                ..Default::default()
+            };
+            self.add(volume, mount(&name, &destination_secret_dir(&destination.name)));
+        }
+    }
+
+    /// The sidecar talks to no Kubernetes API: an empty folder where the token would be keeps it out.
+    fn add_no_token(&mut self) {
+        let name = format!("{VOLUME_PREFIX}no-token");
+        let volume = Volume {
+            name: name.clone(),
+            empty_dir: Some(EmptyDirVolumeSource { medium: Some("Memory".into()), size_limit: Some(quantity("1Ki")) }),
+            ..Default::default()
+        };
+        self.add(volume, mount(&name, SERVICE_ACCOUNT_DIR));
+    }
+}
+
+fn ports(port: i32, admin_port: i32) -> Vec<ContainerPort> {
+    let tcp = |name: &str, container_port| ContainerPort {
+        name: Some(name.into()),
+        container_port,
+        protocol: Some("TCP".into()),
         ..Default::default()
-    });
-    let admin_probe = |path: &str, period: i32, failures: i32| Probe {
+    };
+    vec![tcp("storerelay", port), tcp("storerelay-adm", admin_port)]
+}
+
+/// An HTTP probe of the admin port.
+fn admin_probe(admin_port: i32, path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
-            port: IntOrString::Int(spec.listen.admin_port),
+            port: IntOrString::Int(admin_port),
             ..Default::default()
         }),
         period_seconds: Some(period),
         failure_threshold: Some(failures),
         timeout_seconds: Some(1),
         ..Default::default()
-    };
-    let container = Container {
-        name: CONTAINER_NAME.into(),
-        image: Some(sidecar.image.unwrap_or_else(|| options.image.clone())),
-        image_pull_policy: sidecar.image_pull_policy.or_else(|| options.image_pull_policy.clone()),
-        args: Some(vec!["--config".into(), format!("{CONFIG_DIR}/{CONFIG_KEY}")]),
-        // A native sidecar: starts before the app, stops after it, restarts on its own.
-        restart_policy: Some("Always".into()),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some("storerelay".into()),
-                container_port: spec.listen.port,
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            },
-            ContainerPort {
-                name: Some("storerelay-adm".into()),
-                container_port: spec.listen.admin_port,
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            },
-        ]),
-        startup_probe: Some(admin_probe("/readyz", 1, 60)),
-        readiness_probe: Some(admin_probe("/readyz", 5, 3)),
-        liveness_probe: Some(admin_probe("/healthz", 10, 3)),
-        resources: Some(resources),
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(SIDECAR_UID),
-            run_as_group: Some(SIDECAR_UID),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
-            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
-            ..Default::default()
-        }),
-        volume_mounts: Some(mounts),
-        termination_message_policy: Some("FallbackToLogsOnError".into()),
+    }
+}
+
+/// Unless the route says otherwise: a small request, and a memory limit with room for bursts.
+fn default_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([("cpu".into(), quantity("10m")), ("memory".into(), quantity("32Mi"))])),
+        limits: Some(BTreeMap::from([("memory".into(), quantity("64Mi"))])),
         ..Default::default()
-    };
-    let revision = revision(&container, &volumes);
-    Injection { route: route_name, revision, container, volumes }
+    }
+}
+
+/// What the `restricted` Pod Security Standard asks for, with a read-only root.
+fn restricted_security_context() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(SIDECAR_UID),
+        run_as_group: Some(SIDECAR_UID),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+        ..Default::default()
+    }
 }
 
 /// A short hash of everything injected: a change means pods made before it are outdated.

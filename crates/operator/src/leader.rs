@@ -3,7 +3,6 @@
 //! concurrency (a replace with the Lease's resourceVersion), so two replicas never both win.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -114,7 +113,7 @@ pub async fn run(
         if leads != *leading.borrow() {
             tracing::info!(identity, leader = leads, "leadership changed");
         }
-        metrics.leader.store(leads, Ordering::Relaxed);
+        metrics.set_leader(leads);
         leading.send_if_modified(|current| std::mem::replace(current, leads) != leads);
         tokio::time::sleep(RENEW_EVERY).await;
     }

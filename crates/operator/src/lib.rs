@@ -25,10 +25,3 @@ pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
     yaml11::to_string(&serde_json::to_value(NotificationRoute::crd()).unwrap_or_default())
 }
-
-/// JSON log lines on stderr; `STORERELAY_LOG` takes a tracing filter (default `info`).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STORERELAY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-}

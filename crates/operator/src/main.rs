@@ -58,7 +58,7 @@ struct Flags {
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
-    storerelay_operator::init_logging();
+    storerelay_runtime::log::init();
     let mode = match (flags.tls_cert_file, flags.tls_key_file) {
         (Some(cert), Some(key)) => CertMode::Files { cert, key },
         _ => CertMode::Operator,

@@ -1,87 +1,176 @@
-//! The operator's metrics.
+//! The operator's metrics, registered in one place.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use storerelay_metrics::{CounterVec, DEFAULT_BUCKETS, FAST_BUCKETS, HistogramVec, render_gauge};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use storerelay_runtime::metrics::{encode, fast_histogram, request_histogram};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Result {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Field {
+    pub field: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Path {
+    path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Controller {
+    controller: &'static str,
+}
 
 pub struct Metrics {
+    registry: Registry,
     /// Admission decisions: injected, unchanged, conflict, denied, invalid.
-    pub admissions: CounterVec,
-    admission_duration: HistogramVec,
+    pub admissions: Family<Result, Counter>,
+    admission_duration: Family<Path, Histogram, fn() -> Histogram>,
     /// Reconciliations by result: ok, error.
-    pub reconciliations: CounterVec,
-    reconcile_duration: HistogramVec,
+    pub reconciliations: Family<Result, Counter>,
+    reconcile_duration: Family<Controller, Histogram, fn() -> Histogram>,
     /// Workload restarts requested by `rollout.policy: RestartWorkloads`, by kind.
-    pub workload_restarts: CounterVec,
+    pub workload_restarts: Family<Kind, Counter>,
     /// Webhook configuration patches (caBundle, namespaceSelector).
-    pub webhook_patches: CounterVec,
-    pub leader: AtomicBool,
+    pub webhook_patches: Family<Field, Counter>,
+    /// 1 while this replica holds the lease.
+    leader: Gauge,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
+        let mut registry = Registry::default();
+        macro_rules! register {
+            ($name:literal, $help:literal, $metric:expr) => {{
+                let metric = $metric;
+                registry.register($name, $help, metric.clone());
+                metric
+            }};
+        }
         Metrics {
-            admissions: CounterVec::new(
-                "storerelay_operator_admissions_total",
-                "Pod admission decisions by result.",
-                &["result"],
+            admissions: register!(
+                "storerelay_operator_admissions",
+                "Pod admission decisions by result",
+                Family::default()
             ),
-            admission_duration: HistogramVec::new(
+            admission_duration: register!(
                 "storerelay_operator_admission_duration_seconds",
-                "Time to decide on one AdmissionReview.",
-                "path",
-                FAST_BUCKETS,
+                "Time to decide on one AdmissionReview",
+                Family::new_with_constructor(fast_histogram as fn() -> Histogram)
             ),
-            reconciliations: CounterVec::new(
-                "storerelay_operator_reconciliations_total",
-                "Route reconciliations by result.",
-                &["result"],
+            reconciliations: register!(
+                "storerelay_operator_reconciliations",
+                "Route reconciliations by result",
+                Family::default()
             ),
-            reconcile_duration: HistogramVec::new(
+            reconcile_duration: register!(
                 "storerelay_operator_reconcile_duration_seconds",
-                "Time of one reconciliation.",
-                "controller",
-                DEFAULT_BUCKETS,
+                "Time of one reconciliation",
+                Family::new_with_constructor(request_histogram as fn() -> Histogram)
             ),
-            workload_restarts: CounterVec::new(
-                "storerelay_operator_workload_restarts_total",
-                "Workload restarts requested to pick up the sidecar, by kind.",
-                &["kind"],
+            workload_restarts: register!(
+                "storerelay_operator_workload_restarts",
+                "Workload restarts requested to pick up the sidecar, by kind",
+                Family::default()
             ),
-            webhook_patches: CounterVec::new(
-                "storerelay_operator_webhook_patches_total",
-                "Patches of the MutatingWebhookConfiguration, by field.",
-                &["field"],
+            webhook_patches: register!(
+                "storerelay_operator_webhook_patches",
+                "Patches of the MutatingWebhookConfiguration, by field",
+                Family::default()
             ),
-            leader: AtomicBool::new(false),
+            leader: register!(
+                "storerelay_operator_leader",
+                "1 while this replica holds the lease and writes",
+                Gauge::default()
+            ),
+            registry,
         }
     }
 }
 
 impl Metrics {
+    pub fn count_admission(&self, result: &'static str) {
+        self.admissions.get_or_create(&Result { result }).inc();
+    }
+
+    /// How many admissions ended with `result` so far.
+    pub fn admissions(&self, result: &'static str) -> u64 {
+        self.admissions.get_or_create(&Result { result }).get()
+    }
+
     pub fn observe_admission(&self, took: Duration) {
-        self.admission_duration.observe("/mutate", took);
+        self.admission_duration.get_or_create(&Path { path: "/mutate" }).observe(took.as_secs_f64());
+    }
+
+    pub fn count_reconciliation(&self, result: &'static str) {
+        self.reconciliations.get_or_create(&Result { result }).inc();
+    }
+
+    pub fn reconciliations(&self, result: &'static str) -> u64 {
+        self.reconciliations.get_or_create(&Result { result }).get()
     }
 
     pub fn observe_reconcile(&self, took: Duration) {
-        self.reconcile_duration.observe("notificationroute", took);
+        self.reconcile_duration
+            .get_or_create(&Controller { controller: "notificationroute" })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn count_workload_restart(&self, kind: &'static str) {
+        self.workload_restarts.get_or_create(&Kind { kind }).inc();
+    }
+
+    pub fn workload_restarts(&self, kind: &'static str) -> u64 {
+        self.workload_restarts.get_or_create(&Kind { kind }).get()
+    }
+
+    pub fn count_webhook_patch(&self, field: &'static str) {
+        self.webhook_patches.get_or_create(&Field { field }).inc();
+    }
+
+    pub fn set_leader(&self, leads: bool) {
+        self.leader.set(i64::from(leads));
     }
 
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(2048);
-        self.admissions.render(&mut out);
-        self.admission_duration.render(&mut out);
-        self.reconciliations.render(&mut out);
-        self.reconcile_duration.render(&mut out);
-        self.workload_restarts.render(&mut out);
-        self.webhook_patches.render(&mut out);
-        render_gauge(
-            &mut out,
-            "storerelay_operator_leader",
-            "1 while this replica holds the lease and writes.",
-            &[(vec![], f64::from(u8::from(self.leader.load(Ordering::Relaxed))))],
-        );
-        out
+        encode(&self.registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_renders_with_its_labels() {
+        let metrics = Metrics::default();
+        metrics.count_admission("injected");
+        metrics.observe_admission(Duration::from_micros(700));
+        metrics.count_workload_restart("Deployment");
+        metrics.set_leader(true);
+        let text = metrics.render();
+        for line in [
+            "storerelay_operator_admissions_total{result=\"injected\"} 1",
+            "storerelay_operator_admission_duration_seconds_count{path=\"/mutate\"} 1",
+            "storerelay_operator_workload_restarts_total{kind=\"Deployment\"} 1",
+            "storerelay_operator_leader 1",
+            "# HELP storerelay_operator_leader 1 while this replica holds the lease and writes.",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
     }
 }

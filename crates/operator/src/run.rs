@@ -17,6 +17,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Client, ResourceExt};
+use storerelay_runtime::CancellationToken;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -69,7 +70,8 @@ pub async fn run_with_client(client: Client, settings: Settings) -> Result<(), R
     let metrics = Arc::new(Metrics::default());
     let resolver = Arc::new(CertResolver::default());
     let (leading_tx, leading) = watch::channel(false);
-    let (_stop_tx, stop) = watch::channel(false);
+    // Cancelled once the controller has stopped (SIGTERM): the listeners close and finish open requests.
+    let stop = CancellationToken::new();
 
     let bind = |what: &'static str, address: SocketAddr| async move {
         TcpListener::bind(address).await.map_err(|source| RunError::Bind { what, address, source })
@@ -86,8 +88,9 @@ pub async fn run_with_client(client: Client, settings: Settings) -> Result<(), R
         metrics.clone(),
     ));
 
-    // Pods, metadata only: labels, annotations and owners are all the status needs.
-    // Caches polled by their own tasks, so the webhook and readiness never depend on the controller.
+    // Every route, without managed fields: the webhook decides from this cache, and status reads it
+    // for selector conflicts. Each cache is polled by its own task, so the webhook and readiness never
+    // depend on the controller.
     let (routes, routes_writer) = reflector::store::<NotificationRoute>();
     let route_feed = watcher(Api::<NotificationRoute>::all(client.clone()), watcher::Config::default())
         .default_backoff()
@@ -144,7 +147,7 @@ pub async fn run_with_client(client: Client, settings: Settings) -> Result<(), R
         metrics: metrics.clone(),
         conflicts: Some(conflicts_tx),
     });
-    tokio::spawn(crate::serve::serve_tls(
+    let webhook_server = tokio::spawn(crate::serve::serve_tls(
         webhook_listener,
         webhook::router(webhook_state),
         server_config(resolver.clone()),
@@ -163,9 +166,12 @@ pub async fn run_with_client(client: Client, settings: Settings) -> Result<(), R
     let admin = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(|State(h): State<Arc<Health>>| async move { h.metrics.render() }))
+        .route("/metrics", get(serve_metrics))
         .with_state(health.clone());
-    tokio::spawn(crate::serve::serve_plain(admin_listener, admin, stop.clone()));
+    let admin_options =
+        storerelay_runtime::http::ServeOptions { grace: std::time::Duration::from_secs(1), ..crate::serve::OPTIONS };
+    let admin_server =
+        tokio::spawn(storerelay_runtime::http::serve(admin_listener, admin, admin_options, stop.clone()));
     {
         let (routes, pods, health) = (routes.clone(), pods.clone(), health.clone());
         tokio::spawn(async move {
@@ -195,6 +201,8 @@ pub async fn run_with_client(client: Client, settings: Settings) -> Result<(), R
             }
         })
         .await;
+    stop.cancel();
+    let _ = tokio::join!(webhook_server, admin_server);
     tracing::info!("storerelay-operator stopped");
     Ok(())
 }
@@ -241,6 +249,10 @@ fn forget_what_status_does_not_read(pod: &mut PartialObjectMeta<Pod>) {
     }
 }
 
+async fn serve_metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, storerelay_runtime::metrics::CONTENT_TYPE)], health.metrics.render())
+}
+
 async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     let synced = health.caches_synced.load(Ordering::SeqCst);
     let certificate = health.resolver.is_loaded();
@@ -264,7 +276,7 @@ mod tests {
             "metadata": {
                 "name": "app-1", "namespace": "shop", "labels": {"app": "payments"},
                 "annotations": {
-                    crate::inject::INJECTED_ANNOTATION: "payments/abc",
+                    crate::inject::INJECTED_ANNOTATION: "payments@0a1b2c3d4e",
                     crate::inject::INJECT_ANNOTATION: "false",
                     "kubectl.kubernetes.io/last-applied-configuration": "{\"a\":\"large\"}"
                 },

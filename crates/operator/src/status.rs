@@ -9,7 +9,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::core::{PartialObjectMeta, SelectorExt};
 
 use crate::crd::{NotificationRoute, RolloutPolicy};
-use crate::inject::{INJECT_ANNOTATION, injected_as};
+use crate::inject::{injected_as, opted_out};
 use crate::select::{pod_selector, routes_for};
 
 pub const READY: &str = "Ready";
@@ -25,9 +25,37 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// Only these are restarted; bare Pods and Jobs never are.
-    pub fn restartable(&self) -> bool {
-        matches!(self.kind.as_str(), "Deployment" | "StatefulSet" | "DaemonSet")
+    /// The kind to restart it as, if it is one that `RestartWorkloads` restarts.
+    pub fn restartable(&self) -> Option<RestartableKind> {
+        RestartableKind::of(&self.kind)
+    }
+}
+
+/// The workloads `rollout.policy: RestartWorkloads` restarts: those that recreate their pods from a
+/// template on a template change. Bare Pods, ReplicaSets and Jobs never are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartableKind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+}
+
+impl RestartableKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartableKind::Deployment => "Deployment",
+            RestartableKind::StatefulSet => "StatefulSet",
+            RestartableKind::DaemonSet => "DaemonSet",
+        }
+    }
+
+    pub fn of(kind: &str) -> Option<RestartableKind> {
+        match kind {
+            "Deployment" => Some(RestartableKind::Deployment),
+            "StatefulSet" => Some(RestartableKind::StatefulSet),
+            "DaemonSet" => Some(RestartableKind::DaemonSet),
+            _ => None,
+        }
     }
 }
 
@@ -93,7 +121,7 @@ pub fn count_pods<'a>(
         {
             continue;
         }
-        if meta.annotations.as_ref().and_then(|a| a.get(INJECT_ANNOTATION)).is_some_and(|v| v == "false") {
+        if opted_out(meta) {
             continue;
         }
         counts.matched += 1;
@@ -318,9 +346,9 @@ mod tests {
     fn workloads_are_found_from_owner_references() {
         let deployment = pod("p", &[], None, Some(("ReplicaSet", "payments-7d9f")));
         assert_eq!(workload_of(&deployment.metadata).to_string(), "Deployment/payments");
-        assert!(workload_of(&deployment.metadata).restartable());
+        assert_eq!(workload_of(&deployment.metadata).restartable(), Some(RestartableKind::Deployment));
         let job = pod("p", &[], None, Some(("Job", "nightly")));
-        assert!(!workload_of(&job.metadata).restartable());
+        assert_eq!(workload_of(&job.metadata).restartable(), None);
         let bare = pod("bare", &[], None, None);
         assert_eq!(workload_of(&bare.metadata).to_string(), "Pod/bare");
     }

@@ -118,14 +118,14 @@ async fn mutate(State(state): State<Arc<WebhookState>>, body: axum::body::Bytes)
     let review: AdmissionReview<Pod> = match serde_json::from_slice(&body) {
         Ok(review) => review,
         Err(error) => {
-            state.metrics.admissions.inc(&["invalid"]);
+            state.metrics.count_admission("invalid");
             return (StatusCode::BAD_REQUEST, format!("not an AdmissionReview: {error}")).into_response();
         }
     };
     let request: AdmissionRequest<Pod> = match review.try_into() {
         Ok(request) => request,
         Err(_) => {
-            state.metrics.admissions.inc(&["invalid"]);
+            state.metrics.count_admission("invalid");
             let review = AdmissionResponse::invalid("no request in the AdmissionReview").into_review();
             return axum::Json(review).into_response();
         }
@@ -149,7 +149,7 @@ async fn mutate(State(state): State<Arc<WebhookState>>, body: axum::body::Bytes)
         Decision::Conflict { .. } => "conflict",
         Decision::Deny(_) => "denied",
     };
-    state.metrics.admissions.inc(&[label]);
+    state.metrics.count_admission(label);
     state.metrics.observe_admission(started.elapsed());
     match &decision {
         Decision::Patch { route, .. } => {

@@ -258,8 +258,8 @@ async fn patch_configuration(
     let patch: json_patch::Patch = serde_json::from_value(json!(operations)).map_err(kube::Error::SerdeError)?;
     let params = PatchParams { field_manager: Some(crate::controller::FIELD_MANAGER.into()), ..Default::default() };
     api.patch(&settings.configuration_name, &params, &Patch::<()>::Json(patch)).await?;
-    for field in &fields {
-        metrics.webhook_patches.inc(&[field]);
+    for field in fields.iter().copied() {
+        metrics.count_webhook_patch(field);
     }
     tracing::info!(?fields, "patched the MutatingWebhookConfiguration");
     Ok(())

@@ -3,12 +3,17 @@
 //! process with the chart ServiceAccount's permissions (impersonated). There is no kubelet or
 //! scheduler, so pods stay Pending: what the API server stores is what is checked.
 //!
-//! One test runs the scenarios in order on one server, since starting it costs more than all of them.
+//! One test runs the scenarios below in order on one server, since starting it costs more than all of
+//! them; each builds on what the ones before it left (the chart installed, the operator running, the
+//! `payments` route) and is reported by name, so a failure says which one.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
@@ -173,6 +178,54 @@ fn condition(status: &storerelay_operator::NotificationRouteStatus, kind: &str) 
     status.conditions.iter().find(|c| c.type_ == kind).map(|c| (c.status.clone(), c.reason.clone())).unwrap_or_default()
 }
 
+/// What the scenarios share: the cluster, clients for the objects they look at, and the operator.
+struct World {
+    cluster: Cluster,
+    admin: Client,
+    helm: PathBuf,
+    routes: Api<NotificationRoute>,
+    shop_pods: Api<Pod>,
+    config_maps: Api<ConfigMap>,
+    secrets: Api<Secret>,
+    configurations: Api<MutatingWebhookConfiguration>,
+    webhook_port: u16,
+    /// A kubeconfig that impersonates the chart's ServiceAccount.
+    impersonating: PathBuf,
+    operator: Option<Operator>,
+}
+
+impl World {
+    async fn start_operator(&mut self, log: &str) {
+        let mut operator = Operator::start(&self.impersonating, self.webhook_port, self.cluster.dir.path().join(log));
+        operator.wait_ready().await;
+        self.operator = Some(operator);
+    }
+
+    fn stop_operator(&mut self) {
+        if let Some(mut operator) = self.operator.take() {
+            operator.stop();
+        }
+    }
+}
+
+async fn run_scenario(name: &str, body: impl Future<Output = ()>) {
+    let started = Instant::now();
+    match AssertUnwindSafe(body).catch_unwind().await {
+        Ok(()) => eprintln!("scenario {name}: ok ({:.1?})", started.elapsed()),
+        Err(panic) => {
+            eprintln!("scenario {name}: FAILED after {:.1?}", started.elapsed());
+            std::panic::resume_unwind(panic)
+        }
+    }
+}
+
+/// Runs each named scenario function in order on one world.
+macro_rules! scenarios {
+    ($world:ident: $($scenario:ident),+ $(,)?) => {
+        $( run_scenario(stringify!($scenario), $scenario(&mut $world)).await; )+
+    };
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn against_a_real_kube_apiserver() {
     let Some(bin) = binaries() else { return };
@@ -180,36 +233,54 @@ async fn against_a_real_kube_apiserver() {
     let cluster = tokio::task::spawn_blocking(move || Cluster::start(&bin)).await.unwrap();
     eprintln!("kube-apiserver ready in {:?}", started.elapsed());
     let admin = cluster.client().await;
-    let helm = helm();
-
     for namespace in [OPERATOR_NAMESPACE, "shop", "other"] {
         let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap();
         Api::<Namespace>::all(admin.clone()).create(&PostParams::default(), &ns).await.unwrap();
     }
-
-    // 5. The chart installs (its crds/ brings the CRD); the operator then runs with its permissions.
-    run_helm(
-        &helm,
-        &cluster,
-        &[
-            "install",
-            RELEASE,
-            root().join("charts/storerelay").to_str().unwrap(),
-            "-n",
-            OPERATOR_NAMESPACE,
-            "--set",
-            "rbac.checkSecrets=true",
-        ],
+    let impersonating = cluster.dir.path().join("operator.kubeconfig");
+    let mut world = World {
+        helm: helm(),
+        routes: Api::namespaced(admin.clone(), "shop"),
+        shop_pods: Api::namespaced(admin.clone(), "shop"),
+        config_maps: Api::namespaced(admin.clone(), "shop"),
+        secrets: Api::namespaced(admin.clone(), "shop"),
+        configurations: Api::all(admin.clone()),
+        webhook_port: free_port(),
+        impersonating,
+        operator: None,
+        admin,
+        cluster,
+    };
+    scenarios!(world:
+        helm_install_brings_the_crd,
+        the_api_server_enforces_the_schema_and_cel_rules,
+        the_operator_runs_with_the_charts_permissions,
+        pods_are_injected_through_the_admission_chain,
+        two_routes_selecting_a_pod_are_a_conflict,
+        with_the_operator_down_pods_are_admitted_and_counted_missing,
+        status_config_map_and_events_follow_the_cluster,
+        base_permissions_read_no_secret_outside_the_operators_namespace,
+        storerelayctl_check_reports_what_a_user_sees,
+        helm_uninstall_removes_what_it_installed,
     );
-    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    eprintln!("kube-apiserver tier finished in {:?}", started.elapsed());
+}
+
+/// The chart installs (its crds/ brings the CRD).
+async fn helm_install_brings_the_crd(w: &mut World) {
+    let chart = root().join("charts/storerelay");
+    let install =
+        ["install", RELEASE, chart.to_str().unwrap(), "-n", OPERATOR_NAMESPACE, "--set", "rbac.checkSecrets=true"];
+    run_helm(&w.helm, &w.cluster, &install);
+    let crds: Api<CustomResourceDefinition> = Api::all(w.admin.clone());
     wait_until("the CRD to be established", Duration::from_secs(30), || async {
         let crd = crds.get("notificationroutes.storerelay.dev").await.ok()?;
         crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
     })
     .await;
+}
 
-    // 1. The schema and CEL rules, enforced by the API server.
-    let routes: Api<NotificationRoute> = Api::namespaced(admin.clone(), "shop");
+async fn the_api_server_enforces_the_schema_and_cel_rules(w: &mut World) {
     for (bad, message) in [
         (
             json!({"selector": {"matchLabels": {"a": "b"}}, "destinations": [{"name": "x", "url": "https://x.invalid/"}, {"name": "x", "url": "https://y.invalid/"}]}),
@@ -229,34 +300,35 @@ async fn against_a_real_kube_apiserver() {
         ),
     ] {
         let object: NotificationRoute = serde_json::from_value(json!({"apiVersion": "storerelay.dev/v1alpha1", "kind": "NotificationRoute", "metadata": {"name": "bad"}, "spec": bad})).unwrap();
-        let error = routes.create(&PostParams::default(), &object).await.expect_err("an invalid route is refused");
+        let error = w.routes.create(&PostParams::default(), &object).await.expect_err("an invalid route is refused");
         assert!(error.to_string().contains(message), "{error}");
     }
+}
 
+/// The operator runs as a process with the chart ServiceAccount's permissions (impersonated) and
+/// takes over the webhook configuration.
+async fn the_operator_runs_with_the_charts_permissions(w: &mut World) {
     // The chart's webhook calls a Service, which needs kube-proxy: point it at the operator process.
-    let webhook_port = free_port();
-    let configurations: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());
-    let url = json!([{"op": "replace", "path": "/webhooks/0/clientConfig", "value": {"url": format!("https://127.0.0.1:{webhook_port}/mutate")}}]);
-    configurations
+    let url = json!([{"op": "replace", "path": "/webhooks/0/clientConfig", "value": {"url": format!("https://127.0.0.1:{}/mutate", w.webhook_port)}}]);
+    w.configurations
         .patch(FULLNAME, &PatchParams::default(), &Patch::<()>::Json(serde_json::from_value(url).unwrap()))
         .await
         .unwrap();
-
-    // 6. The operator runs as the chart's ServiceAccount (impersonated by the admin).
-    let impersonating = cluster.dir.path().join("operator.kubeconfig");
-    let text = std::fs::read_to_string(&cluster.kubeconfig)
+    let text = std::fs::read_to_string(&w.cluster.kubeconfig)
         .unwrap()
         .replace("  user:\n", &format!("  user:\n    as: system:serviceaccount:{OPERATOR_NAMESPACE}:{FULLNAME}\n"));
-    std::fs::write(&impersonating, text).unwrap();
-    let mut operator = Operator::start(&impersonating, webhook_port, cluster.dir.path().join("operator.log"));
-    operator.wait_ready().await;
+    std::fs::write(&w.impersonating, text).unwrap();
+    w.start_operator("operator.log").await;
+    let configurations = &w.configurations;
     wait_until("the operator to patch the caBundle", Duration::from_secs(60), || async {
         let configuration = configurations.get(FULLNAME).await.ok()?;
         configuration.webhooks?.first()?.client_config.ca_bundle.is_some().then_some(())
     })
     .await;
+}
 
-    // 2. Injection through the real admission chain.
+async fn pods_are_injected_through_the_admission_chain(w: &mut World) {
+    let (routes, configurations, config_maps, shop_pods) = (&w.routes, &w.configurations, &w.config_maps, &w.shop_pods);
     routes.create(&PostParams::default(), &route("payments", json!({"app": "payments"}), json!({}))).await.unwrap();
     let valid = routes.get("payments").await.unwrap();
     assert_eq!(valid.spec.listen.port, 8089, "defaults are applied and the route round-trips");
@@ -267,14 +339,12 @@ async fn against_a_real_kube_apiserver() {
         (values == ["shop"]).then_some(())
     })
     .await;
-    let config_maps: Api<ConfigMap> = Api::namespaced(admin.clone(), "shop");
     wait_until("the rendered ConfigMap", Duration::from_secs(30), || async {
         config_maps.get_opt("payments-storerelay").await.ok()?
     })
     .await;
 
-    let shop_pods: Api<Pod> = Api::namespaced(admin.clone(), "shop");
-    let other_pods: Api<Pod> = Api::namespaced(admin.clone(), "other");
+    let other_pods: Api<Pod> = Api::namespaced(w.admin.clone(), "other");
     let created = shop_pods
         .create(&PostParams::default(), &pod("payments-1", "shop", json!({"app": "payments"}), json!({})))
         .await
@@ -307,7 +377,10 @@ async fn against_a_real_kube_apiserver() {
         .await
         .unwrap();
     assert_eq!(sidecars(&dry), 1, "dry runs are injected too (sideEffects NoneOnDryRun)");
+}
 
+async fn two_routes_selecting_a_pod_are_a_conflict(w: &mut World) {
+    let (routes, shop_pods) = (&w.routes, &w.shop_pods);
     routes.create(&PostParams::default(), &route("web", json!({"tier": "web"}), json!({}))).await.unwrap();
     wait_until("the second route in the webhook's cache", Duration::from_secs(30), || async {
         let probe = shop_pods
@@ -329,49 +402,55 @@ async fn against_a_real_kube_apiserver() {
         .unwrap();
     assert_eq!(sidecars(&both), 0, "two routes select it: nothing is injected");
     let status = wait_until("SelectorConflict on the route", Duration::from_secs(60), || async {
-        let status = route_status(&routes, "payments").await?;
+        let status = route_status(routes, "payments").await?;
         (condition(&status, "SelectorConflict").0 == "True").then_some(status)
     })
     .await;
     assert_eq!(condition(&status, "Ready"), ("False".to_string(), "SelectorConflict".to_string()));
     routes.delete("web", &DeleteParams::default()).await.unwrap();
     shop_pods.delete("payments-web", &DeleteParams::default()).await.unwrap();
+}
 
-    // 3. With the operator down, pods are admitted unchanged (failurePolicy Ignore) and later counted.
-    operator.stop();
-    let unchanged = shop_pods
+/// With the operator down, pods are admitted unchanged (failurePolicy Ignore) and later counted.
+async fn with_the_operator_down_pods_are_admitted_and_counted_missing(w: &mut World) {
+    w.stop_operator();
+    let unchanged = w
+        .shop_pods
         .create(&PostParams::default(), &pod("payments-2", "shop", json!({"app": "payments"}), json!({})))
         .await
         .unwrap();
     assert_eq!(sidecars(&unchanged), 0);
-    let mut operator = Operator::start(&impersonating, webhook_port, cluster.dir.path().join("operator-2.log"));
-    operator.wait_ready().await;
+    w.start_operator("operator-2.log").await;
+    let routes = &w.routes;
     let status = wait_until("the missing pod to be counted", Duration::from_secs(90), || async {
-        let status = route_status(&routes, "payments").await?;
+        let status = route_status(routes, "payments").await?;
         (status.missing == 1 && status.matched == 2).then_some(status)
     })
     .await;
     assert_eq!(status.injected, 1);
     assert_eq!(condition(&status, "Ready"), ("False".to_string(), "PodsMissingSidecar".to_string()));
     assert!(status.workloads_to_restart.contains(&"Pod/payments-2".to_string()), "{:?}", status.workloads_to_restart);
+}
 
-    // 4. Printer columns, the ConfigMap following the spec, Events, SecretsResolved following the Secret.
-    let table = cluster.kubectl(&["get", "nroute", "-n", "shop"], None);
+/// Printer columns, the ConfigMap following the spec, Events, SecretsResolved following the Secret.
+async fn status_config_map_and_events_follow_the_cluster(w: &mut World) {
+    let (routes, config_maps, secrets) = (&w.routes, &w.config_maps, &w.secrets);
+    let table = w.cluster.kubectl(&["get", "nroute", "-n", "shop"], None);
     if table.status.success() {
         let header = String::from_utf8_lossy(&table.stdout).lines().next().unwrap_or_default().to_string();
         for column in ["READY", "MATCHED", "INJECTED", "OUTDATED", "MISSING", "AGE"] {
             assert!(header.contains(column), "{header}");
         }
     }
+    let status = route_status(routes, "payments").await.expect("the route has a status");
     assert_eq!(condition(&status, "SecretsResolved"), ("False".to_string(), "Missing".to_string()));
-    let secrets: Api<Secret> = Api::namespaced(admin.clone(), "shop");
     let secret: Secret = serde_json::from_value(
         json!({"metadata": {"name": "revenuecat"}, "stringData": {"url": "https://api.example.invalid/hook/TOKEN"}}),
     )
     .unwrap();
     secrets.create(&PostParams::default(), &secret).await.unwrap();
     wait_until("SecretsResolved True", Duration::from_secs(60), || async {
-        let status = route_status(&routes, "payments").await?;
+        let status = route_status(routes, "payments").await?;
         (condition(&status, "SecretsResolved").0 == "True").then_some(())
     })
     .await;
@@ -384,11 +463,11 @@ async fn against_a_real_kube_apiserver() {
     .await;
     secrets.delete("revenuecat", &DeleteParams::default()).await.unwrap();
     wait_until("SecretsResolved False again", Duration::from_secs(90), || async {
-        let status = route_status(&routes, "payments").await?;
+        let status = route_status(routes, "payments").await?;
         (condition(&status, "SecretsResolved").0 == "False").then_some(())
     })
     .await;
-    let events: Api<Event> = Api::namespaced(admin.clone(), "shop");
+    let events: Api<Event> = Api::namespaced(w.admin.clone(), "shop");
     let reasons: Vec<String> = events
         .list(&ListParams::default())
         .await
@@ -401,25 +480,28 @@ async fn against_a_real_kube_apiserver() {
     for reason in ["PodsMissingSidecar", "SelectorConflict", "Found", "Missing"] {
         assert!(reasons.iter().any(|r| r == reason), "no {reason} event in {reasons:?}");
     }
+}
 
-    // 6 (continued). The chart's base permissions (without the rbac.checkSecrets binding) read no
-    // Secret outside the operator's namespace.
-    let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(admin.clone());
+/// Without the rbac.checkSecrets binding, the chart's permissions read no Secret outside the
+/// operator's namespace.
+async fn base_permissions_read_no_secret_outside_the_operators_namespace(w: &mut World) {
+    let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(w.admin.clone());
     bindings.delete(&format!("{FULLNAME}-check-secrets"), &DeleteParams::default()).await.unwrap();
     let as_operator = {
-        let kubeconfig = kube::config::Kubeconfig::read_from(&impersonating).unwrap();
+        let kubeconfig = kube::config::Kubeconfig::read_from(&w.impersonating).unwrap();
         Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap()).unwrap()
     };
     let app_secret: Secret =
         serde_json::from_value(json!({"metadata": {"name": "app"}, "stringData": {"k": "v"}})).unwrap();
-    secrets.create(&PostParams::default(), &app_secret).await.unwrap();
+    w.secrets.create(&PostParams::default(), &app_secret).await.unwrap();
     let forbidden =
         Api::<Secret>::namespaced(as_operator.clone(), "shop").get("app").await.expect_err("no Secret access");
     assert!(forbidden.to_string().contains("forbidden"), "{forbidden}");
     let own = Api::<Secret>::namespaced(as_operator, OPERATOR_NAMESPACE).get(&format!("{FULLNAME}-webhook-tls")).await;
     assert!(own.is_ok(), "its own certificate Secret is readable: {own:?}");
+}
 
-    // storerelayctl check reads the same facts a user would.
+async fn storerelayctl_check_reports_what_a_user_sees(w: &mut World) {
     let check = Command::new(env!("CARGO_BIN_EXE_storerelayctl"))
         .args([
             "check",
@@ -427,7 +509,7 @@ async fn against_a_real_kube_apiserver() {
             &format!("--webhook-configuration={FULLNAME}"),
             &format!("--webhook-secret={FULLNAME}-webhook-tls"),
         ])
-        .env("KUBECONFIG", &cluster.kubeconfig)
+        .env("KUBECONFIG", &w.cluster.kubeconfig)
         .output()
         .unwrap();
     let report = String::from_utf8_lossy(&check.stdout);
@@ -436,12 +518,12 @@ async fn against_a_real_kube_apiserver() {
     assert!(report.contains("[ok] serving certificate valid for"), "{report}");
     assert!(report.contains("[FAIL] route shop/payments: matched 2 injected 1"), "{report}");
     assert_eq!(check.status.code(), Some(1), "a route that is not Ready fails the check");
+}
 
-    // 5 (continued). helm uninstall removes what it installed.
-    operator.stop();
-    run_helm(&helm, &cluster, &["uninstall", RELEASE, "-n", OPERATOR_NAMESPACE]);
-    assert!(configurations.get_opt(FULLNAME).await.unwrap().is_none());
-    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(admin.clone());
+async fn helm_uninstall_removes_what_it_installed(w: &mut World) {
+    w.stop_operator();
+    run_helm(&w.helm, &w.cluster, &["uninstall", RELEASE, "-n", OPERATOR_NAMESPACE]);
+    assert!(w.configurations.get_opt(FULLNAME).await.unwrap().is_none());
+    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(w.admin.clone());
     assert!(roles.get_opt(FULLNAME).await.unwrap().is_none());
-    eprintln!("kube-apiserver tier finished in {:?}", started.elapsed());
 }

@@ -218,7 +218,7 @@ async fn renders_the_config_map_counts_pods_and_writes_status_and_events() {
         find(&calls, Method::PATCH, "/apis/apps/v1/namespaces/shop/deployments/payments").is_empty(),
         "Manual policy restarts nothing"
     );
-    assert_eq!(ctx.metrics.reconciliations.get(&["ok"]), 1);
+    assert_eq!(ctx.metrics.reconciliations("ok"), 1);
 }
 
 #[tokio::test]
@@ -238,7 +238,7 @@ async fn restart_workloads_patches_the_deployment_once() {
     );
     let secrets = written_condition(&calls, "SecretsResolved");
     assert_eq!((secrets["status"].clone(), secrets["reason"].clone()), (json!("Unknown"), json!("NotChecked")));
-    assert_eq!(ctx.metrics.workload_restarts.get(&["Deployment"]), 1);
+    assert_eq!(ctx.metrics.workload_restarts("Deployment"), 1);
 }
 
 #[tokio::test]

@@ -46,7 +46,8 @@ struct Server {
     url: String,
     client: reqwest::Client,
     metrics: Arc<Metrics>,
-    _stop: tokio::sync::watch::Sender<bool>,
+    /// Stops the server when the test's `Server` goes.
+    _stop: tokio_util::sync::DropGuard,
 }
 
 async fn start(routes: Vec<NotificationRoute>) -> Server {
@@ -74,14 +75,14 @@ async fn start_with(
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(storerelay_operator::serve::serve_tls(listener, router(state), server_config(resolver), stopped));
+    let stop = storerelay_runtime::CancellationToken::new();
+    tokio::spawn(storerelay_operator::serve::serve_tls(listener, router(state), server_config(resolver), stop.clone()));
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(bundle.ca_cert_pem.as_bytes()).unwrap())
         .no_proxy()
         .build()
         .unwrap();
-    Server { url: format!("https://127.0.0.1:{}/mutate", addr.port()), client, metrics, _stop: stop }
+    Server { url: format!("https://127.0.0.1:{}/mutate", addr.port()), client, metrics, _stop: stop.drop_guard() }
 }
 
 async fn admit(server: &Server, review: Value) -> Value {
@@ -118,8 +119,8 @@ async fn a_selected_pod_gets_a_patch_equal_to_the_pure_injection() {
     let again = admit(&server, review(patched, false)).await;
     assert_eq!(again["allowed"], true);
     assert!(again.get("patch").is_none());
-    assert_eq!(server.metrics.admissions.get(&["injected"]), 1);
-    assert_eq!(server.metrics.admissions.get(&["unchanged"]), 1);
+    assert_eq!(server.metrics.admissions("injected"), 1);
+    assert_eq!(server.metrics.admissions("unchanged"), 1);
 }
 
 #[tokio::test]

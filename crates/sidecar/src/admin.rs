@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use crate::clock::now_ms;
 use crate::config::RuntimeConfig;
 use crate::metrics::{Metrics, Snapshot};
-use crate::spool::Spool;
+use crate::spool::{Spool, SpoolBackend};
 
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
@@ -47,7 +47,7 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
-    let stats = state.spool.read(|db| db.stats()).await.unwrap_or_default();
+    let stats = state.spool.stats().await.unwrap_or_default();
     let configured = state.config.borrow().destination_names();
     let max_bytes = state.config.borrow().file.spool.max_bytes.get();
     let text = state.metrics.render(&Snapshot {
@@ -58,5 +58,5 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         max_bytes,
         ready: state.ready.load(Ordering::SeqCst),
     });
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    ([(header::CONTENT_TYPE, storerelay_runtime::metrics::CONTENT_TYPE)], text).into_response()
 }

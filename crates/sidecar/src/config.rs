@@ -16,7 +16,30 @@ use tokio::sync::watch;
 
 use crate::apple::Notification;
 use crate::metrics::Metrics;
-use crate::verify::Verifier;
+use crate::verify::{CertificateError, Verifier};
+
+/// A config that must not take effect: the verifier cannot be built (an unreadable root certificate
+/// would let forgeries through or refuse everything).
+pub type ResolveError = CertificateError;
+
+/// Why a destination's secrets cannot be used. Never contains the URL or a header value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    #[error("cannot read {}: {kind}", path.display())]
+    Unreadable { path: PathBuf, kind: std::io::ErrorKind },
+    #[error("no url")]
+    NoUrl,
+    #[error("urlFile {}: the URL {problem}", file.display())]
+    UrlFile { file: PathBuf, problem: storerelay_config::UrlProblem },
+    #[error("url: {0}")]
+    Url(url::ParseError),
+    #[error("headersFile {}: not a YAML or JSON map of header names to strings", file.display())]
+    HeadersFile { file: PathBuf },
+    #[error("header `{0}`: invalid name")]
+    HeaderName(String),
+    #[error("header `{0}`: invalid value")]
+    HeaderValue(String),
+}
 
 /// A destination ready to be delivered to.
 #[derive(Debug, Clone)]
@@ -79,7 +102,7 @@ pub fn resolve(
     file: SidecarConfig,
     previous: Option<&RuntimeConfig>,
     metrics: &Metrics,
-) -> Result<RuntimeConfig, String> {
+) -> Result<RuntimeConfig, ResolveError> {
     let (v1_password, v1_password_problem) = match (&file.verify.v1_password, &file.verify.v1_password_file) {
         (Some(password), _) => (Some(password.clone()), None),
         (None, Some(path)) => match read_secret(path) {
@@ -102,11 +125,11 @@ pub fn resolve(
             let (url, display, headers, problem) = match resolved {
                 Ok((url, headers)) => (Some(url.clone()), redact_url(url.as_str()), headers, None),
                 Err(problem) => {
-                    metrics.secret_file_errors.inc(&[&d.name]);
+                    metrics.count_secret_error(&d.name);
                     tracing::error!(destination = %d.name, problem = %problem, "destination secrets unusable; its deliveries wait in the spool");
                     match earlier.filter(|e| e.url.is_some()) {
                         Some(e) => (e.url.clone(), e.display.clone(), e.headers.clone(), Some(format!("{problem} (using the previous values)"))),
-                        None => (None, "<unresolved>".to_string(), HeaderMap::new(), Some(problem)),
+                        None => (None, "<unresolved>".to_string(), HeaderMap::new(), Some(problem.to_string())),
                     }
                 }
             };
@@ -125,38 +148,36 @@ pub fn resolve(
     Ok(RuntimeConfig { file, destinations, verifier, v1_password, v1_password_problem })
 }
 
-fn resolve_destination(d: &storerelay_config::Destination) -> Result<(reqwest::Url, HeaderMap), String> {
+fn resolve_destination(d: &storerelay_config::Destination) -> Result<(reqwest::Url, HeaderMap), SecretError> {
     let url_text = match (&d.url, &d.url_file) {
         (Some(url), _) => url.clone(),
         (None, Some(file)) => read_secret(file)?.trim().to_string(),
-        (None, None) => return Err("no url".into()),
+        (None, None) => return Err(SecretError::NoUrl),
     };
     if let Some(file) = &d.url_file {
-        check_http_url(&url_text, true).map_err(|e| format!("urlFile {}: the URL {e}", file.display()))?;
+        check_http_url(&url_text, true).map_err(|problem| SecretError::UrlFile { file: file.clone(), problem })?;
     }
-    let url = reqwest::Url::parse(&url_text).map_err(|e| format!("url: {e}"))?;
+    let url = reqwest::Url::parse(&url_text).map_err(SecretError::Url)?;
 
     let mut pairs: BTreeMap<String, String> = d.headers.clone();
     if let Some(file) = &d.headers_file {
         let text = read_secret(file)?;
-        let from_file: BTreeMap<String, String> = serde_yaml::from_str(&text).map_err(|_| {
-            format!("headersFile {}: not a YAML or JSON map of header names to strings", file.display())
-        })?;
+        let from_file: BTreeMap<String, String> =
+            serde_yaml::from_str(&text).map_err(|_| SecretError::HeadersFile { file: file.clone() })?;
         pairs.extend(from_file);
     }
     let mut headers = HeaderMap::new();
     for (name, value) in pairs {
-        let header_name =
-            HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("header `{name}`: invalid name"))?;
-        let mut header_value = HeaderValue::from_str(&value).map_err(|_| format!("header `{name}`: invalid value"))?;
+        let header_name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| SecretError::HeaderName(name.clone()))?;
+        let mut header_value = HeaderValue::from_str(&value).map_err(|_| SecretError::HeaderValue(name.clone()))?;
         header_value.set_sensitive(true);
         headers.insert(header_name, header_value);
     }
     Ok((url, headers))
 }
 
-fn read_secret(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))
+fn read_secret(path: &Path) -> Result<String, SecretError> {
+    std::fs::read_to_string(path).map_err(|e| SecretError::Unreadable { path: path.to_path_buf(), kind: e.kind() })
 }
 
 /// Settings bound when the process starts; a change to them waits for a restart.
@@ -232,18 +253,18 @@ pub async fn follow(
                     Ok(next) => next,
                     Err(error) => {
                         tracing::error!(%error, "config reload refused; the previous config stays in force");
-                        metrics.config_reloads.inc(&["error"]);
+                        metrics.count_reload("error");
                         continue;
                     }
                 };
                 tracing::info!(destinations = ?next.destination_names(), ack = %next.file.effective_ack(), "config reloaded");
-                metrics.config_reloads.inc(&["success"]);
+                metrics.count_reload("success");
                 current.send_replace(Arc::new(next));
             }
             Err(error) => {
                 let error: ConfigError = error;
                 tracing::error!(error = %error, "config reload refused; the previous config stays in force");
-                metrics.config_reloads.inc(&["error"]);
+                metrics.count_reload("error");
             }
         }
     }
@@ -294,7 +315,10 @@ mod tests {
         let problem = resolved.destinations[0].problem.clone().unwrap();
         assert!(problem.contains("cannot read") && problem.contains("url"), "{problem}");
         assert!(resolved.destinations[0].url.is_none());
-        assert_eq!(metrics.secret_file_errors.get(&["rc"]), 1);
+        assert_eq!(
+            metrics.secret_file_errors.get_or_create(&crate::metrics::Destination { destination: "rc".into() }).get(),
+            1
+        );
 
         // Once readable it resolves; if it breaks again, the last good URL stays in use.
         std::fs::write(&url_file, "https://a.example.invalid/SECRET").unwrap();

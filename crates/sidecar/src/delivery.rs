@@ -12,13 +12,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use storerelay_runtime::CancellationToken;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::clock::now_ms;
 use crate::config::{ResolvedDestination, RuntimeConfig};
 use crate::metrics::Metrics;
 use crate::retry::{self, AttemptResult};
-use crate::spool::{DueDelivery, Outcome, Spool};
+use crate::spool::{DueBatch, DueDelivery, Outcome, Spool, SpoolBackend};
 
 /// A dispatcher re-reads the spool at least this often, so rows that `spool redeliver` changed from
 /// outside are picked up without a signal.
@@ -63,8 +64,8 @@ impl Waiters {
 
 /// Runs a dispatcher for every configured destination, starting new ones as the config gains
 /// destinations (a removed destination's dispatcher ends by itself; its rows wait in the spool in case
-/// it comes back). Returns when `stop` turns true.
-pub async fn supervise(delivery: Delivery, mut stop: watch::Receiver<bool>) {
+/// it comes back). Returns when `stop` is cancelled and every dispatcher has ended.
+pub async fn supervise(delivery: Delivery, stop: CancellationToken) {
     let mut config = delivery.config.clone();
     let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     loop {
@@ -75,7 +76,7 @@ pub async fn supervise(delivery: Delivery, mut stop: watch::Receiver<bool>) {
         }
         tokio::select! {
             changed = config.changed() => if changed.is_err() { break },
-            _ = crate::server::stopped(&mut stop) => break,
+            () = stop.cancelled() => break,
         }
     }
     for (_, task) in running {
@@ -83,7 +84,7 @@ pub async fn supervise(delivery: Delivery, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn dispatch(name: String, delivery: Delivery, mut stop: watch::Receiver<bool>) {
+async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
     let mut inserts = delivery.spool.subscribe_inserts();
     let mut config = delivery.config.clone();
     let mut in_flight: HashSet<i64> = HashSet::new();
@@ -91,7 +92,7 @@ async fn dispatch(name: String, delivery: Delivery, mut stop: watch::Receiver<bo
     let mut client: Option<(Arc<ResolvedDestination>, reqwest::Client)> = None;
     tracing::debug!(destination = %name, "dispatcher started");
 
-    while !*stop.borrow() {
+    while !stop.is_cancelled() {
         let Some(destination) = config.borrow_and_update().destination(&name).cloned() else {
             tracing::info!(destination = %name, "destination removed from the config; its pending deliveries stay in the spool");
             break;
@@ -110,13 +111,10 @@ async fn dispatch(name: String, delivery: Delivery, mut stop: watch::Receiver<bo
         let free = destination.concurrency.saturating_sub(in_flight.len());
         if let (Some((_, http)), true, true) = (&client, destination.url.is_some(), free > 0) {
             let now = now_ms();
-            let (limit, query_name) = (free + in_flight.len(), name.clone());
-            let fetched = delivery
-                .spool
-                .read(move |db| Ok((db.due(&query_name, now, limit)?, db.next_due_after(&query_name, now)?)))
-                .await;
-            match fetched {
-                Ok((due, next_due)) => {
+            // Rows already in flight come back too (not recorded yet), so ask for enough to fill `free`.
+            let limit = free + in_flight.len();
+            match delivery.spool.due(name.clone(), now, limit).await {
+                Ok(DueBatch { due, next_due_at }) => {
                     let fresh: Vec<DueDelivery> =
                         due.into_iter().filter(|row| !in_flight.contains(&row.notification_id)).take(free).collect();
                     for row in fresh {
@@ -131,7 +129,7 @@ async fn dispatch(name: String, delivery: Delivery, mut stop: watch::Receiver<bo
                             let _ = done.send(id);
                         });
                     }
-                    if let Some(next) = next_due {
+                    if let Some(next) = next_due_at {
                         wait = wait.min(Duration::from_millis((next - now).max(0) as u64));
                     }
                 }
@@ -146,7 +144,7 @@ async fn dispatch(name: String, delivery: Delivery, mut stop: watch::Receiver<bo
             _ = inserts.changed() => {}
             _ = config.changed() => {}
             _ = tokio::time::sleep(wait) => {}
-            _ = stop.changed() => {}
+            () = stop.cancelled() => {}
         }
         // Collect every attempt that finished meanwhile before computing free slots again.
         while let Ok(id) = done_rx.try_recv() {
@@ -176,13 +174,13 @@ async fn attempt(delivery: &Delivery, destination: &ResolvedDestination, http: &
     let outcome = retry::decide(&result, &destination.retry, row.attempts, row.received_at, now_ms(), fastrand::f64());
 
     let name = destination.name.as_str();
-    delivery.metrics.delivery_duration.observe(name, took);
+    delivery.metrics.observe_delivery(name, took);
     let (label, next_attempt_at) = match &outcome {
         Outcome::Delivered { .. } => ("delivered", None),
         Outcome::Retry { next_attempt_at, .. } => ("retried", Some(crate::clock::format_ms(*next_attempt_at))),
         Outcome::Dead { .. } => ("dead", None),
     };
-    delivery.metrics.deliveries.inc(&[name, label]);
+    delivery.metrics.count_delivery(name, label);
     let error = match &outcome {
         Outcome::Retry { error, .. } | Outcome::Dead { error, .. } => Some(error.as_str()),
         Outcome::Delivered { .. } => None,

@@ -22,7 +22,7 @@ use crate::clock::now_ms;
 use crate::config::RuntimeConfig;
 use crate::delivery::Waiters;
 use crate::metrics::Metrics;
-use crate::spool::{NewNotification, Spool, SpoolError};
+use crate::spool::{DeliveryCounts, NewNotification, Spool, SpoolBackend};
 
 /// What the ingest handler needs.
 pub struct IngestState {
@@ -52,8 +52,8 @@ fn json(status: StatusCode, body: &'static str) -> Response {
     (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
 }
 
-fn refuse(metrics: &Metrics, reason: &str, status: StatusCode, body: &'static str) -> Response {
-    metrics.rejected.inc(&[reason]);
+fn refuse(metrics: &Metrics, reason: &'static str, status: StatusCode, body: &'static str) -> Response {
+    metrics.reject(reason);
     let mut response = json(status, body);
     if status == StatusCode::SERVICE_UNAVAILABLE {
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -88,7 +88,7 @@ async fn receive(State(state): State<Arc<IngestState>>, request: Request) -> Res
     let ack = config.file.effective_ack();
     let destinations = config.destinations_for(&notification);
     if destinations.is_empty() {
-        state.metrics.unrouted.inc(&[]);
+        state.metrics.unrouted.inc();
     }
     let window = config.file.dedupe.window.get();
     let store = state.spool.insert(NewNotification {
@@ -117,33 +117,28 @@ async fn receive(State(state): State<Arc<IngestState>>, request: Request) -> Res
             // Not durable, so not acknowledged: Apple retries and the app's copy (if any) is a duplicate
             // it already has to tolerate, since Apple retries on its own too.
             tracing::error!(path = %path, bytes = body.len(), %error, "notification not stored; answering 503");
-            let message = match error {
-                SpoolError::Full { .. } => r#"{"error":"spool full, retry"}"#,
-                _ => r#"{"error":"spool unavailable, retry"}"#,
+            let message = if error.is_full() {
+                r#"{"error":"spool full, retry"}"#
+            } else {
+                r#"{"error":"spool unavailable, retry"}"#
             };
             return refuse(&state.metrics, error.reason(), StatusCode::SERVICE_UNAVAILABLE, message);
         }
     };
-    let labels = [notification.version_label(), notification.environment_label(), notification.type_label()];
-    state.metrics.received.inc(&labels);
-    if stored.duplicate {
-        state.metrics.duplicates.inc(&[notification.version_label()]);
-    }
+    state.metrics.count_received(&notification, stored.duplicate);
 
-    let response = match (ack, app_answer) {
-        (AckMode::Upstream, Some(answer)) => answer,
-        (AckMode::Delivered, Some(answer)) if !answer.status().is_success() => answer,
-        (AckMode::Delivered, answer) => {
-            let delivered = wait_for_delivery(&state, stored.notification_id, config.file.ack_timeout.get()).await;
-            match (delivered, answer) {
-                (true, Some(answer)) => answer,
-                (true, None) => json(StatusCode::OK, "{}"),
-                (false, _) => {
-                    let mut response = json(StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"not yet delivered, retry"}"#);
-                    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-                    response
-                }
-            }
+    let app_status = app_answer.as_ref().map(Response::status);
+    let mut decision = acknowledgement(ack, app_status, None);
+    if decision == Ack::AwaitDelivery {
+        let delivered = wait_for_delivery(&state, stored.notification_id, config.file.ack_timeout.get()).await;
+        decision = acknowledgement(ack, app_status, Some(delivered));
+    }
+    let response = match (decision, app_answer) {
+        (Ack::AppAnswer, Some(answer)) => answer,
+        (Ack::NotDelivered, _) => {
+            let mut response = json(StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"not yet delivered, retry"}"#);
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            response
         }
         _ => json(StatusCode::OK, "{}"),
     };
@@ -164,6 +159,38 @@ async fn receive(State(state): State<Arc<IngestState>>, request: Request) -> Res
         "notification received"
     );
     response
+}
+
+/// What Apple is answered for a stored notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// The app's own answer, passed through.
+    AppAnswer,
+    /// 200 `{}` from the sidecar.
+    Stored,
+    /// `ack: delivered` and it is not known yet whether every destination has it: wait (up to
+    /// `ackTimeout`), then decide again with the result.
+    AwaitDelivery,
+    /// 503 with `Retry-After`: not delivered in time, or a destination gave up on it.
+    NotDelivered,
+}
+
+/// The acknowledgement rules, as a pure function of the ack mode, the app's status (proxy mode) and,
+/// for `ack: delivered`, whether every destination got it. Called only once the body is stored: a
+/// body the spool did not take is a 503 whatever the app said, so Apple's retry brings it again.
+pub fn acknowledgement(ack: AckMode, app_status: Option<StatusCode>, delivered: Option<bool>) -> Ack {
+    match (ack, app_status) {
+        (AckMode::Upstream, Some(_)) => Ack::AppAnswer,
+        // The app refused: its answer stands, whatever the destinations do.
+        (AckMode::Delivered, Some(status)) if !status.is_success() => Ack::AppAnswer,
+        (AckMode::Delivered, app_status) => match delivered {
+            None => Ack::AwaitDelivery,
+            Some(false) => Ack::NotDelivered,
+            Some(true) if app_status.is_some() => Ack::AppAnswer,
+            Some(true) => Ack::Stored,
+        },
+        (AckMode::Spooled, _) | (AckMode::Upstream, None) => Ack::Stored,
+    }
 }
 
 /// Reads the body within `maxBodyBytes` and `bodyTimeout`, never buffering past the limit.
@@ -207,7 +234,7 @@ fn admit(metrics: &Metrics, config: &RuntimeConfig, body: &[u8]) -> Result<Notif
                 r#"{"error":"not an App Store notification"}"#,
             ));
         }
-        metrics.unknown_bodies.inc(&[]);
+        metrics.unknown_bodies.inc();
         return Ok(notification);
     }
     if mode == VerifyMode::Off {
@@ -216,7 +243,7 @@ fn admit(metrics: &Metrics, config: &RuntimeConfig, body: &[u8]) -> Result<Notif
     match config.verifier.check(&notification) {
         Ok(()) => Ok(notification),
         Err(reason) => {
-            metrics.rejected.inc(&[reason.as_str()]);
+            metrics.reject(reason.as_str());
             let enforce = mode == VerifyMode::Enforce;
             tracing::warn!(
                 reason = reason.as_str(),
@@ -252,9 +279,9 @@ async fn wait_for_delivery(state: &IngestState, notification_id: i64, within: Du
         let finished = notify.notified();
         tokio::pin!(finished);
         finished.as_mut().enable();
-        match state.spool.read(move |db| db.delivery_states(notification_id)).await {
-            Ok((0, _, 0)) => break true,
-            Ok((_, _, dead)) if dead > 0 => break false,
+        match state.spool.delivery_counts(notification_id).await {
+            Ok(DeliveryCounts { pending: 0, dead: 0, .. }) => break true,
+            Ok(DeliveryCounts { dead, .. }) if dead > 0 => break false,
             Ok(_) => {}
             Err(_) => break false,
         }
@@ -302,13 +329,13 @@ async fn forward(
         Ok(answer) => answer,
         Err(error) => {
             let code = if error.is_timeout() { "timeout" } else { "unreachable" };
-            state.metrics.upstream_responses.inc(&[code]);
+            state.metrics.count_upstream(code);
             tracing::warn!(upstream = code, "app did not answer; answering 503");
             return json(StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"app unavailable, retry"}"#);
         }
     };
     let status = answer.status();
-    state.metrics.upstream_responses.inc(&[status.as_str()]);
+    state.metrics.count_upstream(status.as_str());
     let mut response_headers = HeaderMap::new();
     for (name, value) in answer.headers().iter().filter(|(name, _)| is_end_to_end(name)) {
         response_headers.append(name.clone(), value.clone());
@@ -321,8 +348,43 @@ async fn forward(
             response
         }
         Err(_) => {
-            state.metrics.upstream_responses.inc(&["unreachable"]);
+            state.metrics.count_upstream("unreachable");
             json(StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"app answer broken, retry"}"#)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: Option<StatusCode> = Some(StatusCode::OK);
+    const REFUSED: Option<StatusCode> = Some(StatusCode::BAD_REQUEST);
+    const DOWN: Option<StatusCode> = Some(StatusCode::SERVICE_UNAVAILABLE);
+
+    #[test]
+    fn upstream_and_spooled_answer_without_waiting() {
+        for app in [OK, REFUSED, DOWN] {
+            assert_eq!(acknowledgement(AckMode::Upstream, app, None), Ack::AppAnswer, "{app:?}");
+            assert_eq!(acknowledgement(AckMode::Spooled, app, None), Ack::Stored, "{app:?}");
+        }
+        assert_eq!(acknowledgement(AckMode::Spooled, None, None), Ack::Stored);
+        assert_eq!(acknowledgement(AckMode::Upstream, None, None), Ack::Stored);
+    }
+
+    #[test]
+    fn delivered_waits_unless_the_app_refused() {
+        assert_eq!(acknowledgement(AckMode::Delivered, REFUSED, None), Ack::AppAnswer);
+        assert_eq!(acknowledgement(AckMode::Delivered, DOWN, None), Ack::AppAnswer);
+        assert_eq!(acknowledgement(AckMode::Delivered, OK, None), Ack::AwaitDelivery);
+        assert_eq!(acknowledgement(AckMode::Delivered, None, None), Ack::AwaitDelivery);
+    }
+
+    #[test]
+    fn delivered_answers_from_the_outcome() {
+        assert_eq!(acknowledgement(AckMode::Delivered, OK, Some(true)), Ack::AppAnswer);
+        assert_eq!(acknowledgement(AckMode::Delivered, None, Some(true)), Ack::Stored);
+        assert_eq!(acknowledgement(AckMode::Delivered, OK, Some(false)), Ack::NotDelivered);
+        assert_eq!(acknowledgement(AckMode::Delivered, None, Some(false)), Ack::NotDelivered);
     }
 }

@@ -1,86 +1,174 @@
-//! The sidecar's metrics, in one place. Label values are destination names, status codes and fixed
-//! reason words: never URLs or header values.
+//! The sidecar's metrics, registered in one place. Label values are destination names, status codes
+//! and fixed reason words: never URLs or header values.
+//!
+//! Counters and the histogram are updated where things happen; the spool gauges are read from the
+//! spool when Prometheus scrapes, so they are never stale.
 
-use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
-pub use storerelay_metrics::{CounterVec, DEFAULT_BUCKETS, HistogramVec, render_gauge};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use storerelay_runtime::metrics::{encode, request_histogram};
 
+use crate::apple::Notification;
 use crate::spool::DestinationStats;
 
-/// Every metric the sidecar exports, except the spool gauges, which are read from the spool at scrape.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Received {
+    pub version: &'static str,
+    pub environment: &'static str,
+    pub r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Version {
+    pub version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Attempt {
+    pub destination: String,
+    /// delivered, retried or dead.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Destination {
+    pub destination: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Code {
+    /// An HTTP status code, or unreachable / timeout.
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Result {
+    /// success or error.
+    pub result: &'static str,
+}
+
+type SecondsGauge = Gauge<f64, AtomicU64>;
+
+/// Every metric the sidecar exports.
 pub struct Metrics {
-    pub received: CounterVec,
-    pub duplicates: CounterVec,
-    pub unrouted: CounterVec,
-    pub unknown_bodies: CounterVec,
-    pub rejected: CounterVec,
-    pub deliveries: CounterVec,
-    pub delivery_duration: HistogramVec,
-    pub upstream_responses: CounterVec,
-    pub config_reloads: CounterVec,
-    pub secret_file_errors: CounterVec,
+    registry: Registry,
+    pub received: Family<Received, Counter>,
+    pub duplicates: Family<Version, Counter>,
+    pub unrouted: Counter,
+    pub unknown_bodies: Counter,
+    pub rejected: Family<Reason, Counter>,
+    pub deliveries: Family<Attempt, Counter>,
+    pub delivery_duration: Family<Destination, Histogram, fn() -> Histogram>,
+    pub upstream_responses: Family<Code, Counter>,
+    pub config_reloads: Family<Result, Counter>,
+    pub secret_file_errors: Family<Destination, Counter>,
+    spool_pending: Family<Destination, Gauge>,
+    spool_dead: Family<Destination, Gauge>,
+    spool_oldest_pending: Family<Destination, SecondsGauge>,
+    spool_bytes: Gauge,
+    spool_max_bytes: Gauge,
+    ready: Gauge,
+    /// One scrape at a time: each clears and refills the spool gauges before encoding.
+    scrape: Mutex<()>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
+        let mut registry = Registry::default();
+        macro_rules! register {
+            ($name:literal, $help:literal, $metric:expr) => {{
+                let metric = $metric;
+                registry.register($name, $help, metric.clone());
+                metric
+            }};
+        }
         Metrics {
-            received: CounterVec::new(
-                "storerelay_notifications_received_total",
-                "Notifications durably stored (or recognised as a stored one's repeat), by version, environment and type.",
-                &["version", "environment", "type"],
+            received: register!(
+                "storerelay_notifications_received",
+                "Notifications durably stored (or recognised as a stored one's repeat), by version, environment and type",
+                Family::default()
             ),
-            duplicates: CounterVec::new(
-                "storerelay_duplicates_total",
-                "Repeats of a notification already in the spool (not queued again).",
-                &["version"],
+            duplicates: register!(
+                "storerelay_duplicates",
+                "Repeats of a notification already in the spool (not queued again)",
+                Family::default()
             ),
-            unrouted: CounterVec::new(
-                "storerelay_notifications_unrouted_total",
-                "Notifications that matched no destination (acknowledged, mirrored nowhere).",
-                &[],
+            unrouted: register!(
+                "storerelay_notifications_unrouted",
+                "Notifications that matched no destination (acknowledged, mirrored nowhere)",
+                Counter::default()
             ),
-            unknown_bodies: CounterVec::new(
-                "storerelay_notifications_unknown_shape_total",
-                "JSON bodies that were neither V1 nor V2, forwarded (unknownBodies: forward).",
-                &[],
+            unknown_bodies: register!(
+                "storerelay_notifications_unknown_shape",
+                "JSON bodies that were neither V1 nor V2, forwarded (unknownBodies: forward)",
+                Counter::default()
             ),
-            rejected: CounterVec::new(
-                "storerelay_notifications_rejected_total",
-                "Notifications not accepted, by reason.",
-                &["reason"],
+            rejected: register!(
+                "storerelay_notifications_rejected",
+                "Notifications not accepted, by reason",
+                Family::default()
             ),
-            deliveries: CounterVec::new(
-                "storerelay_deliveries_total",
-                "Delivery attempts by destination and outcome (delivered, retried, dead).",
-                &["destination", "outcome"],
+            deliveries: register!(
+                "storerelay_deliveries",
+                "Delivery attempts by destination and outcome (delivered, retried, dead)",
+                Family::default()
             ),
-            delivery_duration: HistogramVec::new(
+            delivery_duration: register!(
                 "storerelay_delivery_duration_seconds",
-                "Time of each delivery attempt.",
-                "destination",
-                DEFAULT_BUCKETS,
+                "Time of each delivery attempt",
+                Family::new_with_constructor(request_histogram as fn() -> Histogram)
             ),
-            upstream_responses: CounterVec::new(
-                "storerelay_upstream_responses_total",
-                "Answers from the app container by status code (or unreachable, timeout).",
-                &["code"],
+            upstream_responses: register!(
+                "storerelay_upstream_responses",
+                "Answers from the app container by status code (or unreachable, timeout)",
+                Family::default()
             ),
-            config_reloads: CounterVec::new(
-                "storerelay_config_reloads_total",
-                "Config reloads by result (success, error).",
-                &["result"],
+            config_reloads: register!(
+                "storerelay_config_reloads",
+                "Config reloads by result (success, error)",
+                Family::default()
             ),
-            secret_file_errors: CounterVec::new(
-                "storerelay_secret_file_errors_total",
-                "Failed reads of a destination's urlFile or headersFile.",
-                &["destination"],
+            secret_file_errors: register!(
+                "storerelay_secret_file_errors",
+                "Failed reads of a destination's urlFile or headersFile",
+                Family::default()
             ),
+            spool_pending: register!("storerelay_spool_pending", "Deliveries waiting in the spool", Family::default()),
+            spool_dead: register!(
+                "storerelay_spool_dead",
+                "Deliveries given up on (see `spool dead`, `spool redeliver --dead`)",
+                Family::default()
+            ),
+            spool_oldest_pending: register!(
+                "storerelay_spool_oldest_pending_seconds",
+                "Age of the oldest notification still pending",
+                Family::default()
+            ),
+            spool_bytes: register!("storerelay_spool_bytes", "Notification bytes held in the spool", Gauge::default()),
+            spool_max_bytes: register!(
+                "storerelay_spool_max_bytes",
+                "The spool's limit (spool.maxBytes)",
+                Gauge::default()
+            ),
+            ready: register!("storerelay_ready", "1 while the sidecar accepts notifications", Gauge::default()),
+            scrape: Mutex::new(()),
+            registry,
         }
     }
 }
-
-/// Reads one gauge's value from a destination's spool counts at a given time (unix ms).
-type GaugeOf = fn(&DestinationStats, i64) -> f64;
 
 /// Facts read at scrape time.
 pub struct Snapshot<'a> {
@@ -93,63 +181,76 @@ pub struct Snapshot<'a> {
 }
 
 impl Metrics {
-    pub fn render(&self, snapshot: &Snapshot<'_>) -> String {
-        let mut out = String::with_capacity(4096);
-        for family in [&self.received, &self.duplicates, &self.unrouted, &self.unknown_bodies, &self.rejected] {
-            family.render(&mut out);
+    pub fn count_received(&self, notification: &Notification, duplicate: bool) {
+        let version = notification.version_label();
+        let labels = Received {
+            version,
+            environment: notification.environment_label(),
+            r#type: notification.type_label().to_string(),
+        };
+        self.received.get_or_create(&labels).inc();
+        if duplicate {
+            self.duplicates.get_or_create(&Version { version }).inc();
         }
-        self.deliveries.render(&mut out);
-        self.delivery_duration.render(&mut out);
-        self.upstream_responses.render(&mut out);
-        self.config_reloads.render(&mut out);
-        self.secret_file_errors.render(&mut out);
-
-        // Every configured destination shows up, even before its first notification.
-        let mut by_destination: BTreeMap<&str, Option<&DestinationStats>> =
-            snapshot.configured_destinations.iter().map(|d| (d.as_str(), None)).collect();
-        for stats in snapshot.spool {
-            by_destination.insert(&stats.destination, Some(stats));
-        }
-        let gauges: [(&str, &str, GaugeOf); 3] = [
-            ("storerelay_spool_pending", "Deliveries waiting in the spool.", |s, _| s.pending as f64),
-            (
-                "storerelay_spool_dead",
-                "Deliveries given up on (see `spool dead`, `spool redeliver --dead`).",
-                |s, _| s.dead as f64,
-            ),
-            ("storerelay_spool_oldest_pending_seconds", "Age of the oldest notification still pending.", |s, now| {
-                s.oldest_pending_received_at.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0)
-            }),
-        ];
-        for (name, help, value) in gauges {
-            let series: Vec<(Vec<(&str, &str)>, f64)> = by_destination
-                .iter()
-                .map(|(destination, stats)| {
-                    (vec![("destination", *destination)], stats.map_or(0.0, |s| value(s, snapshot.now_ms)))
-                })
-                .collect();
-            render_gauge(&mut out, name, help, &series);
-        }
-        render_gauge(
-            &mut out,
-            "storerelay_spool_bytes",
-            "Notification bytes held in the spool.",
-            &[(vec![], snapshot.stored_bytes as f64)],
-        );
-        render_gauge(
-            &mut out,
-            "storerelay_spool_max_bytes",
-            "The spool's limit (spool.maxBytes).",
-            &[(vec![], snapshot.max_bytes as f64)],
-        );
-        render_gauge(
-            &mut out,
-            "storerelay_ready",
-            "1 while the sidecar accepts notifications.",
-            &[(vec![], f64::from(u8::from(snapshot.ready)))],
-        );
-        out
     }
+
+    pub fn reject(&self, reason: &'static str) {
+        self.rejected.get_or_create(&Reason { reason }).inc();
+    }
+
+    pub fn count_delivery(&self, destination: &str, outcome: &'static str) {
+        self.deliveries.get_or_create(&Attempt { destination: destination.to_string(), outcome }).inc();
+    }
+
+    pub fn observe_delivery(&self, destination: &str, took: Duration) {
+        self.delivery_duration
+            .get_or_create(&Destination { destination: destination.to_string() })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn count_upstream(&self, code: &str) {
+        self.upstream_responses.get_or_create(&Code { code: code.to_string() }).inc();
+    }
+
+    pub fn count_reload(&self, result: &'static str) {
+        self.config_reloads.get_or_create(&Result { result }).inc();
+    }
+
+    pub fn count_secret_error(&self, destination: &str) {
+        self.secret_file_errors.get_or_create(&Destination { destination: destination.to_string() }).inc();
+    }
+
+    /// Every family, with the spool gauges set from `snapshot`.
+    pub fn render(&self, snapshot: &Snapshot<'_>) -> String {
+        let _one_scrape = self.scrape.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Every configured destination shows up, even before its first notification; a removed one
+        // disappears once its rows are gone.
+        for family in [&self.spool_pending, &self.spool_dead] {
+            family.clear();
+        }
+        self.spool_oldest_pending.clear();
+        for name in snapshot.configured_destinations {
+            let label = Destination { destination: name.clone() };
+            self.spool_pending.get_or_create(&label).set(0);
+            self.spool_dead.get_or_create(&label).set(0);
+            self.spool_oldest_pending.get_or_create(&label).set(0.0);
+        }
+        for stats in snapshot.spool {
+            let label = Destination { destination: stats.destination.clone() };
+            self.spool_pending.get_or_create(&label).set(saturating_i64(stats.pending));
+            self.spool_dead.get_or_create(&label).set(saturating_i64(stats.dead));
+            let age = stats.oldest_pending_received_at.map_or(0.0, |t| (snapshot.now_ms - t).max(0) as f64 / 1000.0);
+            self.spool_oldest_pending.get_or_create(&label).set(age);
+        }
+        self.spool_bytes.set(saturating_i64(snapshot.stored_bytes));
+        self.spool_max_bytes.set(saturating_i64(snapshot.max_bytes));
+        self.ready.set(i64::from(snapshot.ready));
+        encode(&self.registry)
+    }
+}
+
+fn saturating_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -159,12 +260,15 @@ mod tests {
     #[test]
     fn renders_counters_histograms_and_spool_gauges() {
         let metrics = Metrics::default();
-        metrics.received.add(&["v2", "Sandbox", "DID_RENEW"], 3);
-        metrics.unrouted.inc(&[]);
-        metrics.deliveries.inc(&["revenuecat", "delivered"]);
-        metrics.deliveries.inc(&["revenuecat", "delivered"]);
-        metrics.rejected.inc(&["too_large"]);
-        metrics.delivery_duration.observe("revenuecat", std::time::Duration::from_millis(20));
+        let renewal = crate::apple::decode(br#"{"notification_type":"DID_RENEW","environment":"Sandbox"}"#).unwrap();
+        for _ in 0..3 {
+            metrics.count_received(&renewal, false);
+        }
+        metrics.unrouted.inc();
+        metrics.count_delivery("revenuecat", "delivered");
+        metrics.count_delivery("revenuecat", "delivered");
+        metrics.reject("too_large");
+        metrics.observe_delivery("revenuecat", Duration::from_millis(20));
         let stats = [DestinationStats {
             destination: "revenuecat".into(),
             pending: 5,
@@ -182,20 +286,22 @@ mod tests {
             ready: true,
         });
         for line in [
-            "storerelay_notifications_received_total{version=\"v2\",environment=\"Sandbox\",type=\"DID_RENEW\"} 3",
+            "storerelay_notifications_received_total{version=\"v1\",environment=\"Sandbox\",type=\"DID_RENEW\"} 3",
             "storerelay_notifications_unrouted_total 1",
             "storerelay_deliveries_total{destination=\"revenuecat\",outcome=\"delivered\"} 2",
             "storerelay_notifications_rejected_total{reason=\"too_large\"} 1",
-            "storerelay_delivery_duration_seconds_bucket{destination=\"revenuecat\",le=\"0.01\"} 0",
-            "storerelay_delivery_duration_seconds_bucket{destination=\"revenuecat\",le=\"0.025\"} 1",
+            "storerelay_delivery_duration_seconds_bucket{le=\"0.01\",destination=\"revenuecat\"} 0",
+            "storerelay_delivery_duration_seconds_bucket{le=\"0.025\",destination=\"revenuecat\"} 1",
             "storerelay_delivery_duration_seconds_count{destination=\"revenuecat\"} 1",
             "storerelay_spool_pending{destination=\"revenuecat\"} 5",
             "storerelay_spool_pending{destination=\"other\"} 0",
-            "storerelay_spool_oldest_pending_seconds{destination=\"revenuecat\"} 10",
+            "storerelay_spool_oldest_pending_seconds{destination=\"revenuecat\"} 10.0",
             "storerelay_spool_dead{destination=\"revenuecat\"} 1",
+            "storerelay_spool_bytes 10",
             "storerelay_ready 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }
+        assert!(text.contains("# HELP storerelay_deliveries Delivery attempts by destination and outcome (delivered, retried, dead).\n"), "{text}");
     }
 }

@@ -70,7 +70,7 @@ impl std::fmt::Debug for Verifier {
 impl Verifier {
     /// Builds the verifier, reading the root certificates. `v1_password` is the resolved secret (from
     /// `v1Password` or `v1PasswordFile`).
-    pub fn new(config: &VerifyConfig, v1_password: Option<String>) -> Result<Verifier, String> {
+    pub fn new(config: &VerifyConfig, v1_password: Option<String>) -> Result<Verifier, CertificateError> {
         let mut roots = Vec::new();
         for path in &config.root_certificates {
             roots.push(read_certificate(path)?);
@@ -173,11 +173,19 @@ impl Verifier {
 }
 
 /// A certificate file, DER or PEM.
-pub fn read_certificate(path: &Path) -> Result<Vec<u8>, String> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| format!("verify.rootCertificates: cannot read {}: {}", path.display(), e.kind()))?;
-    certificate_der(&bytes)
-        .ok_or_else(|| format!("verify.rootCertificates: {} is neither a DER nor a PEM certificate", path.display()))
+pub fn read_certificate(path: &Path) -> Result<Vec<u8>, CertificateError> {
+    let bytes =
+        std::fs::read(path).map_err(|e| CertificateError::Unreadable { path: path.to_path_buf(), kind: e.kind() })?;
+    certificate_der(&bytes).ok_or_else(|| CertificateError::NotACertificate { path: path.to_path_buf() })
+}
+
+/// Why a root certificate in `verify.rootCertificates` cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertificateError {
+    #[error("verify.rootCertificates: cannot read {}: {kind}", path.display())]
+    Unreadable { path: std::path::PathBuf, kind: std::io::ErrorKind },
+    #[error("verify.rootCertificates: {} is neither a DER nor a PEM certificate", path.display())]
+    NotACertificate { path: std::path::PathBuf },
 }
 
 /// The DER bytes of a certificate given as DER or PEM.

@@ -7,7 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, ToSql, params};
 use storerelay_config::SyncMode;
 
 const SCHEMA_VERSION: i64 = 1;
@@ -39,29 +40,67 @@ CREATE TABLE IF NOT EXISTS dedupe (
 ) WITHOUT ROWID;
 ";
 
+/// What went wrong in the spool. The path is added once, at the boundary ([`super::SpoolError`]).
 #[derive(Debug, thiserror::Error)]
-pub enum SpoolError {
-    #[error("spool is full ({stored} of {max} bytes hold undelivered notifications)")]
+pub enum Failure {
+    #[error("full ({stored} of {max} bytes hold undelivered notifications)")]
     Full { stored: u64, max: u64 },
-    #[error("spool {path}: {source}")]
-    Sqlite { path: PathBuf, source: rusqlite::Error },
-    #[error("spool {path}: {message}")]
-    Io { path: PathBuf, message: String },
-    #[error("spool {0}: the writer has stopped")]
-    Closed(PathBuf),
+    #[error("{0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("schema version {found} is newer than this sidecar understands ({supported})")]
+    SchemaTooNew { found: i64, supported: i64 },
+    #[error("{action}: {source}")]
+    Io { action: &'static str, source: std::io::Error },
+    #[error("the writer has stopped")]
+    WriterStopped,
 }
 
-impl SpoolError {
-    /// A short label for metrics and logs.
-    pub fn reason(&self) -> &'static str {
+pub type Result<T> = std::result::Result<T, Failure>;
+
+/// Where a delivery stands. Stored as its lower-case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryState {
+    /// Waiting for its next attempt (`next_attempt_at`).
+    Pending,
+    /// A destination answered 2xx.
+    Delivered,
+    /// Given up on: a status that is not retried, or past `maxAttempts`/`maxAge`.
+    Dead,
+}
+
+impl DeliveryState {
+    pub fn as_str(self) -> &'static str {
         match self {
-            SpoolError::Full { .. } => "spool_full",
-            SpoolError::Sqlite { .. } | SpoolError::Io { .. } | SpoolError::Closed(_) => "spool_error",
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Dead => "dead",
         }
     }
 }
 
-pub type Result<T> = std::result::Result<T, SpoolError>;
+impl std::fmt::Display for DeliveryState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ToSql for DeliveryState {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.as_str()))
+    }
+}
+
+impl FromSql for DeliveryState {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        match value.as_str()? {
+            "pending" => Ok(DeliveryState::Pending),
+            "delivered" => Ok(DeliveryState::Delivered),
+            "dead" => Ok(DeliveryState::Dead),
+            other => Err(FromSqlError::Other(format!("unknown delivery state `{other}`").into())),
+        }
+    }
+}
 
 /// What happened to one delivery attempt, as the spool records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +108,14 @@ pub enum Outcome {
     Delivered { status: u16 },
     Retry { next_attempt_at: i64, status: Option<u16>, error: String },
     Dead { status: Option<u16>, error: String },
+}
+
+/// How one notification's deliveries stand.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeliveryCounts {
+    pub pending: u32,
+    pub delivered: u32,
+    pub dead: u32,
 }
 
 /// A delivery that is due now, with the body to send.
@@ -94,7 +141,7 @@ pub struct DestinationStats {
 pub struct DeliveryRow {
     pub notification_id: i64,
     pub destination: String,
-    pub state: String,
+    pub state: DeliveryState,
     pub attempts: u32,
     pub received_at: i64,
     pub next_attempt_at: i64,
@@ -107,7 +154,7 @@ pub struct DeliveryRow {
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
     pub destination: Option<String>,
-    pub state: Option<String>,
+    pub state: Option<DeliveryState>,
     pub limit: u32,
 }
 
@@ -120,7 +167,6 @@ pub struct OpenReport {
 
 pub struct SpoolDb {
     conn: Connection,
-    path: PathBuf,
     sync: SyncMode,
     /// Whether commits currently flush as `sync` says (true) or as NORMAL (false).
     flushing: std::cell::Cell<bool>,
@@ -138,53 +184,47 @@ impl SpoolDb {
     /// integrity check is renamed aside and replaced, so a damaged volume never becomes a crash loop.
     pub fn open_checked(path: &Path, sync: SyncMode) -> Result<(SpoolDb, OpenReport)> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| sqlite_io_error(path, e))?;
+            std::fs::create_dir_all(parent)
+                .map_err(|source| Failure::Io { action: "cannot create its folder", source })?;
         }
         let problem = match SpoolDb::open(path, sync) {
             Ok(db) => match db.quick_check() {
                 Ok(None) => return Ok((db, OpenReport::default())),
                 Ok(Some(problem)) => problem,
-                Err(SpoolError::Sqlite { source, .. }) if is_corruption(&source) => source.to_string(),
+                Err(Failure::Sqlite(source)) if is_corruption(&source) => source.to_string(),
                 Err(other) => return Err(other),
             },
-            Err(SpoolError::Sqlite { source, .. }) if is_corruption(&source) => source.to_string(),
+            Err(Failure::Sqlite(source)) if is_corruption(&source) => source.to_string(),
             Err(other) => return Err(other),
         };
-        let aside = quarantine(path).map_err(|e| sqlite_io_error(path, e))?;
+        let aside =
+            quarantine(path).map_err(|source| Failure::Io { action: "cannot set the corrupt file aside", source })?;
         let db = SpoolDb::open(path, sync)?;
         Ok((db, OpenReport { quarantined: Some(aside), corruption: Some(problem) }))
     }
 
     /// Opens without the integrity check: for tools beside a running sidecar.
     pub fn open(path: &Path, sync: SyncMode) -> Result<SpoolDb> {
-        let err = |source| SpoolError::Sqlite { path: path.to_path_buf(), source };
-        let conn = Connection::open(path).map_err(err)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
         let configured = sync;
         let sync = pragma(sync);
         // temp_store: the sidecar's root filesystem is read-only, so SQLite's scratch space stays in memory.
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA temp_store = MEMORY;"
-        ))
-        .map_err(err)?;
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(err)?;
-        if version > SCHEMA_VERSION {
-            return Err(err(rusqlite::Error::InvalidParameterName(format!(
-                "schema version {version} is newer than this sidecar understands ({SCHEMA_VERSION})"
-            ))));
+        ))?;
+        let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if found > SCHEMA_VERSION {
+            return Err(Failure::SchemaTooNew { found, supported: SCHEMA_VERSION });
         }
-        conn.execute_batch(SCHEMA).map_err(err)?;
-        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(err)?;
-        Ok(SpoolDb { conn, path: path.to_path_buf(), sync: configured, flushing: std::cell::Cell::new(true) })
-    }
-
-    fn err(&self, source: rusqlite::Error) -> SpoolError {
-        SpoolError::Sqlite { path: self.path.clone(), source }
+        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+        Ok(SpoolDb { conn, sync: configured, flushing: std::cell::Cell::new(true) })
     }
 
     /// `None` when the file is sound, else SQLite's first complaint.
     pub fn quick_check(&self) -> Result<Option<String>> {
-        let verdict: String = self.conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(|e| self.err(e))?;
+        let verdict: String = self.conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
         Ok((verdict != "ok").then_some(verdict))
     }
 
@@ -197,7 +237,7 @@ impl SpoolDb {
             return Ok(());
         }
         let mode = if as_configured { pragma(self.sync) } else { "NORMAL" };
-        self.conn.execute_batch(&format!("PRAGMA synchronous = {mode}")).map_err(|e| self.err(e))?;
+        self.conn.execute_batch(&format!("PRAGMA synchronous = {mode}"))?;
         self.flushing.set(as_configured);
         Ok(())
     }
@@ -209,10 +249,10 @@ impl SpoolDb {
     }
 
     pub fn begin(&self) -> Result<()> {
-        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.err(e))
+        Ok(self.conn.execute_batch("BEGIN IMMEDIATE")?)
     }
     pub fn commit(&self) -> Result<()> {
-        self.conn.execute_batch("COMMIT").map_err(|e| self.err(e))
+        Ok(self.conn.execute_batch("COMMIT")?)
     }
     pub fn rollback(&self) {
         // Fails only when SQLite already rolled back on its own (e.g. on SQLITE_FULL).
@@ -220,11 +260,9 @@ impl SpoolDb {
     }
 
     pub fn insert(&self, received_at: i64, path: &str, body: &[u8], destinations: &[String]) -> Result<i64> {
-        let mut insert = self
-            .conn
-            .prepare_cached("INSERT INTO notifications (received_at, path, body) VALUES (?1, ?2, ?3)")
-            .map_err(|e| self.err(e))?;
-        insert.execute(params![received_at, path, body]).map_err(|e| self.err(e))?;
+        self.conn
+            .prepare_cached("INSERT INTO notifications (received_at, path, body) VALUES (?1, ?2, ?3)")?
+            .execute(params![received_at, path, body])?;
         let id = self.conn.last_insert_rowid();
         self.queue(id, destinations, received_at)?;
         Ok(id)
@@ -233,296 +271,270 @@ impl SpoolDb {
     /// Makes sure each destination has the notification pending or delivered: adds missing delivery
     /// rows and schedules dead ones again. Pending and delivered rows are left alone.
     pub fn queue(&self, notification_id: i64, destinations: &[String], now: i64) -> Result<()> {
-        let mut add = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO deliveries (destination, notification_id, state, next_attempt_at) VALUES (?1, ?2, 'pending', ?3)
-                 ON CONFLICT (destination, notification_id) DO UPDATE
-                   SET state = 'pending', attempts = 0, next_attempt_at = ?3, finished_at = NULL
-                   WHERE state = 'dead'",
-            )
-            .map_err(|e| self.err(e))?;
+        let mut add = self.conn.prepare_cached(
+            "INSERT INTO deliveries (destination, notification_id, state, next_attempt_at) VALUES (?1, ?2, ?4, ?3)
+             ON CONFLICT (destination, notification_id) DO UPDATE
+               SET state = ?4, attempts = 0, next_attempt_at = ?3, finished_at = NULL
+               WHERE state = ?5",
+        )?;
         for destination in destinations {
-            add.execute(params![destination, notification_id, now]).map_err(|e| self.err(e))?;
+            add.execute(params![destination, notification_id, now, DeliveryState::Pending, DeliveryState::Dead])?;
         }
         Ok(())
     }
 
     /// The notification stored under `key` since `since`, if it is still in the spool.
     pub fn find_duplicate(&self, key: &str, since: i64) -> Result<Option<i64>> {
-        self.conn
+        let found = self
+            .conn
             .prepare_cached(
                 "SELECT d.notification_id FROM dedupe d JOIN notifications n ON n.id = d.notification_id
                  WHERE d.key = ?1 AND d.first_seen >= ?2",
-            )
-            .and_then(|mut s| s.query_row(params![key, since], |r| r.get(0)).optional())
-            .map_err(|e| self.err(e))
+            )?
+            .query_row(params![key, since], |r| r.get(0))
+            .optional()?;
+        Ok(found)
     }
 
     /// Whether `key` was seen since `since`, even if its notification was pruned meanwhile.
     pub fn seen(&self, key: &str, since: i64) -> Result<bool> {
-        self.conn
-            .prepare_cached("SELECT 1 FROM dedupe WHERE key = ?1 AND first_seen >= ?2")
-            .and_then(|mut s| s.exists(params![key, since]))
-            .map_err(|e| self.err(e))
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM dedupe WHERE key = ?1 AND first_seen >= ?2")?
+            .exists(params![key, since])?)
     }
 
     pub fn remember(&self, key: &str, notification_id: i64, now: i64) -> Result<()> {
         self.conn
-            .prepare_cached("INSERT OR REPLACE INTO dedupe (key, notification_id, first_seen) VALUES (?1, ?2, ?3)")
-            .and_then(|mut s| s.execute(params![key, notification_id, now]))
-            .map_err(|e| self.err(e))?;
+            .prepare_cached("INSERT OR REPLACE INTO dedupe (key, notification_id, first_seen) VALUES (?1, ?2, ?3)")?
+            .execute(params![key, notification_id, now])?;
         Ok(())
     }
 
     pub fn forget_dedupe_before(&self, cutoff: i64) -> Result<usize> {
-        self.conn
-            .prepare_cached("DELETE FROM dedupe WHERE first_seen < ?1")
-            .and_then(|mut s| s.execute(params![cutoff]))
-            .map_err(|e| self.err(e))
+        Ok(self.conn.prepare_cached("DELETE FROM dedupe WHERE first_seen < ?1")?.execute(params![cutoff])?)
     }
 
     /// Pending deliveries for `destination` due at `now`, oldest schedule first.
     pub fn due(&self, destination: &str, now: i64, limit: usize) -> Result<Vec<DueDelivery>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT d.notification_id, n.received_at, d.attempts, n.body
-                 FROM deliveries d JOIN notifications n ON n.id = d.notification_id
-                 WHERE d.destination = ?1 AND d.state = 'pending' AND d.next_attempt_at <= ?2
-                 ORDER BY d.next_attempt_at, d.notification_id LIMIT ?3",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![destination, now, limit as i64], |r| {
-                Ok(DueDelivery {
-                    notification_id: r.get(0)?,
-                    received_at: r.get(1)?,
-                    attempts: r.get(2)?,
-                    body: bytes::Bytes::from(r.get::<_, Vec<u8>>(3)?),
-                })
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT d.notification_id, n.received_at, d.attempts, n.body
+             FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+             WHERE d.destination = ?1 AND d.state = ?4 AND d.next_attempt_at <= ?2
+             ORDER BY d.next_attempt_at, d.notification_id LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![destination, now, limit as i64, DeliveryState::Pending], |r| {
+            Ok(DueDelivery {
+                notification_id: r.get(0)?,
+                received_at: r.get(1)?,
+                attempts: r.get(2)?,
+                body: bytes::Bytes::from(r.get::<_, Vec<u8>>(3)?),
             })
-            .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.err(e))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// When the next pending delivery for `destination` scheduled after `now` falls due.
     pub fn next_due_after(&self, destination: &str, now: i64) -> Result<Option<i64>> {
-        self.conn
+        let next = self
+            .conn
             .prepare_cached(
                 "SELECT MIN(next_attempt_at) FROM deliveries
-                 WHERE destination = ?1 AND state = 'pending' AND next_attempt_at > ?2",
-            )
-            .and_then(|mut s| s.query_row(params![destination, now], |r| r.get(0)))
-            .map_err(|e| self.err(e))
+                 WHERE destination = ?1 AND state = ?3 AND next_attempt_at > ?2",
+            )?
+            .query_row(params![destination, now, DeliveryState::Pending], |r| r.get(0))?;
+        Ok(next)
     }
 
     /// Records an attempt. Only a pending row changes: a row that a tool purged or redelivered meanwhile
     /// keeps what the tool decided.
     pub fn record(&self, destination: &str, notification_id: i64, now: i64, outcome: &Outcome) -> Result<()> {
         let (state, next_attempt_at, finished_at, status, error) = match outcome {
-            Outcome::Delivered { status } => ("delivered", now, Some(now), Some(*status), None),
+            Outcome::Delivered { status } => (DeliveryState::Delivered, now, Some(now), Some(*status), None),
             Outcome::Retry { next_attempt_at, status, error } => {
-                ("pending", *next_attempt_at, None, *status, Some(error.as_str()))
+                (DeliveryState::Pending, *next_attempt_at, None, *status, Some(error.as_str()))
             }
-            Outcome::Dead { status, error } => ("dead", now, Some(now), *status, Some(error.as_str())),
+            Outcome::Dead { status, error } => (DeliveryState::Dead, now, Some(now), *status, Some(error.as_str())),
         };
         self.conn
             .prepare_cached(
                 "UPDATE deliveries SET state = ?3, attempts = attempts + 1, next_attempt_at = ?4, finished_at = ?5,
                         last_status = ?6, last_error = ?7
-                 WHERE destination = ?1 AND notification_id = ?2 AND state = 'pending'",
-            )
-            .and_then(|mut s| {
-                s.execute(params![destination, notification_id, state, next_attempt_at, finished_at, status, error])
-            })
-            .map_err(|e| self.err(e))?;
+                 WHERE destination = ?1 AND notification_id = ?2 AND state = ?8",
+            )?
+            .execute(params![
+                destination,
+                notification_id,
+                state,
+                next_attempt_at,
+                finished_at,
+                status,
+                error,
+                DeliveryState::Pending
+            ])?;
         Ok(())
     }
 
-    /// (pending, delivered, dead) counts over one notification's deliveries.
-    pub fn delivery_states(&self, notification_id: i64) -> Result<(u32, u32, u32)> {
-        self.conn
-            .prepare_cached(
-                "SELECT COALESCE(SUM(state = 'pending'), 0), COALESCE(SUM(state = 'delivered'), 0), COALESCE(SUM(state = 'dead'), 0)
-                 FROM deliveries WHERE notification_id = ?1",
-            )
-            .and_then(|mut s| s.query_row(params![notification_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))))
-            .map_err(|e| self.err(e))
+    /// How one notification's deliveries stand.
+    pub fn delivery_counts(&self, notification_id: i64) -> Result<DeliveryCounts> {
+        let mut counts = DeliveryCounts::default();
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT state, COUNT(*) FROM deliveries WHERE notification_id = ?1 GROUP BY state")?;
+        let rows =
+            stmt.query_map(params![notification_id], |r| Ok((r.get::<_, DeliveryState>(0)?, r.get::<_, u32>(1)?)))?;
+        for row in rows {
+            let (state, count) = row?;
+            match state {
+                DeliveryState::Pending => counts.pending = count,
+                DeliveryState::Delivered => counts.delivered = count,
+                DeliveryState::Dead => counts.dead = count,
+            }
+        }
+        Ok(counts)
     }
 
     pub fn stats(&self) -> Result<Vec<DestinationStats>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT d.destination, d.state, COUNT(*), MIN(n.received_at)
-                 FROM deliveries d JOIN notifications n ON n.id = d.notification_id
-                 GROUP BY d.destination, d.state ORDER BY d.destination",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u64>(2)?, r.get::<_, Option<i64>>(3)?))
-            })
-            .map_err(|e| self.err(e))?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT d.destination, d.state, COUNT(*), MIN(n.received_at)
+             FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+             GROUP BY d.destination, d.state ORDER BY d.destination",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, DeliveryState>(1)?,
+                r.get::<_, u64>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+            ))
+        })?;
         let mut out: Vec<DestinationStats> = Vec::new();
         for row in rows {
-            let (destination, state, count, oldest) = row.map_err(|e| self.err(e))?;
+            let (destination, state, count, oldest) = row?;
             if out.last().is_none_or(|s| s.destination != destination) {
                 out.push(DestinationStats { destination: destination.clone(), ..Default::default() });
             }
             let Some(entry) = out.last_mut() else {
                 continue;
             };
-            match state.as_str() {
-                "pending" => {
+            match state {
+                DeliveryState::Pending => {
                     entry.pending = count;
                     entry.oldest_pending_received_at = oldest;
                 }
-                "delivered" => entry.delivered = count,
-                _ => entry.dead = count,
+                DeliveryState::Delivered => entry.delivered = count,
+                DeliveryState::Dead => entry.dead = count,
             }
         }
         Ok(out)
     }
 
     pub fn notification_count(&self) -> Result<u64> {
-        self.conn.query_row("SELECT COUNT(*) FROM notifications", [], |r| r.get(0)).map_err(|e| self.err(e))
+        Ok(self.conn.query_row("SELECT COUNT(*) FROM notifications", [], |r| r.get(0))?)
     }
 
     /// Bytes of stored bodies: what `spool.maxBytes` limits.
     pub fn stored_bytes(&self) -> Result<u64> {
-        self.conn
-            .query_row("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM notifications", [], |r| r.get(0))
-            .map_err(|e| self.err(e))
+        Ok(self.conn.query_row("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM notifications", [], |r| r.get(0))?)
     }
 
     pub fn list(&self, filter: &ListFilter) -> Result<Vec<DeliveryRow>> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT d.notification_id, d.destination, d.state, d.attempts, n.received_at, d.next_attempt_at,
-                        d.finished_at, d.last_status, d.last_error, LENGTH(n.body)
-                 FROM deliveries d JOIN notifications n ON n.id = d.notification_id
-                 WHERE (?1 IS NULL OR d.destination = ?1) AND (?2 IS NULL OR d.state = ?2)
-                 ORDER BY d.notification_id, d.destination LIMIT ?3",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![filter.destination, filter.state, filter.limit], |r| {
-                Ok(DeliveryRow {
-                    notification_id: r.get(0)?,
-                    destination: r.get(1)?,
-                    state: r.get(2)?,
-                    attempts: r.get(3)?,
-                    received_at: r.get(4)?,
-                    next_attempt_at: r.get(5)?,
-                    finished_at: r.get(6)?,
-                    last_status: r.get(7)?,
-                    last_error: r.get(8)?,
-                    bytes: r.get(9)?,
-                })
+        let mut stmt = self.conn.prepare(
+            "SELECT d.notification_id, d.destination, d.state, d.attempts, n.received_at, d.next_attempt_at,
+                    d.finished_at, d.last_status, d.last_error, LENGTH(n.body)
+             FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+             WHERE (?1 IS NULL OR d.destination = ?1) AND (?2 IS NULL OR d.state = ?2)
+             ORDER BY d.notification_id, d.destination LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![filter.destination, filter.state, filter.limit], |r| {
+            Ok(DeliveryRow {
+                notification_id: r.get(0)?,
+                destination: r.get(1)?,
+                state: r.get(2)?,
+                attempts: r.get(3)?,
+                received_at: r.get(4)?,
+                next_attempt_at: r.get(5)?,
+                finished_at: r.get(6)?,
+                last_status: r.get(7)?,
+                last_error: r.get(8)?,
+                bytes: r.get(9)?,
             })
-            .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.err(e))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Schedules deliveries to `destination` again, now. Without `dead_only`, notifications received
     /// since `since` that never had a delivery row for it (a destination added later) get one too.
     pub fn redeliver(&self, destination: &str, dead_only: bool, since: i64, now: i64) -> Result<usize> {
-        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        let tx = self.conn.unchecked_transaction()?;
         let mut changed = 0;
         if !dead_only {
-            changed += tx
-                .execute(
-                    "INSERT OR IGNORE INTO deliveries (destination, notification_id, state, next_attempt_at)
-                     SELECT ?1, id, 'pending', ?3 FROM notifications WHERE received_at >= ?2",
-                    params![destination, since, now],
-                )
-                .map_err(|e| self.err(e))?;
+            changed += tx.execute(
+                "INSERT OR IGNORE INTO deliveries (destination, notification_id, state, next_attempt_at)
+                 SELECT ?1, id, ?4, ?3 FROM notifications WHERE received_at >= ?2",
+                params![destination, since, now, DeliveryState::Pending],
+            )?;
         }
-        let states = if dead_only { "('dead')" } else { "('dead', 'delivered')" };
-        changed += tx
-            .execute(
-                &format!(
-                    "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?3, finished_at = NULL
-                     WHERE destination = ?1 AND state IN {states}
-                       AND notification_id IN (SELECT id FROM notifications WHERE received_at >= ?2)"
-                ),
-                params![destination, since, now],
-            )
-            .map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))?;
+        // Delivered rows are sent again only when asked for all of them.
+        let also = if dead_only { DeliveryState::Dead } else { DeliveryState::Delivered };
+        changed += tx.execute(
+            "UPDATE deliveries SET state = ?4, attempts = 0, next_attempt_at = ?3, finished_at = NULL
+             WHERE destination = ?1 AND state IN (?5, ?6)
+               AND notification_id IN (SELECT id FROM notifications WHERE received_at >= ?2)",
+            params![destination, since, now, DeliveryState::Pending, DeliveryState::Dead, also],
+        )?;
+        tx.commit()?;
         Ok(changed)
     }
 
     /// Deletes finished deliveries (dead ones only with `include_dead`) and then every notification
     /// that has no delivery left to make. Pending deliveries are never purged.
     pub fn purge(&self, destination: Option<&str>, include_dead: bool, before: i64) -> Result<usize> {
-        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
-        let states = if include_dead { "('delivered', 'dead')" } else { "('delivered')" };
-        let deleted = tx
-            .execute(
-                &format!(
-                    "DELETE FROM deliveries WHERE state IN {states} AND (?1 IS NULL OR destination = ?1)
-                       AND COALESCE(finished_at, 0) < ?2"
-                ),
-                params![destination, before],
-            )
-            .map_err(|e| self.err(e))?;
+        let tx = self.conn.unchecked_transaction()?;
+        let also = if include_dead { DeliveryState::Dead } else { DeliveryState::Delivered };
+        let deleted = tx.execute(
+            "DELETE FROM deliveries WHERE state IN (?3, ?4) AND (?1 IS NULL OR destination = ?1)
+               AND COALESCE(finished_at, 0) < ?2",
+            params![destination, before, DeliveryState::Delivered, also],
+        )?;
         tx.execute(
             "DELETE FROM notifications WHERE received_at < ?1
                AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.notification_id = notifications.id)",
             params![before],
-        )
-        .map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))?;
+        )?;
+        tx.commit()?;
         Ok(deleted)
     }
 
     /// Drops notifications whose every delivery was delivered before `cutoff` (or that had none and were
     /// received before it). Pending and dead work is never pruned. Runs inside the caller's transaction.
     pub fn prune_delivered(&self, cutoff: i64, limit: usize) -> Result<usize> {
-        let mut victims = self
+        let ids = self
             .conn
             .prepare_cached(
                 "DELETE FROM notifications WHERE id IN (
                    SELECT n.id FROM notifications n WHERE n.received_at < ?1
                      AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.notification_id = n.id
-                                     AND (d.state != 'delivered' OR d.finished_at >= ?1))
+                                     AND (d.state != ?3 OR d.finished_at >= ?1))
                    ORDER BY n.id LIMIT ?2)
                  RETURNING id",
-            )
-            .map_err(|e| self.err(e))?;
-        let ids = victims
-            .query_map(params![cutoff, limit as i64], |r| r.get::<_, i64>(0))
-            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<i64>>>())
-            .map_err(|e| self.err(e))?;
-        let mut forget =
-            self.conn.prepare_cached("DELETE FROM deliveries WHERE notification_id = ?1").map_err(|e| self.err(e))?;
+            )?
+            .query_map(params![cutoff, limit as i64, DeliveryState::Delivered], |r| r.get::<_, i64>(0))?
+            .collect::<rusqlite::Result<Vec<i64>>>()?;
+        let mut forget = self.conn.prepare_cached("DELETE FROM deliveries WHERE notification_id = ?1")?;
         for id in &ids {
-            forget.execute(params![id]).map_err(|e| self.err(e))?;
+            forget.execute(params![id])?;
         }
         Ok(ids.len())
     }
 
     pub fn notification_body(&self, id: i64) -> Result<Option<Vec<u8>>> {
-        self.conn
-            .query_row("SELECT body FROM notifications WHERE id = ?1", params![id], |r| r.get(0))
-            .optional()
-            .map_err(|e| self.err(e))
+        Ok(self.conn.query_row("SELECT body FROM notifications WHERE id = ?1", params![id], |r| r.get(0)).optional()?)
     }
 }
 
 fn is_corruption(e: &rusqlite::Error) -> bool {
     matches!(e.sqlite_error_code(), Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt))
-}
-
-fn sqlite_io_error(path: &Path, e: std::io::Error) -> SpoolError {
-    SpoolError::Sqlite {
-        path: path.to_path_buf(),
-        source: rusqlite::Error::InvalidPath(PathBuf::from(format!("{}: {e}", path.display()))),
-    }
 }
 
 /// Renames the file and its WAL/SHM companions to `<name>.corrupt-<unix seconds>`.
@@ -550,6 +562,11 @@ mod tests {
 
     fn open(dir: &tempfile::TempDir) -> SpoolDb {
         SpoolDb::open_checked(&dir.path().join("spool.db"), SyncMode::Normal).unwrap().0
+    }
+
+    fn counts(db: &SpoolDb, id: i64) -> (u32, u32, u32) {
+        let c = db.delivery_counts(id).unwrap();
+        (c.pending, c.delivered, c.dead)
     }
 
     fn dests(names: &[&str]) -> Vec<String> {
@@ -588,11 +605,11 @@ mod tests {
         assert_eq!(db.next_due_after("a", 5_000).unwrap(), None);
         db.record("a", id, 5_100, &Outcome::Delivered { status: 200 }).unwrap();
         db.record("b", id, 5_100, &Outcome::Dead { status: Some(404), error: "HTTP 404".into() }).unwrap();
-        assert_eq!(db.delivery_states(id).unwrap(), (0, 1, 1));
+        assert_eq!(counts(&db, id), (0, 1, 1));
         // A finished row is not reopened by a late attempt result.
         db.record("a", id, 6_000, &Outcome::Retry { next_attempt_at: 9_000, status: None, error: "late".into() })
             .unwrap();
-        assert_eq!(db.delivery_states(id).unwrap(), (0, 1, 1));
+        assert_eq!(counts(&db, id), (0, 1, 1));
         let stats = db.stats().unwrap();
         assert_eq!(
             stats.iter().map(|s| (s.destination.as_str(), s.delivered, s.dead)).collect::<Vec<_>>(),
@@ -612,10 +629,10 @@ mod tests {
         assert!(db.seen("v2:u1", 0).unwrap());
         db.record("a", id, 2_000, &Outcome::Dead { status: Some(404), error: "HTTP 404".into() }).unwrap();
         db.queue(id, &dests(&["a", "b"]), 3_000).unwrap();
-        assert_eq!(db.delivery_states(id).unwrap(), (2, 0, 0), "queue revives dead a and adds b");
+        assert_eq!(counts(&db, id), (2, 0, 0), "queue revives dead a and adds b");
         db.record("b", id, 3_100, &Outcome::Delivered { status: 200 }).unwrap();
         db.queue(id, &dests(&["b"]), 3_200).unwrap();
-        assert_eq!(db.delivery_states(id).unwrap(), (1, 1, 0), "a delivered row is left alone");
+        assert_eq!(counts(&db, id), (1, 1, 0), "a delivered row is left alone");
         assert_eq!(db.forget_dedupe_before(2_000).unwrap(), 1);
         assert!(!db.seen("v2:u1", 0).unwrap());
     }
@@ -651,6 +668,34 @@ mod tests {
         assert_eq!(db.purge(None, true, i64::MAX).unwrap(), 1);
         assert!(db.notification_body(dead).unwrap().is_none());
         assert!(db.notification_body(pending).unwrap().is_some(), "purge never drops pending work");
+    }
+
+    #[test]
+    fn delivery_states_are_stored_by_name_and_unknown_names_are_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir);
+        for state in [DeliveryState::Pending, DeliveryState::Delivered, DeliveryState::Dead] {
+            let stored: String = db.conn.query_row("SELECT ?1", params![state], |r| r.get(0)).unwrap();
+            assert_eq!(stored, state.to_string());
+            let read: DeliveryState = db.conn.query_row("SELECT ?1", params![stored], |r| r.get(0)).unwrap();
+            assert_eq!(read, state);
+        }
+        let unknown = db.conn.query_row("SELECT 'lost'", [], |r| r.get::<_, DeliveryState>(0)).unwrap_err();
+        assert!(unknown.to_string().contains("unknown delivery state `lost`"), "{unknown}");
+        assert_eq!(serde_json::to_string(&DeliveryState::Dead).unwrap(), "\"dead\"");
+    }
+
+    #[test]
+    fn a_spool_from_a_newer_sidecar_is_refused_not_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        drop(open(&dir));
+        Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 99").unwrap();
+        match SpoolDb::open(&path, SyncMode::Full) {
+            Err(Failure::SchemaTooNew { found: 99, supported: SCHEMA_VERSION }) => {}
+            Err(other) => panic!("wrong error: {other}"),
+            Ok(_) => panic!("a newer schema was opened"),
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 mod db;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,9 +15,40 @@ use bytes::Bytes;
 use storerelay_config::SyncMode;
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use db::{DeliveryRow, DestinationStats, DueDelivery, ListFilter, OpenReport, Outcome, SpoolDb, SpoolError};
+pub use db::{
+    DeliveryCounts, DeliveryRow, DeliveryState, DestinationStats, DueDelivery, Failure, ListFilter, OpenReport,
+    Outcome, SpoolDb,
+};
 
 use crate::clock::now_ms;
+
+/// A spool operation that failed: what happened ([`Failure`]) and to which spool. Cheap to clone, so
+/// one failed batch can answer every request that was in it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("spool {}: {failure}", path.display())]
+pub struct SpoolError {
+    path: Arc<Path>,
+    failure: Arc<Failure>,
+}
+
+impl SpoolError {
+    pub fn new(path: &Path, failure: Failure) -> SpoolError {
+        SpoolError { path: path.into(), failure: Arc::new(failure) }
+    }
+
+    pub fn failure(&self) -> &Failure {
+        &self.failure
+    }
+
+    pub fn is_full(&self) -> bool {
+        matches!(*self.failure, Failure::Full { .. })
+    }
+
+    /// A short label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        if self.is_full() { "spool_full" } else { "spool_error" }
+    }
+}
 
 pub type Result<T> = std::result::Result<T, SpoolError>;
 
@@ -24,8 +56,6 @@ pub type Result<T> = std::result::Result<T, SpoolError>;
 const MAX_BATCH: usize = 512;
 /// Notifications evicted per pass when the spool is full and delivered rows can make room.
 const EVICT_BATCH: usize = 1_000;
-
-type ReadJob = Box<dyn FnOnce(&SpoolDb) + Send>;
 
 /// A body to store, where it must go, and how to recognise a repeat of it.
 #[derive(Debug, Clone)]
@@ -46,6 +76,49 @@ pub struct Stored {
     pub duplicate: bool,
 }
 
+/// Deliveries of one destination that are due, and when its next later one falls due.
+#[derive(Debug, Clone, Default)]
+pub struct DueBatch {
+    pub due: Vec<DueDelivery>,
+    pub next_due_at: Option<i64>,
+}
+
+/// What the sidecar asks of a spool: the seam a second backend implements.
+///
+/// The contract every implementation keeps: `insert` returns only once the body and its pending
+/// deliveries are durable (nothing is acknowledged before); a failed `insert` stored nothing; `record`
+/// changes only a delivery that is still pending (a tool may have purged or redelivered it meanwhile);
+/// `prune` never drops pending or dead work. [`Spool`] is the SQLite implementation; the sidecar holds a
+/// concrete spool, so a second backend joins as an enum over both rather than as a trait object.
+pub trait SpoolBackend: Clone + Send + Sync + 'static {
+    /// Stores a body with a pending delivery for each destination, or queues the stored copy of a
+    /// repeat. Refuses with [`Failure::Full`] past `maxBytes`.
+    fn insert(&self, notification: NewNotification) -> impl Future<Output = Result<Stored>> + Send;
+    /// Records one attempt's outcome.
+    fn record(
+        &self,
+        destination: String,
+        notification_id: i64,
+        outcome: Outcome,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Up to `limit` deliveries of `destination` due at `now`, oldest schedule first.
+    fn due(&self, destination: String, now: i64, limit: usize) -> impl Future<Output = Result<DueBatch>> + Send;
+    /// When the earliest pending delivery of any of `destinations` falls due.
+    fn earliest_due(&self, destinations: Vec<String>) -> impl Future<Output = Result<Option<i64>>> + Send;
+    fn delivery_counts(&self, notification_id: i64) -> impl Future<Output = Result<DeliveryCounts>> + Send;
+    fn stats(&self) -> impl Future<Output = Result<Vec<DestinationStats>>> + Send;
+    /// Drops notifications delivered before `delivered_before` and duplicate keys first seen before
+    /// `dedupe_before`; returns how many notifications went.
+    fn prune(&self, delivered_before: i64, dedupe_before: i64) -> impl Future<Output = Result<usize>> + Send;
+    fn set_max_bytes(&self, max_bytes: u64);
+    /// Body bytes held now (what `maxBytes` limits).
+    fn stored_bytes(&self) -> u64;
+    /// A receiver that changes whenever new notifications are committed, so dispatchers wake at once.
+    fn subscribe_inserts(&self) -> watch::Receiver<u64>;
+}
+
+type ReadJob = Box<dyn FnOnce(&SpoolDb) + Send>;
+
 enum Op {
     Insert { notification: NewNotification, reply: oneshot::Sender<Result<Stored>> },
     Record { destination: String, notification_id: i64, outcome: Outcome, reply: oneshot::Sender<Result<()>> },
@@ -57,11 +130,17 @@ struct Shared {
     path: PathBuf,
     max_bytes: AtomicU64,
     stored_bytes: AtomicU64,
-    /// Bumped after every commit that added notifications, so dispatchers wake at once.
+    /// Bumped after every commit that added notifications.
     inserted: watch::Sender<u64>,
 }
 
-/// A cheap, cloneable handle to the spool's writer thread.
+impl Shared {
+    fn error(&self, failure: Failure) -> SpoolError {
+        SpoolError::new(&self.path, failure)
+    }
+}
+
+/// The SQLite spool: a cheap, cloneable handle to its writer thread.
 #[derive(Clone)]
 pub struct Spool {
     ops: mpsc::UnboundedSender<Op>,
@@ -71,8 +150,9 @@ pub struct Spool {
 impl Spool {
     /// Opens the spool (setting aside a corrupt file) and starts its writer thread.
     pub fn open(path: &Path, sync: SyncMode, max_bytes: u64) -> Result<(Spool, OpenReport)> {
-        let (db, report) = SpoolDb::open_checked(path, sync)?;
-        let stored = db.stored_bytes()?;
+        let error = |failure| SpoolError::new(path, failure);
+        let (db, report) = SpoolDb::open_checked(path, sync).map_err(error)?;
+        let stored = db.stored_bytes().map_err(error)?;
         let (ops, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
@@ -81,76 +161,103 @@ impl Spool {
             inserted: watch::Sender::new(0),
         });
         let writer_shared = shared.clone();
-        std::thread::Builder::new().name("spool-writer".into()).spawn(move || writer(db, rx, writer_shared)).map_err(
-            |e| SpoolError::Io { path: path.to_path_buf(), message: format!("cannot start writer thread: {e}") },
-        )?;
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer(db, rx, writer_shared))
+            .map_err(|source| error(Failure::Io { action: "cannot start the writer thread", source }))?;
         Ok((Spool { ops, shared }, report))
     }
 
-    pub fn set_max_bytes(&self, max_bytes: u64) {
-        self.shared.max_bytes.store(max_bytes, Ordering::Relaxed);
-    }
-
-    pub fn stored_bytes(&self) -> u64 {
-        self.shared.stored_bytes.load(Ordering::Relaxed)
-    }
-
-    /// A receiver that changes whenever new notifications are committed.
-    pub fn subscribe_inserts(&self) -> watch::Receiver<u64> {
-        self.shared.inserted.subscribe()
-    }
-
-    fn closed(&self) -> SpoolError {
-        SpoolError::Closed(self.shared.path.clone())
-    }
-
     async fn call<T>(&self, op: Op, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
-        self.ops.send(op).map_err(|_| self.closed())?;
-        rx.await.map_err(|_| self.closed())?
+        let closed = || self.shared.error(Failure::WriterStopped);
+        self.ops.send(op).map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
     }
 
-    /// Stores a body with a pending delivery for each destination; returns once it is committed.
-    pub async fn insert(&self, notification: NewNotification) -> Result<Stored> {
-        let (reply, rx) = oneshot::channel();
-        self.call(Op::Insert { notification, reply }, rx).await
-    }
-
-    pub async fn record(&self, destination: String, notification_id: i64, outcome: Outcome) -> Result<()> {
-        let (reply, rx) = oneshot::channel();
-        self.call(Op::Record { destination, notification_id, outcome, reply }, rx).await
-    }
-
-    /// Prunes notifications delivered before `delivered_before` and duplicate keys first seen before
-    /// `dedupe_before`, then recounts the stored bytes.
-    pub async fn prune(&self, delivered_before: i64, dedupe_before: i64) -> Result<usize> {
-        let (reply, rx) = oneshot::channel();
-        self.call(Op::Prune { delivered_before, dedupe_before, reply }, rx).await
-    }
-
-    /// Runs a query on the writer's connection.
-    pub async fn read<T: Send + 'static>(
+    /// Runs a query on the writer's connection, between its write batches.
+    async fn read<T: Send + 'static>(
         &self,
-        query: impl FnOnce(&SpoolDb) -> Result<T> + Send + 'static,
+        query: impl FnOnce(&SpoolDb) -> db::Result<T> + Send + 'static,
     ) -> Result<T> {
         let (reply, rx) = oneshot::channel();
+        let shared = self.shared.clone();
         let job: ReadJob = Box::new(move |db| {
-            let _ = reply.send(query(db));
+            let _ = reply.send(query(db).map_err(|failure| shared.error(failure)));
         });
         self.call(Op::Read(job), rx).await
     }
 }
 
-/// A reply owed once the batch's fate is known: called with the batch's failure, if any.
-type Owed = Box<dyn FnOnce(Option<SpoolError>) + Send>;
+impl SpoolBackend for Spool {
+    async fn insert(&self, notification: NewNotification) -> Result<Stored> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Op::Insert { notification, reply }, rx).await
+    }
 
-/// Sends `result` once the commit succeeded; an operation that failed on its own keeps its own error,
-/// one that succeeded inside a failed batch gets the batch's.
-fn owe<T: Send + 'static>(reply: oneshot::Sender<Result<T>>, result: Result<T>) -> Owed {
+    async fn record(&self, destination: String, notification_id: i64, outcome: Outcome) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Op::Record { destination, notification_id, outcome, reply }, rx).await
+    }
+
+    async fn due(&self, destination: String, now: i64, limit: usize) -> Result<DueBatch> {
+        self.read(move |db| {
+            Ok(DueBatch { due: db.due(&destination, now, limit)?, next_due_at: db.next_due_after(&destination, now)? })
+        })
+        .await
+    }
+
+    async fn earliest_due(&self, destinations: Vec<String>) -> Result<Option<i64>> {
+        self.read(move |db| {
+            let mut earliest: Option<i64> = None;
+            for destination in &destinations {
+                if let Some(at) = db.next_due_after(destination, i64::MIN)? {
+                    earliest = Some(earliest.map_or(at, |e| e.min(at)));
+                }
+            }
+            Ok(earliest)
+        })
+        .await
+    }
+
+    async fn delivery_counts(&self, notification_id: i64) -> Result<DeliveryCounts> {
+        self.read(move |db| db.delivery_counts(notification_id)).await
+    }
+
+    async fn stats(&self) -> Result<Vec<DestinationStats>> {
+        self.read(|db| db.stats()).await
+    }
+
+    async fn prune(&self, delivered_before: i64, dedupe_before: i64) -> Result<usize> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Op::Prune { delivered_before, dedupe_before, reply }, rx).await
+    }
+
+    fn set_max_bytes(&self, max_bytes: u64) {
+        self.shared.max_bytes.store(max_bytes, Ordering::Relaxed);
+    }
+
+    fn stored_bytes(&self) -> u64 {
+        self.shared.stored_bytes.load(Ordering::Relaxed)
+    }
+
+    fn subscribe_inserts(&self) -> watch::Receiver<u64> {
+        self.shared.inserted.subscribe()
+    }
+}
+
+/// A reply owed once the batch's fate is known: called with the batch's failure, if any.
+type Owed = Box<dyn FnOnce(Option<&SpoolError>) + Send>;
+
+/// Answers once the commit's fate is known. An operation that was not run (the batch had failed before
+/// it) or that succeeded inside a failed batch gets the batch's error; one that failed on its own (a
+/// full spool) keeps its own.
+fn owe<T: Send + 'static>(reply: oneshot::Sender<Result<T>>, result: Option<Result<T>>) -> Owed {
     Box::new(move |failure| {
         let _ = reply.send(match (result, failure) {
-            (Err(own), _) => Err(own),
-            (Ok(_), Some(batch)) => Err(batch),
-            (Ok(value), None) => Ok(value),
+            (Some(Err(own)), _) => Err(own),
+            (Some(Ok(value)), None) => Ok(value),
+            (_, Some(batch)) => Err(batch.clone()),
+            (None, None) => unreachable!("an operation is skipped only after the batch failed"),
         });
     })
 }
@@ -177,51 +284,47 @@ fn writer(db: SpoolDb, mut ops: mpsc::UnboundedReceiver<Op>, shared: Arc<Shared>
 }
 
 /// Runs every write in one transaction. The first SQLite error fails the whole batch (SQLite may have
-/// rolled back already, e.g. on a full disk); a full spool fails only the insert that did not fit.
+/// rolled back already, e.g. on a full disk) and the writes after it are not run; a full spool fails
+/// only the insert that did not fit.
 fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
     let mut owed: Vec<Owed> = Vec::with_capacity(writes.len());
     // Only a batch that stores notifications is owed the configured fsync before its replies.
     let stores = writes.iter().any(|op| matches!(op, Op::Insert { .. }));
-    let mut failure: Option<String> = db.flush_commits(stores).and_then(|()| db.begin()).err().map(|e| e.to_string());
+    let mut failure: Option<SpoolError> =
+        db.flush_commits(stores).and_then(|()| db.begin()).err().map(|f| shared.error(f));
     let mut stored = shared.stored_bytes.load(Ordering::Relaxed);
     let mut inserted = false;
     let now = now_ms();
     for op in writes {
-        let skipped = || SpoolError::Io { path: shared.path.clone(), message: "batch failed".into() };
+        let failed = failure.is_some();
         match op {
             Op::Insert { notification, reply } => {
-                let result = match failure {
-                    Some(_) => Err(skipped()),
-                    None => store(db, shared, &mut stored, now, &notification),
-                };
+                let result = (!failed).then(|| store(db, shared, &mut stored, now, &notification));
                 match &result {
-                    Ok(_) => inserted = true,
-                    Err(SpoolError::Full { .. }) => {}
-                    Err(e) => failure = Some(e.to_string()),
+                    Some(Ok(_)) => inserted = true,
+                    Some(Err(e)) if !e.is_full() => failure = Some(e.clone()),
+                    _ => {}
                 }
                 owed.push(owe(reply, result));
             }
             Op::Record { destination, notification_id, outcome, reply } => {
-                let result = match failure {
-                    Some(_) => Err(skipped()),
-                    None => db.record(&destination, notification_id, now, &outcome),
-                };
-                if let Err(e) = &result {
-                    failure.get_or_insert_with(|| e.to_string());
+                let result = (!failed)
+                    .then(|| db.record(&destination, notification_id, now, &outcome).map_err(|f| shared.error(f)));
+                if let Some(Err(e)) = &result {
+                    failure = Some(e.clone());
                 }
                 owed.push(owe(reply, result));
             }
             Op::Prune { delivered_before, dedupe_before, reply } => {
-                let result = match failure {
-                    Some(_) => Err(skipped()),
-                    None => db.prune_delivered(delivered_before, usize::MAX >> 1).and_then(|pruned| {
-                        db.forget_dedupe_before(dedupe_before)?;
-                        stored = db.stored_bytes()?;
-                        Ok(pruned)
-                    }),
-                };
-                if let Err(e) = &result {
-                    failure.get_or_insert_with(|| e.to_string());
+                let result = (!failed).then(|| {
+                    let pruned = db.prune_delivered(delivered_before, usize::MAX >> 1)?;
+                    db.forget_dedupe_before(dedupe_before)?;
+                    stored = db.stored_bytes()?;
+                    Ok(pruned)
+                });
+                let result = result.map(|r| r.map_err(|f| shared.error(f)));
+                if let Some(Err(e)) = &result {
+                    failure = Some(e.clone());
                 }
                 owed.push(owe(reply, result));
             }
@@ -229,17 +332,17 @@ fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
         }
     }
     if failure.is_none() {
-        failure = db.commit().err().map(|e| e.to_string());
+        failure = db.commit().err().map(|f| shared.error(f));
     }
     match failure {
-        Some(message) => {
+        Some(batch) => {
             db.rollback();
             // The file may have changed under a failed batch: recount instead of trusting the tally.
             if let Ok(actual) = db.stored_bytes() {
                 shared.stored_bytes.store(actual, Ordering::Relaxed);
             }
             for reply in owed {
-                reply(Some(SpoolError::Io { path: shared.path.clone(), message: message.clone() }));
+                reply(Some(&batch));
             }
         }
         None => {
@@ -256,17 +359,20 @@ fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
 
 /// Stores a notification, or queues the one already stored under its duplicate key.
 fn store(db: &SpoolDb, shared: &Shared, stored: &mut u64, now: i64, notification: &NewNotification) -> Result<Stored> {
-    if let Some((key, since)) = &notification.dedupe {
-        if let Some(notification_id) = db.find_duplicate(key, *since)? {
-            db.queue(notification_id, &notification.destinations, now)?;
-            return Ok(Stored { notification_id, duplicate: true });
+    let mut run = || -> db::Result<Stored> {
+        if let Some((key, since)) = &notification.dedupe {
+            if let Some(notification_id) = db.find_duplicate(key, *since)? {
+                db.queue(notification_id, &notification.destinations, now)?;
+                return Ok(Stored { notification_id, duplicate: true });
+            }
         }
-    }
-    let notification_id = insert_within_capacity(db, shared, stored, now, notification)?;
-    if let Some((key, _)) = &notification.dedupe {
-        db.remember(key, notification_id, now)?;
-    }
-    Ok(Stored { notification_id, duplicate: false })
+        let notification_id = insert_within_capacity(db, shared, stored, now, notification)?;
+        if let Some((key, _)) = &notification.dedupe {
+            db.remember(key, notification_id, now)?;
+        }
+        Ok(Stored { notification_id, duplicate: false })
+    };
+    run().map_err(|failure| shared.error(failure))
 }
 
 /// Inserts unless the body would take the spool past `maxBytes`. Before refusing, notifications that
@@ -278,7 +384,7 @@ fn insert_within_capacity(
     stored: &mut u64,
     now: i64,
     notification: &NewNotification,
-) -> Result<i64> {
+) -> db::Result<i64> {
     let max = shared.max_bytes.load(Ordering::Relaxed);
     let size = notification.body.len() as u64;
     while *stored + size > max {
@@ -289,7 +395,7 @@ fn insert_within_capacity(
         }
     }
     if *stored + size > max {
-        return Err(SpoolError::Full { stored: *stored, max });
+        return Err(Failure::Full { stored: *stored, max });
     }
     let id = db.insert(now, &notification.path, &notification.body, &notification.destinations)?;
     *stored += size;
@@ -322,11 +428,15 @@ mod tests {
         let repeat = spool.insert(again).await.unwrap();
         assert_eq!(repeat, Stored { notification_id: stored.notification_id, duplicate: true });
         let (count, states) = spool
-            .read(move |db| Ok((db.notification_count()?, db.delivery_states(stored.notification_id)?)))
+            .read(move |db| Ok((db.notification_count()?, db.delivery_counts(stored.notification_id)?)))
             .await
             .unwrap();
         assert_eq!(count, 1, "no second copy of the body");
-        assert_eq!(states, (2, 0, 0), "a stays queued once, b (new since) is added");
+        assert_eq!(
+            states,
+            DeliveryCounts { pending: 2, delivered: 0, dead: 0 },
+            "a stays queued once, b (new since) is added"
+        );
         // Outside the window it is a new notification.
         let mut later = first;
         later.dedupe = Some(("v2:u1".into(), now_ms() + 1));
@@ -361,7 +471,7 @@ mod tests {
         let (spool, _) = Spool::open(&dir.path().join("s.db"), SyncMode::Normal, 100).unwrap();
         let first = spool.insert(new("/", Bytes::from(vec![b'a'; 60]), &["d"])).await.unwrap().notification_id;
         let err = spool.insert(new("/", Bytes::from(vec![b'b'; 60]), &["d"])).await.unwrap_err();
-        assert!(matches!(err, SpoolError::Full { stored: 60, max: 100 }), "{err}");
+        assert!(matches!(err.failure(), Failure::Full { stored: 60, max: 100 }), "{err}");
         spool.record("d".into(), first, Outcome::Delivered { status: 200 }).await.unwrap();
         // Delivered work makes room; the refused body was never stored.
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;

@@ -1,0 +1,214 @@
+//! Wiring: opens the spool, binds the listeners, starts the tasks, and on SIGTERM stops them in order.
+//!
+//! Shutdown is one [`CancellationToken`] tree: `ingest` (stop taking notifications) and `delivery`
+//! (stop starting attempts) are children of the root, cancelled one after the other, and the root
+//! stops the rest (admin endpoints, reload, housekeeping) last, so the probes answer until the end.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use storerelay_runtime::CancellationToken;
+use storerelay_runtime::http::{self, ServeOptions};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::clock::now_ms;
+use crate::config::RuntimeConfig;
+use crate::delivery::{Delivery, Waiters};
+use crate::metrics::Metrics;
+use crate::spool::{Spool, SpoolBackend};
+use crate::{admin, config, delivery, ingest, verify};
+
+/// How often the config file and secret files are compared for changes.
+const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+/// How often delivered notifications past `retainDelivered` are pruned.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+/// How often shutdown looks again for work due before its deadline.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+/// Why the sidecar could not start. Names the file or address at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] storerelay_config::ConfigError),
+    #[error(transparent)]
+    Spool(#[from] crate::spool::SpoolError),
+    #[error("cannot listen on {address} ({key}): {source}")]
+    Bind { key: &'static str, address: std::net::SocketAddr, source: std::io::Error },
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+    #[error("{file}: {source}")]
+    Verify { file: PathBuf, source: config::ResolveError },
+}
+
+/// Runs the sidecar until SIGTERM or SIGINT, then drains and returns.
+pub async fn run(config_path: &Path) -> Result<(), StartError> {
+    let file = storerelay_config::load(config_path)?;
+    let metrics = Arc::new(Metrics::default());
+    let runtime = config::resolve(file, None, &metrics)
+        .map_err(|source| StartError::Verify { file: config_path.to_path_buf(), source })?;
+    if runtime.verifier.mode != storerelay_config::VerifyMode::Off && !runtime.verifier.has_apple_root {
+        tracing::warn!(
+            expected_sha256 = verify::APPLE_ROOT_CA_G3_SHA256,
+            "none of verify.rootCertificates is Apple Root CA - G3: real App Store notifications will fail verification"
+        );
+    }
+    let settings = runtime.file.clone();
+
+    let (spool, report) = Spool::open(&settings.spool.path, settings.spool.sync, settings.spool.max_bytes.get())?;
+    if let (Some(aside), Some(problem)) = (&report.quarantined, &report.corruption) {
+        tracing::error!(spool = %settings.spool.path.display(), set_aside = %aside.display(), %problem,
+            "SPOOL WAS CORRUPT: the damaged file was renamed aside and a new spool started; undelivered notifications in it need manual recovery");
+    }
+
+    let bind = |key: &'static str, address| async move {
+        TcpListener::bind(address).await.map_err(|source| StartError::Bind { key, address, source })
+    };
+    let ingest_listener = bind("listen", settings.listen).await?;
+    let admin_listener = bind("admin", settings.admin).await?;
+    let upstream = ingest::upstream_client().map_err(StartError::Client)?;
+
+    let shutdown = CancellationToken::new();
+    let stop_ingest = shutdown.child_token();
+    let stop_delivery = shutdown.child_token();
+
+    let (config_tx, config_rx) = watch::channel(Arc::new(runtime));
+    let waiters = Arc::new(Waiters::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+
+    let reload = config::follow(config_path.to_path_buf(), RELOAD_INTERVAL, config_tx, metrics.clone());
+    tokio::spawn(until(shutdown.clone(), reload));
+    tokio::spawn(until(shutdown.clone(), housekeep(spool.clone(), config_rx.clone())));
+
+    let delivery = Delivery {
+        spool: spool.clone(),
+        metrics: metrics.clone(),
+        config: config_rx.clone(),
+        waiters: waiters.clone(),
+        in_flight: in_flight.clone(),
+    };
+    let dispatchers = tokio::spawn(delivery::supervise(delivery, stop_delivery.clone()));
+
+    let header_timeout = settings.limits.header_timeout.get();
+    let admin_router = admin::router(Arc::new(admin::AdminState {
+        metrics: metrics.clone(),
+        spool: spool.clone(),
+        config: config_rx.clone(),
+        ready: ready.clone(),
+    }));
+    let admin_options = ServeOptions { header_timeout, grace: Duration::from_secs(1) };
+    let admin_server = tokio::spawn(http::serve(admin_listener, admin_router, admin_options, shutdown.clone()));
+
+    let ingest_router = ingest::router(Arc::new(ingest::IngestState {
+        spool: spool.clone(),
+        metrics: metrics.clone(),
+        config: config_rx.clone(),
+        waiters,
+        permits: Arc::new(Semaphore::new(settings.limits.max_concurrent_requests as usize)),
+        upstream,
+    }));
+    let grace = settings.shutdown_grace_period.get();
+    let ingest_options = ServeOptions { header_timeout, grace };
+    let ingest_server = tokio::spawn(http::serve(ingest_listener, ingest_router, ingest_options, stop_ingest.clone()));
+
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        listen = %settings.listen,
+        admin = %settings.admin,
+        spool = %settings.spool.path.display(),
+        ack = %settings.effective_ack(),
+        destinations = ?config_rx.borrow().destination_names(),
+        "storerelay-sidecar started"
+    );
+
+    wait_for_termination().await;
+    let deadline = tokio::time::Instant::now() + grace;
+    tracing::info!(grace = %settings.shutdown_grace_period, "shutting down: not ready, no new connections, draining");
+    ready.store(false, Ordering::SeqCst);
+    stop_ingest.cancel();
+    let _ = ingest_server.await;
+
+    drain_until(deadline, &spool, &config_rx, &in_flight).await;
+    stop_delivery.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), dispatchers).await;
+    let left = spool.stats().await.map(|stats| stats.iter().map(|s| s.pending).sum::<u64>()).unwrap_or(0);
+    shutdown.cancel();
+    let _ = admin_server.await;
+    tracing::info!(pending = left, "storerelay-sidecar stopped; pending deliveries stay in the spool");
+    Ok(())
+}
+
+/// Runs `task` until it ends or `stop` is cancelled.
+async fn until(stop: CancellationToken, task: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        () = task => {}
+        () = stop.cancelled() => {}
+    }
+}
+
+/// Keeps delivering while attempts are under way or a delivery falls due before `deadline`.
+async fn drain_until(
+    deadline: tokio::time::Instant,
+    spool: &Spool,
+    config: &watch::Receiver<Arc<RuntimeConfig>>,
+    in_flight: &AtomicUsize,
+) {
+    while tokio::time::Instant::now() < deadline {
+        let horizon = now_ms() + deadline.saturating_duration_since(tokio::time::Instant::now()).as_millis() as i64;
+        let deliverable: Vec<String> =
+            config.borrow().destinations.iter().filter(|d| d.url.is_some()).map(|d| d.name.clone()).collect();
+        let due_soon = spool.earliest_due(deliverable).await.ok().flatten().is_some_and(|at| at <= horizon);
+        if in_flight.load(Ordering::SeqCst) == 0 && !due_soon {
+            return;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+}
+
+/// Prunes delivered notifications past `retainDelivered` and applies a changed `spool.maxBytes`.
+async fn housekeep(spool: Spool, mut config: watch::Receiver<Arc<RuntimeConfig>>) {
+    let mut ticker = tokio::time::interval(PRUNE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            changed = config.changed() => if changed.is_err() { return },
+        }
+        let (retain, window, max_bytes) = {
+            let current = config.borrow_and_update();
+            let spool = &current.file.spool;
+            (spool.retain_delivered.get(), current.file.dedupe.window.get(), spool.max_bytes.get())
+        };
+        spool.set_max_bytes(max_bytes);
+        let now = now_ms();
+        match spool.prune(now - retain.as_millis() as i64, now - window.as_millis() as i64).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::info!(pruned, "pruned delivered notifications past retainDelivered"),
+            Err(error) => tracing::error!(%error, "pruning the spool failed"),
+        }
+    }
+}
+
+async fn wait_for_termination() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

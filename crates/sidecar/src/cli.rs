@@ -1,0 +1,270 @@
+//! The commands besides `run`: `check`, `inspect` and `spool ...`. Each returns the text to print.
+//!
+//! The spool commands open the same SQLite file as a running sidecar: WAL lets them read while it
+//! writes, and SQLite's lock makes their few writes wait their turn. Bodies are never printed: V1
+//! bodies carry the app's shared secret.
+
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+use storerelay_config::SyncMode;
+
+use crate::clock::{self, TimeArgError, format_ms, now_ms, parse_time_arg};
+use crate::config;
+use crate::metrics::Metrics;
+use crate::spool::{DeliveryState, Failure, ListFilter, SpoolDb, SpoolError};
+
+/// The default config path when neither `--config` nor `STORERELAY_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/storerelay/config.yaml";
+
+/// Why a command failed; the message names the file at fault and never a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Config(#[from] storerelay_config::ConfigError),
+    #[error("{}: {source}", file.display())]
+    Verify { file: PathBuf, source: config::ResolveError },
+    #[error("{}: {}", file.display(), problems.join("; "))]
+    Problems { file: PathBuf, problems: Vec<String> },
+    #[error(transparent)]
+    Decode(#[from] crate::apple::DecodeError),
+    #[error("cannot write JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("no spool at {}", .0.display())]
+    NoSpool(PathBuf),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error(transparent)]
+    TimeArg(#[from] TimeArgError),
+}
+
+/// `spool ...`: look at and repair a spool, beside a running sidecar or not.
+#[derive(Debug, Clone, PartialEq, clap::Subcommand)]
+pub enum SpoolCommand {
+    /// Counts per destination and the oldest pending notification.
+    Stats,
+    /// Deliveries, oldest first (never bodies).
+    List {
+        #[arg(long)]
+        destination: Option<String>,
+        #[arg(long, value_enum)]
+        state: Option<DeliveryState>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Deliveries given up on.
+    Dead {
+        #[arg(long)]
+        destination: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Schedule deliveries to a destination again now (all finished ones, or only dead ones).
+    Redeliver {
+        #[arg(long)]
+        destination: String,
+        /// Only deliveries that were given up on.
+        #[arg(long = "dead")]
+        dead_only: bool,
+        /// Only notifications received since this time (RFC 3339) or duration ago (e.g. 2h).
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Delete finished deliveries and the notifications nobody needs any more. Pending ones stay.
+    Purge {
+        #[arg(long)]
+        destination: Option<String>,
+        /// Dead deliveries too.
+        #[arg(long = "dead")]
+        include_dead: bool,
+        /// Only deliveries finished before this time or duration ago (default: now).
+        #[arg(long)]
+        before: Option<String>,
+    },
+}
+
+/// `check`: validates the file (and that its secret files can be read) and returns the effective
+/// config with secrets redacted.
+pub fn check(config_path: &Path) -> Result<String, CommandError> {
+    let file = storerelay_config::load(config_path)?;
+    let resolved = config::resolve(file.clone(), None, &Metrics::default())
+        .map_err(|source| CommandError::Verify { file: config_path.to_path_buf(), source })?;
+    let problems = resolved.problems();
+    if !problems.is_empty() {
+        return Err(CommandError::Problems { file: config_path.to_path_buf(), problems });
+    }
+    Ok(format!("# {}: valid\n{}", config_path.display(), file.redacted().to_yaml()))
+}
+
+/// `inspect`: what the sidecar makes of a body, and with a config, whether it would pass verification
+/// and where it would go. Never prints the V1 password.
+pub fn inspect(body: &[u8], config_path: Option<&Path>) -> Result<String, CommandError> {
+    let notification = crate::apple::decode(body)?;
+    let field = |value: Option<&str>| value.unwrap_or("-").to_string();
+    let mut out = format!(
+        "version:      {}\ntype:         {}\nsubtype:      {}\nuuid:         {}\nenvironment:  {}\nbundleId:     {}\nappAppleId:   {}\nsignedDate:   {}\n",
+        notification.version_label(),
+        field(notification.notification_type.as_deref()),
+        field(notification.subtype.as_deref()),
+        field(notification.uuid.as_deref()),
+        notification.environment_label(),
+        field(notification.bundle_id.as_deref()),
+        notification.app_apple_id.map_or("-".to_string(), |id| id.to_string()),
+        notification.signed_date.map_or("-".to_string(), clock::format_ms),
+    );
+    if let Some(problem) = &notification.malformed {
+        let _ = writeln!(out, "malformed:    {problem}");
+    }
+    if let Some(path) = config_path {
+        let file = storerelay_config::load(path)?;
+        let runtime = config::resolve(file, None, &Metrics::default())
+            .map_err(|source| CommandError::Verify { file: path.to_path_buf(), source })?;
+        let verdict = match (runtime.verifier.mode, runtime.verifier.check(&notification)) {
+            (storerelay_config::VerifyMode::Off, _) => "not checked (verify.mode: off)".to_string(),
+            (_, Ok(())) => "passes".to_string(),
+            (mode, Err(reason)) => {
+                format!("fails: {} (verify.mode: {})", reason.as_str(), format!("{mode:?}").to_lowercase())
+            }
+        };
+        let _ = writeln!(out, "verification: {verdict}");
+        let destinations = runtime.destinations_for(&notification);
+        let _ = writeln!(
+            out,
+            "destinations: {}",
+            if destinations.is_empty() { "none".to_string() } else { destinations.join(", ") }
+        );
+    }
+    Ok(out)
+}
+
+/// Runs one spool command and returns what to print.
+pub fn spool(path: &Path, command: &SpoolCommand, json: bool) -> Result<String, CommandError> {
+    if !path.exists() {
+        return Err(CommandError::NoSpool(path.to_path_buf()));
+    }
+    let at = |failure: Failure| SpoolError::new(path, failure);
+    let db = SpoolDb::open(path, SyncMode::Full).map_err(at)?;
+    let now = now_ms();
+    let mut out = String::new();
+    match command {
+        SpoolCommand::Stats => {
+            let stats = db.stats().map_err(at)?;
+            let notifications = db.notification_count().map_err(at)?;
+            let bytes = db.stored_bytes().map_err(at)?;
+            if json {
+                let value = serde_json::json!({"notifications": notifications, "bytes": bytes, "destinations": stats});
+                return Ok(format!("{value}\n"));
+            }
+            let _ = writeln!(out, "spool {}: {notifications} notifications, {bytes} bytes", path.display());
+            let _ = writeln!(
+                out,
+                "{:<24} {:>9} {:>10} {:>6}  OLDEST PENDING",
+                "DESTINATION", "PENDING", "DELIVERED", "DEAD"
+            );
+            for s in stats {
+                let oldest = s
+                    .oldest_pending_received_at
+                    .map_or("-".to_string(), |t| format!("{} ({}s ago)", format_ms(t), (now - t).max(0) / 1000));
+                let _ =
+                    writeln!(out, "{:<24} {:>9} {:>10} {:>6}  {oldest}", s.destination, s.pending, s.delivered, s.dead);
+            }
+        }
+        SpoolCommand::List { destination, state, limit } => {
+            let filter = ListFilter { destination: destination.clone(), state: *state, limit: *limit };
+            let rows = db.list(&filter).map_err(at)?;
+            if json {
+                for row in rows {
+                    let _ = writeln!(out, "{}", serde_json::to_string(&row)?);
+                }
+                return Ok(out);
+            }
+            let _ = writeln!(
+                out,
+                "{:>8} {:<20} {:<9} {:>8} {:>7}  {:<24} {:<24} LAST",
+                "ID", "DESTINATION", "STATE", "ATTEMPTS", "BYTES", "RECEIVED", "NEXT/FINISHED"
+            );
+            for row in rows {
+                let when = format_ms(row.finished_at.unwrap_or(row.next_attempt_at));
+                let _ = writeln!(
+                    out,
+                    "{:>8} {:<20} {:<9} {:>8} {:>7}  {:<24} {:<24} {}",
+                    row.notification_id,
+                    row.destination,
+                    row.state,
+                    row.attempts,
+                    row.bytes,
+                    format_ms(row.received_at),
+                    when,
+                    row.last_error.unwrap_or_default()
+                );
+            }
+        }
+        SpoolCommand::Dead { destination, limit } => {
+            let list = SpoolCommand::List {
+                destination: destination.clone(),
+                state: Some(DeliveryState::Dead),
+                limit: *limit,
+            };
+            return spool(path, &list, json);
+        }
+        SpoolCommand::Redeliver { destination, dead_only, since } => {
+            let since = since.as_deref().map(|t| parse_time_arg(t, now)).transpose()?.unwrap_or(0);
+            let changed = db.redeliver(destination, *dead_only, since, now).map_err(at)?;
+            let _ = writeln!(out, "{changed} deliveries to {destination} scheduled now");
+        }
+        SpoolCommand::Purge { destination, include_dead, before } => {
+            let before = before.as_deref().map(|t| parse_time_arg(t, now)).transpose()?.unwrap_or(now);
+            let purged = db.purge(destination.as_deref(), *include_dead, before).map_err(at)?;
+            let what = if *include_dead { "delivered and dead" } else { "delivered" };
+            let _ = writeln!(out, "{purged} {what} deliveries purged; pending deliveries are never purged");
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::Outcome;
+
+    #[test]
+    fn stats_list_redeliver_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        assert!(spool(&path, &SpoolCommand::Stats, false).unwrap_err().to_string().contains("no spool at"));
+        {
+            let (db, _) = SpoolDb::open_checked(&path, SyncMode::Full).unwrap();
+            let a = db.insert(now_ms(), "/apple", b"{\"password\":\"SECRET\"}", &["rc".into()]).unwrap();
+            db.insert(now_ms(), "/apple", b"{}", &["rc".into()]).unwrap();
+            db.record("rc", a, now_ms(), &Outcome::Dead { status: Some(400), error: "HTTP 400 is not retried".into() })
+                .unwrap();
+        }
+        let stats = spool(&path, &SpoolCommand::Stats, false).unwrap();
+        assert!(stats.contains("2 notifications"), "{stats}");
+        assert!(
+            stats
+                .lines()
+                .any(|l| l.starts_with("rc")
+                    && l.split_whitespace().take(4).collect::<Vec<_>>() == ["rc", "1", "0", "1"]),
+            "{stats}"
+        );
+        let dead = spool(&path, &SpoolCommand::Dead { destination: None, limit: 10 }, false).unwrap();
+        assert_eq!(dead.lines().count(), 2, "{dead}");
+        assert!(dead.contains("HTTP 400") && dead.contains(" dead ") && !dead.contains("SECRET"), "{dead}");
+        let pending = SpoolCommand::List { destination: None, state: Some(DeliveryState::Pending), limit: 10 };
+        assert_eq!(spool(&path, &pending, true).unwrap().lines().count(), 1);
+        let redeliver = SpoolCommand::Redeliver { destination: "rc".into(), dead_only: true, since: Some("1h".into()) };
+        assert!(spool(&path, &redeliver, false).unwrap().starts_with("1 deliveries"));
+        let json = spool(&path, &SpoolCommand::Stats, true).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(value["destinations"][0]["pending"], 2);
+        let bad_time =
+            SpoolCommand::Redeliver { destination: "rc".into(), dead_only: false, since: Some("soon".into()) };
+        assert!(matches!(spool(&path, &bad_time, false), Err(CommandError::TimeArg(_))));
+        assert!(
+            spool(&path, &SpoolCommand::Purge { destination: None, include_dead: true, before: None }, false)
+                .unwrap()
+                .starts_with("0 ")
+        );
+    }
+}
