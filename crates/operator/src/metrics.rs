@@ -8,7 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use storerelay_runtime::metrics::{encode, fast_histogram, request_histogram};
+use storerelay_runtime::metrics::{encode, fast_histogram, register, request_histogram};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Result {
@@ -54,48 +54,48 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
-        macro_rules! register {
-            ($name:literal, $help:literal, $metric:expr) => {{
-                let metric = $metric;
-                registry.register($name, $help, metric.clone());
-                metric
-            }};
-        }
         Metrics {
-            admissions: register!(
+            admissions: register(
+                &mut registry,
                 "storerelay_operator_admissions",
                 "Pod admission decisions by result",
-                Family::default()
+                Family::default(),
             ),
-            admission_duration: register!(
+            admission_duration: register(
+                &mut registry,
                 "storerelay_operator_admission_duration_seconds",
                 "Time to decide on one AdmissionReview",
-                Family::new_with_constructor(fast_histogram as fn() -> Histogram)
+                Family::new_with_constructor(fast_histogram as fn() -> Histogram),
             ),
-            reconciliations: register!(
+            reconciliations: register(
+                &mut registry,
                 "storerelay_operator_reconciliations",
                 "Route reconciliations by result",
-                Family::default()
+                Family::default(),
             ),
-            reconcile_duration: register!(
+            reconcile_duration: register(
+                &mut registry,
                 "storerelay_operator_reconcile_duration_seconds",
                 "Time of one reconciliation",
-                Family::new_with_constructor(request_histogram as fn() -> Histogram)
+                Family::new_with_constructor(request_histogram as fn() -> Histogram),
             ),
-            workload_restarts: register!(
+            workload_restarts: register(
+                &mut registry,
                 "storerelay_operator_workload_restarts",
                 "Workload restarts requested to pick up the sidecar, by kind",
-                Family::default()
+                Family::default(),
             ),
-            webhook_patches: register!(
+            webhook_patches: register(
+                &mut registry,
                 "storerelay_operator_webhook_patches",
                 "Patches of the MutatingWebhookConfiguration, by field",
-                Family::default()
+                Family::default(),
             ),
-            leader: register!(
+            leader: register(
+                &mut registry,
                 "storerelay_operator_leader",
                 "1 while this replica holds the lease and writes",
-                Gauge::default()
+                Gauge::default(),
             ),
             registry,
         }

@@ -6,7 +6,7 @@
 //! static release sidecar (6,344,112 -> 6,435,792 bytes), under the 150 KiB we allowed for it.
 
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 /// Request-scale latencies, in seconds: a delivery attempt, a reconciliation.
 pub const DEFAULT_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -15,6 +15,13 @@ pub const FAST_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005
 
 /// The `Content-Type` of [`encode`]'s output (OpenMetrics text, which Prometheus scrapes natively).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Registers `metric` under `name` and gives it back, so a binary's metrics struct can be built and
+/// registered in one expression per family.
+pub fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
 
 pub fn request_histogram() -> Histogram {
     Histogram::new(DEFAULT_BUCKETS.iter().copied())

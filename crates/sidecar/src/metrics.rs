@@ -14,7 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use storerelay_runtime::metrics::{encode, request_histogram};
+use storerelay_runtime::metrics::{encode, register, request_histogram};
 
 use crate::apple::Notification;
 use crate::spool::DestinationStats;
@@ -88,82 +88,103 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
-        macro_rules! register {
-            ($name:literal, $help:literal, $metric:expr) => {{
-                let metric = $metric;
-                registry.register($name, $help, metric.clone());
-                metric
-            }};
-        }
         Metrics {
-            received: register!(
+            received: register(
+                &mut registry,
                 "storerelay_notifications_received",
                 "Notifications durably stored (or recognised as a stored one's repeat), by version, environment and type",
-                Family::default()
+                Family::default(),
             ),
-            duplicates: register!(
+            duplicates: register(
+                &mut registry,
                 "storerelay_duplicates",
                 "Repeats of a notification already in the spool (not queued again)",
-                Family::default()
+                Family::default(),
             ),
-            unrouted: register!(
+            unrouted: register(
+                &mut registry,
                 "storerelay_notifications_unrouted",
                 "Notifications that matched no destination (acknowledged, mirrored nowhere)",
-                Counter::default()
+                Counter::default(),
             ),
-            unknown_bodies: register!(
+            unknown_bodies: register(
+                &mut registry,
                 "storerelay_notifications_unknown_shape",
                 "JSON bodies that were neither V1 nor V2, forwarded (unknownBodies: forward)",
-                Counter::default()
+                Counter::default(),
             ),
-            rejected: register!(
+            rejected: register(
+                &mut registry,
                 "storerelay_notifications_rejected",
                 "Notifications not accepted, by reason",
-                Family::default()
+                Family::default(),
             ),
-            deliveries: register!(
+            deliveries: register(
+                &mut registry,
                 "storerelay_deliveries",
                 "Delivery attempts by destination and outcome (delivered, retried, dead)",
-                Family::default()
+                Family::default(),
             ),
-            delivery_duration: register!(
+            delivery_duration: register(
+                &mut registry,
                 "storerelay_delivery_duration_seconds",
                 "Time of each delivery attempt",
-                Family::new_with_constructor(request_histogram as fn() -> Histogram)
+                Family::new_with_constructor(request_histogram as fn() -> Histogram),
             ),
-            upstream_responses: register!(
+            upstream_responses: register(
+                &mut registry,
                 "storerelay_upstream_responses",
                 "Answers from the app container by status code (or unreachable, timeout)",
-                Family::default()
+                Family::default(),
             ),
-            config_reloads: register!(
+            config_reloads: register(
+                &mut registry,
                 "storerelay_config_reloads",
                 "Config reloads by result (success, error)",
-                Family::default()
+                Family::default(),
             ),
-            secret_file_errors: register!(
+            secret_file_errors: register(
+                &mut registry,
                 "storerelay_secret_file_errors",
                 "Failed reads of a destination's urlFile or headersFile",
-                Family::default()
+                Family::default(),
             ),
-            spool_pending: register!("storerelay_spool_pending", "Deliveries waiting in the spool", Family::default()),
-            spool_dead: register!(
+            spool_pending: register(
+                &mut registry,
+                "storerelay_spool_pending",
+                "Deliveries waiting in the spool",
+                Family::default(),
+            ),
+            spool_dead: register(
+                &mut registry,
                 "storerelay_spool_dead",
                 "Deliveries given up on (see `spool dead`, `spool redeliver --dead`)",
-                Family::default()
+                Family::default(),
             ),
-            spool_oldest_pending: register!(
+            spool_oldest_pending: register(
+                &mut registry,
                 "storerelay_spool_oldest_pending_seconds",
                 "Age of the oldest notification still pending",
-                Family::default()
+                Family::default(),
             ),
-            spool_bytes: register!("storerelay_spool_bytes", "Notification bytes held in the spool", Gauge::default()),
-            spool_max_bytes: register!(
+            spool_bytes: register(
+                &mut registry,
+                "storerelay_spool_bytes",
+                "Notification bytes held in the spool",
+                Gauge::default(),
+            ),
+            spool_max_bytes: register(
+                &mut registry,
                 "storerelay_spool_max_bytes",
                 "The spool's limit (spool.maxBytes)",
-                Gauge::default()
+                Gauge::default(),
             ),
-            ready: register!("storerelay_ready", "1 while the sidecar accepts notifications", Gauge::default()),
+            ready: register(
+                &mut registry,
+                "storerelay_ready",
+                "1 while the sidecar accepts notifications",
+                Gauge::default(),
+            ),
             scrape: Mutex::new(()),
             registry,
         }
