@@ -402,6 +402,8 @@ impl SidecarConfig {
             for name in destination.headers.keys() {
                 if !is_header_name(name) {
                     problem(key(&format!("headers.{name}")), "is not a valid HTTP header name".into());
+                } else if is_fixed_header(name) {
+                    problem(key(&format!("headers.{name}")), FIXED_HEADER_PROBLEM.into());
                 }
             }
             if destination.timeout.is_zero() {
@@ -481,6 +483,18 @@ fn is_dns_label(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-')
+}
+
+/// Request headers storerelay sets itself on every delivery (the body is Apple's JSON, sent as is);
+/// a destination's `headers` or `headersFile` may not replace them.
+pub const FIXED_HEADERS: &[&str] = &["content-type", "content-length", "host", "user-agent", "transfer-encoding"];
+
+pub const FIXED_HEADER_PROBLEM: &str =
+    "storerelay sets this header itself (Content-Type, Content-Length, Host, User-Agent, Transfer-Encoding)";
+
+/// Whether `name` is one of [`FIXED_HEADERS`], in any case.
+pub fn is_fixed_header(name: &str) -> bool {
+    FIXED_HEADERS.iter().any(|fixed| fixed.eq_ignore_ascii_case(name))
 }
 
 /// RFC 9110 token characters.

@@ -208,3 +208,34 @@ fn enforce_without_a_root_is_refused_with_the_fingerprint_to_look_for() {
 fn dedupe_defaults_to_seven_days() {
     assert_eq!(parse("", file()).unwrap().dedupe.window, Duration::from_secs(168 * 3600));
 }
+
+#[test]
+fn durations_too_long_for_millisecond_arithmetic_are_refused() {
+    // 3,000,000,000,000 h fits in u64 milliseconds but not in the i64 the spool schedules with: it
+    // would wrap negative and kill every delivery at once.
+    let err = parse("destinations: [{name: a, url: 'https://a.invalid/', retry: {maxAge: 3000000000000h}}]\n", file())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("destinations[0].retry.maxAge"), "{err}");
+    assert!(err.contains("longer than 100 years"), "{err}");
+    assert!(parse("spool: {retainDelivered: 876000h}\n", file()).is_ok(), "100 years is still accepted");
+}
+
+#[test]
+fn headers_that_would_replace_fixed_request_headers_are_refused() {
+    let text = "destinations:\n  - {name: a, url: 'https://a.invalid/', headers: {Content-Type: text/plain, user-agent: x, HOST: h, Content-Length: '1', Authorization: ok}}\n";
+    let ConfigError::Invalid { problems, .. } = parse(text, file()).unwrap_err() else {
+        panic!("expected validation problems");
+    };
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    for expected in [
+        "destinations[0].headers.Content-Type",
+        "destinations[0].headers.user-agent",
+        "destinations[0].headers.HOST",
+        "destinations[0].headers.Content-Length",
+    ] {
+        assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
+    }
+    assert!(!keys.iter().any(|k| k.ends_with("Authorization")), "{keys:?}");
+    assert!(problems.iter().all(|p| !p.key.ends_with("Content-Type") || p.message.contains("storerelay sets")));
+}

@@ -11,7 +11,12 @@ use std::str::FromStr;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// A duration written as one or more `<integer><unit>` parts, units `ms`, `s`, `m`, `h`, `d`.
+/// The longest duration taken: 100 years. Times are unix milliseconds in an `i64`; far longer values
+/// would overflow when added to one (a `maxAge` that wraps negative kills every delivery at once).
+pub const MAX_DURATION_MS: u64 = 100 * 365 * 86_400_000;
+
+/// A duration written as one or more `<integer><unit>` parts, units `ms`, `s`, `m`, `h`, `d`, at most
+/// [`MAX_DURATION_MS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Duration(pub std::time::Duration);
 
@@ -65,8 +70,10 @@ impl FromStr for Duration {
             rest = &rest[unit_len..];
             total_ms = number.checked_mul(per_unit_ms).and_then(|ms| total_ms.checked_add(ms)).ok_or_else(bad)?;
         }
-        let ms = u64::try_from(total_ms).map_err(|_| bad())?;
-        Ok(Duration::from_millis(ms))
+        match u64::try_from(total_ms) {
+            Ok(ms) if ms <= MAX_DURATION_MS => Ok(Duration::from_millis(ms)),
+            _ => Err(format!("`{text}` is longer than 100 years, the longest duration storerelay takes")),
+        }
     }
 }
 

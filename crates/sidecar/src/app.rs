@@ -45,7 +45,10 @@ pub enum StartError {
 
 /// Runs the sidecar until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(config_path: &Path) -> Result<(), StartError> {
+    // Fingerprinted before reading, so an edit made meanwhile is reloaded, not missed.
+    let seen = config::Fingerprint::of_config(config_path);
     let file = storerelay_config::load(config_path)?;
+    let seen = seen.with_secrets_of(&file);
     let metrics = Arc::new(Metrics::default());
     let runtime = config::resolve(file, None, &metrics)
         .map_err(|source| StartError::Verify { file: config_path.to_path_buf(), source })?;
@@ -79,7 +82,7 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
     let ready = Arc::new(AtomicBool::new(false));
     let in_flight = Arc::new(AtomicUsize::new(0));
 
-    let reload = config::follow(config_path.to_path_buf(), RELOAD_INTERVAL, config_tx, metrics.clone());
+    let reload = config::follow(config_path.to_path_buf(), RELOAD_INTERVAL, config_tx, metrics.clone(), seen);
     tokio::spawn(until(shutdown.clone(), reload));
     tokio::spawn(until(shutdown.clone(), housekeep(spool.clone(), config_rx.clone())));
 

@@ -39,6 +39,8 @@ pub enum SecretError {
     HeaderName(String),
     #[error("header `{0}`: invalid value")]
     HeaderValue(String),
+    #[error("header `{0}`: {problem}", problem = storerelay_config::FIXED_HEADER_PROBLEM)]
+    FixedHeader(String),
 }
 
 /// A destination ready to be delivered to.
@@ -168,6 +170,9 @@ fn resolve_destination(d: &storerelay_config::Destination) -> Result<(reqwest::U
     }
     let mut headers = HeaderMap::new();
     for (name, value) in pairs {
+        if storerelay_config::is_fixed_header(&name) {
+            return Err(SecretError::FixedHeader(name));
+        }
         let header_name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| SecretError::HeaderName(name.clone()))?;
         let mut header_value = HeaderValue::from_str(&value).map_err(|_| SecretError::HeaderValue(name.clone()))?;
         header_value.set_sensitive(true);
@@ -204,10 +209,34 @@ fn restart_only_changes(old: &SidecarConfig, new: &SidecarConfig) -> Vec<&'stati
     keys
 }
 
-/// A hash of the config file and every secret file it names, to notice any change cheaply.
-fn fingerprint(path: &Path, secret_files: &[PathBuf]) -> u64 {
+/// What the config file and its secret files held when they were read, to notice any change cheaply.
+/// Each part is taken *before* the files it covers are read, so an edit that lands while they are
+/// being read shows up as a change on the next look instead of being taken as already seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    config: u64,
+    secrets: u64,
+}
+
+impl Fingerprint {
+    /// Taken before loading `path`; completed with [`Fingerprint::with_secrets_of`] before its secret
+    /// files are read.
+    pub fn of_config(path: &Path) -> Fingerprint {
+        Fingerprint { config: hash_files(&[path.to_path_buf()]), secrets: 0 }
+    }
+
+    pub fn with_secrets_of(self, config: &SidecarConfig) -> Fingerprint {
+        self.with_secrets(&owned_secret_files(config))
+    }
+
+    fn with_secrets(self, files: &[PathBuf]) -> Fingerprint {
+        Fingerprint { secrets: hash_files(files), ..self }
+    }
+}
+
+fn hash_files(files: &[PathBuf]) -> u64 {
     let mut hasher = DefaultHasher::new();
-    for file in std::iter::once(path).chain(secret_files.iter().map(PathBuf::as_path)) {
+    for file in files {
         match std::fs::read(file) {
             Ok(bytes) => bytes.hash(&mut hasher),
             Err(e) => e.kind().hash(&mut hasher),
@@ -221,20 +250,21 @@ fn owned_secret_files(config: &SidecarConfig) -> Vec<PathBuf> {
 }
 
 /// Follows the config file and its secret files, publishing each valid change. An invalid change is
-/// logged, counted and ignored: the config in force stays.
+/// logged, counted and ignored: the config in force stays. `seen` is the fingerprint of what the
+/// config in force was read from.
 pub async fn follow(
     path: PathBuf,
     interval: Duration,
     current: watch::Sender<Arc<RuntimeConfig>>,
     metrics: Arc<Metrics>,
+    mut seen: Fingerprint,
 ) {
     let mut secret_files = owned_secret_files(&current.borrow().file);
-    let mut seen = fingerprint(&path, &secret_files);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let now_seen = fingerprint(&path, &secret_files);
+        let now_seen = Fingerprint::of_config(&path).with_secrets(&secret_files);
         if now_seen == seen {
             continue;
         }
@@ -247,8 +277,9 @@ pub async fn follow(
                     tracing::warn!(keys = ?pending_restart, "these settings change only when the sidecar restarts; the running values stay in force");
                     keep_running_values(&previous.file, &mut file);
                 }
+                // The secret files this config names, fingerprinted before `resolve` reads them.
                 secret_files = owned_secret_files(&file);
-                seen = fingerprint(&path, &secret_files);
+                seen = seen.with_secrets(&secret_files);
                 let next = match resolve(file, Some(&previous), &metrics) {
                     Ok(next) => next,
                     Err(error) => {
@@ -306,6 +337,20 @@ mod tests {
     }
 
     #[test]
+    fn a_headers_file_cannot_replace_the_fixed_headers() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("headers"), "{\"content-type\": \"text/plain\"}").unwrap();
+        let config = parse(&format!(
+            "destinations:\n  - {{name: rc, url: 'https://a.example.invalid/', headersFile: {}/headers}}\n",
+            dir.path().display()
+        ));
+        let resolved = resolve(config, None, &Metrics::default()).unwrap();
+        let problem = resolved.destinations[0].problem.clone().expect("a problem");
+        assert!(problem.contains("content-type") && problem.contains("storerelay sets"), "{problem}");
+        assert!(resolved.destinations[0].url.is_none(), "not delivered with a changed Content-Type");
+    }
+
+    #[test]
     fn a_missing_secret_is_a_problem_without_the_secret() {
         let metrics = Metrics::default();
         let dir = tempfile::tempdir().unwrap();
@@ -329,6 +374,26 @@ mod tests {
         let problem = kept.destinations[0].problem.clone().unwrap();
         assert!(!problem.contains("SECRET"), "{problem}");
         assert_eq!(kept.destinations[0].url.as_ref().unwrap().as_str(), "https://a.example.invalid/SECRET");
+    }
+
+    #[tokio::test]
+    async fn an_edit_made_while_the_config_was_being_read_is_picked_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, "destinations: [{name: a, url: 'https://a.example.invalid/'}]\n").unwrap();
+        // What `run` does: fingerprint, then read...
+        let seen = Fingerprint::of_config(&path);
+        let file = storerelay_config::load(&path).unwrap();
+        let seen = seen.with_secrets_of(&file);
+        let metrics = Arc::new(Metrics::default());
+        let (current, mut changes) = watch::channel(Arc::new(resolve(file, None, &metrics).unwrap()));
+        // ...and the file changes right after it was read, before the reload loop starts.
+        std::fs::write(&path, "destinations: [{name: a, url: 'https://a.example.invalid/'}, {name: b, url: 'https://b.example.invalid/'}]\n").unwrap();
+        let follower = tokio::spawn(follow(path.clone(), Duration::from_millis(20), current, metrics.clone(), seen));
+        let reloaded = tokio::time::timeout(Duration::from_secs(5), changes.changed()).await;
+        follower.abort();
+        assert!(reloaded.is_ok(), "the edit was taken as already seen");
+        assert_eq!(changes.borrow().destination_names(), ["a", "b"]);
     }
 
     #[test]

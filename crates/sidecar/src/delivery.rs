@@ -38,25 +38,35 @@ pub struct Delivery {
     pub in_flight: Arc<AtomicUsize>,
 }
 
-/// Requests waiting for `ack: delivered`, woken when one of their deliveries finishes.
+/// Requests waiting for `ack: delivered`, woken when one of their deliveries finishes. Apple's retry
+/// of a notification may wait beside the first request for it, so each notification counts its
+/// waiters and is forgotten only when the last one leaves.
 #[derive(Default)]
 pub struct Waiters {
-    by_notification: Mutex<HashMap<i64, Arc<Notify>>>,
+    by_notification: Mutex<HashMap<i64, (Arc<Notify>, usize)>>,
 }
 
 impl Waiters {
     pub fn register(&self, notification_id: i64) -> Arc<Notify> {
         let mut map = self.by_notification.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(notification_id).or_default().clone()
+        let (notify, count) = map.entry(notification_id).or_insert_with(|| (Arc::default(), 0));
+        *count += 1;
+        notify.clone()
     }
 
     pub fn release(&self, notification_id: i64) {
-        self.by_notification.lock().unwrap_or_else(|p| p.into_inner()).remove(&notification_id);
+        let mut map = self.by_notification.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, count)) = map.get_mut(&notification_id) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&notification_id);
+            }
+        }
     }
 
     fn finished(&self, notification_id: i64) {
         let map = self.by_notification.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(notify) = map.get(&notification_id) {
+        if let Some((notify, _)) = map.get(&notification_id) {
             notify.notify_waiters();
         }
     }
@@ -245,4 +255,25 @@ fn describe_error(error: &reqwest::Error) -> String {
     }
     let cause = source.to_string();
     if cause.contains("://") { kind.to_string() } else { format!("{kind}: {cause}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_waiter_is_woken_after_another_request_for_the_same_notification_gave_up() {
+        let waiters = Waiters::default();
+        let _first = waiters.register(7);
+        let second = waiters.register(7);
+        let woken = second.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        waiters.release(7); // the first request's ackTimeout ran out
+        waiters.finished(7);
+        let result = tokio::time::timeout(Duration::from_millis(200), woken).await;
+        assert!(result.is_ok(), "the second request must hear that its delivery finished");
+        waiters.release(7);
+        assert!(waiters.by_notification.lock().unwrap().is_empty(), "the last release forgets the notification");
+    }
 }

@@ -87,12 +87,13 @@ pub fn decide(
 
 /// The wait before attempt number `attempts + 1`: exponential from `initialBackoff`, capped at
 /// `maxBackoff`, with full jitter above `initialBackoff` so a recovering destination is not hit by
-/// every sidecar at once. A `Retry-After` from the destination wins, capped at `maxBackoff`.
+/// every sidecar at once. A `Retry-After` from the destination wins, between `initialBackoff` (so `0`
+/// or a past date is no tight loop) and `maxBackoff`.
 pub fn backoff(policy: &RetryPolicy, attempts: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
     let initial = policy.initial_backoff.get();
     let max = policy.max_backoff.get();
     if let Some(asked) = retry_after {
-        return asked.min(max);
+        return asked.max(initial).min(max);
     }
     let doublings = attempts.saturating_sub(1).min(32);
     let ceiling = initial.saturating_mul(1u32 << doublings.min(31)).min(max);
@@ -179,6 +180,17 @@ mod tests {
             decide(&result, &p, 0, 0, 0, 0.0),
             Outcome::Retry { next_attempt_at: 3_000, status: Some(429), .. }
         ));
+    }
+
+    #[test]
+    fn retry_after_zero_or_in_the_past_waits_at_least_initial_backoff() {
+        // A destination answering `Retry-After: 0` (or a date already past) on every attempt must not
+        // be hammered in a tight loop.
+        let p = policy();
+        assert_eq!(backoff(&p, 1, Some(Duration::ZERO), 0.0), Duration::from_secs(1));
+        assert_eq!(backoff(&p, 3, Some(Duration::from_millis(10)), 0.0), Duration::from_secs(1));
+        let result = AttemptResult::Response { status: 503, retry_after: Some(Duration::ZERO) };
+        assert!(matches!(decide(&result, &p, 0, 0, 5_000, 0.0), Outcome::Retry { next_attempt_at: 6_000, .. }));
     }
 
     #[test]
