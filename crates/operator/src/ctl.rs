@@ -26,15 +26,39 @@ pub enum OfflineError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{}: not a NotificationRoute: {source}", path.display())]
     NotARoute { path: PathBuf, source: serde_yaml::Error },
+    #[error("{}: holds {found} NotificationRoutes; pass a file with exactly one", path.display())]
+    RouteCount { path: PathBuf, found: usize },
     #[error("{}: {source}", path.display())]
     Render { path: PathBuf, source: RenderError },
     #[error(transparent)]
     Manifest(#[from] ManifestError),
 }
 
+/// The one NotificationRoute in a file, which may hold other documents too (the examples put the
+/// Secret it names beside it). A file of one document is read as a route whatever its `kind`, so a
+/// route without one gets the field-by-field error.
 pub fn read_route(path: &Path) -> Result<NotificationRoute, OfflineError> {
+    use serde::Deserialize;
     let text = std::fs::read_to_string(path).map_err(|source| OfflineError::Read { path: path.into(), source })?;
-    serde_yaml::from_str(&text).map_err(|source| OfflineError::NotARoute { path: path.into(), source })
+    let not_a_route = |source| OfflineError::NotARoute { path: path.into(), source };
+    let mut kinds = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_yaml::Value::deserialize(document).map_err(not_a_route)?;
+        kinds.push(value.get("kind").and_then(serde_yaml::Value::as_str).map(str::to_owned));
+    }
+    let routes: Vec<usize> =
+        kinds.iter().enumerate().filter(|(_, kind)| kind.as_deref() == Some("NotificationRoute")).map(|(i, _)| i).collect();
+    let index = match (kinds.len(), routes.as_slice()) {
+        (1, _) => 0,
+        (_, [one]) => *one,
+        (_, found) => return Err(OfflineError::RouteCount { path: path.into(), found: found.len() }),
+    };
+    // Parsed from its own document again, so an error names the key and line in the file.
+    let document = serde_yaml::Deserializer::from_str(&text).nth(index).ok_or(OfflineError::RouteCount {
+        path: path.into(),
+        found: 0,
+    })?;
+    NotificationRoute::deserialize(document).map_err(not_a_route)
 }
 
 /// `render-config`: the sidecar config a route file renders to.

@@ -53,6 +53,30 @@ fn errors_name_the_file() {
 }
 
 #[test]
+fn the_route_is_taken_out_of_a_file_that_holds_other_documents_too() {
+    // The example puts the Secret the route names before the route, as a user would apply them.
+    let app = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/examples/sample-app.yaml"))
+        .unwrap();
+    let out = ctl(&["inject", "--route", "../../deploy/examples/revenuecat-proxy.yaml"], &app);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8(out.stdout).unwrap().contains("storerelay.dev/injected: payments@"));
+    let rendered = ctl(&["render-config", "--route", "../../deploy/examples/revenuecat-proxy.yaml"], "");
+    assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
+
+    let dir = tempfile::tempdir().unwrap();
+    let secret_only = dir.path().join("secret.yaml");
+    std::fs::write(&secret_only, "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n").unwrap();
+    let none = ctl(&["render-config", "--route", secret_only.to_str().unwrap()], "");
+    assert_eq!(none.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("holds 0 NotificationRoutes"), "{none:?}");
+    let route = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/route.yaml")).unwrap();
+    let two = dir.path().join("two.yaml");
+    std::fs::write(&two, format!("{route}\n---\n{route}")).unwrap();
+    let both = ctl(&["render-config", "--route", two.to_str().unwrap()], "");
+    assert!(String::from_utf8_lossy(&both.stderr).contains("holds 2 NotificationRoutes"), "{both:?}");
+}
+
+#[test]
 fn crd_prints_the_crd() {
     let out = ctl(&["crd"], "");
     assert!(String::from_utf8(out.stdout).unwrap().contains("\"name\": \"notificationroutes.storerelay.dev\""));
