@@ -46,18 +46,21 @@ pub fn read_route(path: &Path) -> Result<NotificationRoute, OfflineError> {
         let value = serde_yaml::Value::deserialize(document).map_err(not_a_route)?;
         kinds.push(value.get("kind").and_then(serde_yaml::Value::as_str).map(str::to_owned));
     }
-    let routes: Vec<usize> =
-        kinds.iter().enumerate().filter(|(_, kind)| kind.as_deref() == Some("NotificationRoute")).map(|(i, _)| i).collect();
+    let routes: Vec<usize> = kinds
+        .iter()
+        .enumerate()
+        .filter(|(_, kind)| kind.as_deref() == Some("NotificationRoute"))
+        .map(|(i, _)| i)
+        .collect();
     let index = match (kinds.len(), routes.as_slice()) {
         (1, _) => 0,
         (_, [one]) => *one,
         (_, found) => return Err(OfflineError::RouteCount { path: path.into(), found: found.len() }),
     };
     // Parsed from its own document again, so an error names the key and line in the file.
-    let document = serde_yaml::Deserializer::from_str(&text).nth(index).ok_or(OfflineError::RouteCount {
-        path: path.into(),
-        found: 0,
-    })?;
+    let document = serde_yaml::Deserializer::from_str(&text)
+        .nth(index)
+        .ok_or(OfflineError::RouteCount { path: path.into(), found: 0 })?;
     NotificationRoute::deserialize(document).map_err(not_a_route)
 }
 

@@ -55,8 +55,8 @@ fn errors_name_the_file() {
 #[test]
 fn the_route_is_taken_out_of_a_file_that_holds_other_documents_too() {
     // The example puts the Secret the route names before the route, as a user would apply them.
-    let app = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/examples/sample-app.yaml"))
-        .unwrap();
+    let app =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/examples/sample-app.yaml")).unwrap();
     let out = ctl(&["inject", "--route", "../../deploy/examples/revenuecat-proxy.yaml"], &app);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8(out.stdout).unwrap().contains("storerelay.dev/injected: payments@"));

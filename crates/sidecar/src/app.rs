@@ -4,7 +4,7 @@
 //! (stop starting attempts) are children of the root, cancelled one after the other, and the root
 //! stops the rest (admin endpoints, reload, housekeeping) last, so the probes answer until the end.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -39,8 +39,6 @@ pub enum StartError {
     Bind { key: &'static str, address: std::net::SocketAddr, source: std::io::Error },
     #[error("cannot build the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
-    #[error("{file}: {source}")]
-    Verify { file: PathBuf, source: config::ResolveError },
 }
 
 /// Runs the sidecar until SIGTERM or SIGINT, then drains and returns.
@@ -50,8 +48,7 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
     let file = storerelay_config::load(config_path)?;
     let seen = seen.with_secrets_of(&file);
     let metrics = Arc::new(Metrics::default());
-    let runtime = config::resolve(file, None, &metrics)
-        .map_err(|source| StartError::Verify { file: config_path.to_path_buf(), source })?;
+    let runtime = config::resolve(file, None, &metrics);
     if runtime.verifier.mode != storerelay_config::VerifyMode::Off && !runtime.verifier.has_apple_root {
         tracing::warn!(
             expected_sha256 = verify::APPLE_ROOT_CA_G3_SHA256,

@@ -22,8 +22,6 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/storerelay/config.yaml";
 pub enum CommandError {
     #[error(transparent)]
     Config(#[from] storerelay_config::ConfigError),
-    #[error("{}: {source}", file.display())]
-    Verify { file: PathBuf, source: config::ResolveError },
     #[error("{}: {}", file.display(), problems.join("; "))]
     Problems { file: PathBuf, problems: Vec<String> },
     #[error(transparent)]
@@ -87,8 +85,7 @@ pub enum SpoolCommand {
 /// config with secrets redacted.
 pub fn check(config_path: &Path) -> Result<String, CommandError> {
     let file = storerelay_config::load(config_path)?;
-    let resolved = config::resolve(file.clone(), None, &Metrics::default())
-        .map_err(|source| CommandError::Verify { file: config_path.to_path_buf(), source })?;
+    let resolved = config::resolve(file.clone(), None, &Metrics::default());
     let problems = resolved.problems();
     if !problems.is_empty() {
         return Err(CommandError::Problems { file: config_path.to_path_buf(), problems });
@@ -117,8 +114,7 @@ pub fn inspect(body: &[u8], config_path: Option<&Path>) -> Result<String, Comman
     }
     if let Some(path) = config_path {
         let file = storerelay_config::load(path)?;
-        let runtime = config::resolve(file, None, &Metrics::default())
-            .map_err(|source| CommandError::Verify { file: path.to_path_buf(), source })?;
+        let runtime = config::resolve(file, None, &Metrics::default());
         let verdict = match (runtime.verifier.mode, runtime.verifier.check(&notification)) {
             (storerelay_config::VerifyMode::Off, _) => "not checked (verify.mode: off)".to_string(),
             (_, Ok(())) => "passes".to_string(),

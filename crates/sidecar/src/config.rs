@@ -11,16 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
-use storerelay_config::{ConfigError, RetryPolicy, SidecarConfig, check_http_url, redact_url};
+use storerelay_config::{ConfigError, RetryPolicy, SidecarConfig, VerifyMode, check_http_url, redact_url};
 use tokio::sync::watch;
 
 use crate::apple::Notification;
 use crate::metrics::Metrics;
-use crate::verify::{CertificateError, Verifier};
-
-/// A config that must not take effect: the verifier cannot be built (an unreadable root certificate
-/// would let forgeries through or refuse everything).
-pub type ResolveError = CertificateError;
+use crate::verify::Verifier;
 
 /// Why a destination's secrets cannot be used. Never contains the URL or a header value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -91,20 +87,18 @@ impl RuntimeConfig {
             .iter()
             .filter_map(|d| d.problem.as_ref().map(|p| format!("destination {}: {p}", d.name)))
             .chain(self.v1_password_problem.as_ref().map(|p| format!("verify: {p}")))
+            .chain(self.verifier.missing().into_iter().map(|p| format!("verify: {p}")))
             .collect()
     }
 }
 
 /// Resolves every destination's secrets. A destination whose secret files fail keeps the values it had
 /// in `previous`, so a half-written Secret never stops delivery that was working.
-///
-/// Fails only when the verifier cannot be built (an unreadable root certificate): that config must not
-/// take effect, since it would let forgeries through or refuse everything.
-pub fn resolve(
-    file: SidecarConfig,
-    previous: Option<&RuntimeConfig>,
-    metrics: &Metrics,
-) -> Result<RuntimeConfig, ResolveError> {
+/// Verification files (root certificates, `v1PasswordFile`) are handled the same way; one that was
+/// never read leaves the notifications that need it answered 503 in `enforce` mode (see
+/// [`Verifier::new`]), never a start failure: the operator mounts them `optional`, and a sidecar that
+/// does not start keeps the app's pod from starting too.
+pub fn resolve(file: SidecarConfig, previous: Option<&RuntimeConfig>, metrics: &Metrics) -> RuntimeConfig {
     let (v1_password, v1_password_problem) = match (&file.verify.v1_password, &file.verify.v1_password_file) {
         (Some(password), _) => (Some(password.clone()), None),
         (None, Some(path)) => match read_secret(path) {
@@ -117,7 +111,21 @@ pub fn resolve(
         },
         (None, None) => (None, None),
     };
-    let verifier = Arc::new(Verifier::new(&file.verify, v1_password.clone())?);
+    let verifier = Arc::new(Verifier::new(&file.verify, v1_password.clone(), previous.map(|p| p.verifier.as_ref())));
+    if verifier.mode != VerifyMode::Off && verifier.lacks_material() {
+        let missing = verifier.missing().into_iter().chain(v1_password_problem.clone()).collect::<Vec<_>>();
+        if verifier.mode == VerifyMode::Enforce {
+            tracing::error!(
+                ?missing,
+                "verification files are missing: notifications that need them are answered 503 (Apple retries) until they appear"
+            );
+        } else {
+            tracing::warn!(
+                ?missing,
+                "verification files are missing: notifications that need them are accepted unverified (verify.mode: log)"
+            );
+        }
+    }
     let destinations = file
         .destinations
         .iter()
@@ -147,7 +155,7 @@ pub fn resolve(
             })
         })
         .collect();
-    Ok(RuntimeConfig { file, destinations, verifier, v1_password, v1_password_problem })
+    RuntimeConfig { file, destinations, verifier, v1_password, v1_password_problem }
 }
 
 fn resolve_destination(d: &storerelay_config::Destination) -> Result<(reqwest::Url, HeaderMap), SecretError> {
@@ -280,14 +288,7 @@ pub async fn follow(
                 // The secret files this config names, fingerprinted before `resolve` reads them.
                 secret_files = owned_secret_files(&file);
                 seen = seen.with_secrets(&secret_files);
-                let next = match resolve(file, Some(&previous), &metrics) {
-                    Ok(next) => next,
-                    Err(error) => {
-                        tracing::error!(%error, "config reload refused; the previous config stays in force");
-                        metrics.count_reload("error");
-                        continue;
-                    }
-                };
+                let next = resolve(file, Some(&previous), &metrics);
                 tracing::info!(destinations = ?next.destination_names(), ack = %next.file.effective_ack(), "config reloaded");
                 metrics.count_reload("success");
                 current.send_replace(Arc::new(next));
@@ -327,7 +328,7 @@ mod tests {
             "destinations:\n  - name: rc\n    urlFile: {0}/url\n    headersFile: {0}/headers\n    headers: {{X-Source: storerelay}}\n",
             dir.path().display()
         ));
-        let resolved = resolve(config, None, &Metrics::default()).unwrap();
+        let resolved = resolve(config, None, &Metrics::default());
         let rc = &resolved.destinations[0];
         assert_eq!(rc.url.as_ref().unwrap().as_str(), "https://hooks.example.invalid/v1/TOKEN");
         assert_eq!(rc.display, "https://hooks.example.invalid");
@@ -344,7 +345,7 @@ mod tests {
             "destinations:\n  - {{name: rc, url: 'https://a.example.invalid/', headersFile: {}/headers}}\n",
             dir.path().display()
         ));
-        let resolved = resolve(config, None, &Metrics::default()).unwrap();
+        let resolved = resolve(config, None, &Metrics::default());
         let problem = resolved.destinations[0].problem.clone().expect("a problem");
         assert!(problem.contains("content-type") && problem.contains("storerelay sets"), "{problem}");
         assert!(resolved.destinations[0].url.is_none(), "not delivered with a changed Content-Type");
@@ -356,7 +357,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url_file = dir.path().join("url");
         let config = parse(&format!("destinations:\n  - {{name: rc, urlFile: {}}}\n", url_file.display()));
-        let resolved = resolve(config.clone(), None, &metrics).unwrap();
+        let resolved = resolve(config.clone(), None, &metrics);
         let problem = resolved.destinations[0].problem.clone().unwrap();
         assert!(problem.contains("cannot read") && problem.contains("url"), "{problem}");
         assert!(resolved.destinations[0].url.is_none());
@@ -367,10 +368,10 @@ mod tests {
 
         // Once readable it resolves; if it breaks again, the last good URL stays in use.
         std::fs::write(&url_file, "https://a.example.invalid/SECRET").unwrap();
-        let good = resolve(config.clone(), Some(&resolved), &metrics).unwrap();
+        let good = resolve(config.clone(), Some(&resolved), &metrics);
         assert!(good.destinations[0].problem.is_none());
         std::fs::write(&url_file, "not a url SECRET").unwrap();
-        let kept = resolve(config, Some(&good), &metrics).unwrap();
+        let kept = resolve(config, Some(&good), &metrics);
         let problem = kept.destinations[0].problem.clone().unwrap();
         assert!(!problem.contains("SECRET"), "{problem}");
         assert_eq!(kept.destinations[0].url.as_ref().unwrap().as_str(), "https://a.example.invalid/SECRET");
@@ -386,7 +387,7 @@ mod tests {
         let file = storerelay_config::load(&path).unwrap();
         let seen = seen.with_secrets_of(&file);
         let metrics = Arc::new(Metrics::default());
-        let (current, mut changes) = watch::channel(Arc::new(resolve(file, None, &metrics).unwrap()));
+        let (current, mut changes) = watch::channel(Arc::new(resolve(file, None, &metrics)));
         // ...and the file changes right after it was read, before the reload loop starts.
         std::fs::write(&path, "destinations: [{name: a, url: 'https://a.example.invalid/'}, {name: b, url: 'https://b.example.invalid/'}]\n").unwrap();
         let follower = tokio::spawn(follow(path.clone(), Duration::from_millis(20), current, metrics.clone(), seen));

@@ -23,6 +23,7 @@ use crate::config::RuntimeConfig;
 use crate::delivery::Waiters;
 use crate::metrics::Metrics;
 use crate::spool::{DeliveryCounts, NewNotification, Spool, SpoolBackend};
+use crate::verify::Reason;
 
 /// What the ingest handler needs.
 pub struct IngestState {
@@ -242,6 +243,21 @@ fn admit(metrics: &Metrics, config: &RuntimeConfig, body: &[u8]) -> Result<Notif
     }
     match config.verifier.check(&notification) {
         Ok(()) => Ok(notification),
+        // Our own files are missing: not the sender's fault, so never a 4xx. Apple retries the 503.
+        Err(Reason::Unavailable) if mode == VerifyMode::Enforce => {
+            tracing::error!(
+                version = notification.version_label(),
+                uuid = notification.uuid.as_deref(),
+                problems = ?config.problems(),
+                "notification not verifiable: verification files are missing; answering 503"
+            );
+            Err(refuse(
+                metrics,
+                Reason::Unavailable.as_str(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                r#"{"error":"verification unavailable, retry"}"#,
+            ))
+        }
         Err(reason) => {
             metrics.reject(reason.as_str());
             let enforce = mode == VerifyMode::Enforce;

@@ -6,7 +6,7 @@
 //! signature with its crypto provider, then the allowlists. V1 carries no signature, only the app's
 //! shared secret, compared in constant time.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use app_store_server_library::chain_verifier::ChainVerifier;
 use app_store_server_library::crypto::{CryptoProvider, jws};
@@ -32,6 +32,9 @@ pub enum Reason {
     Environment,
     V1Password,
     Malformed,
+    /// Our own verification material (a root certificate, the V1 shared secret) is not mounted: the
+    /// notification cannot be judged, which is no fault of the sender.
+    Unavailable,
 }
 
 impl Reason {
@@ -43,6 +46,7 @@ impl Reason {
             Reason::Environment => "environment",
             Reason::V1Password => "v1_password",
             Reason::Malformed => "malformed",
+            Reason::Unavailable => "verify_unavailable",
         }
     }
 }
@@ -50,6 +54,12 @@ impl Reason {
 pub struct Verifier {
     pub mode: VerifyMode,
     chain: Option<ChainVerifier>,
+    /// The roots in use, by file: a reload that cannot read one keeps the copy it had.
+    roots: Vec<(PathBuf, Vec<u8>)>,
+    /// Root files that could not be read, with no earlier copy to use.
+    missing_roots: Vec<CertificateError>,
+    /// `v1PasswordFile` is configured but no password could be read (now or before).
+    v1_password_missing: bool,
     bundle_ids: Vec<String>,
     app_apple_ids: Vec<i64>,
     environments: Vec<Environment>,
@@ -69,28 +79,54 @@ impl std::fmt::Debug for Verifier {
 
 impl Verifier {
     /// Builds the verifier, reading the root certificates. `v1_password` is the resolved secret (from
-    /// `v1Password` or `v1PasswordFile`).
-    pub fn new(config: &VerifyConfig, v1_password: Option<String>) -> Result<Verifier, CertificateError> {
+    /// `v1Password` or `v1PasswordFile`). A root file that cannot be read keeps the copy `previous` had
+    /// of it; without one it is reported by [`Verifier::missing`], and notifications that need it are
+    /// answered [`Reason::Unavailable`] rather than refused, until a reload finds it.
+    pub fn new(config: &VerifyConfig, v1_password: Option<String>, previous: Option<&Verifier>) -> Verifier {
         let mut roots = Vec::new();
+        let mut missing_roots = Vec::new();
         for path in &config.root_certificates {
-            roots.push(read_certificate(path)?);
+            match read_certificate(path) {
+                Ok(der) => roots.push((path.clone(), der)),
+                Err(problem) => match previous.and_then(|p| p.roots.iter().find(|(kept, _)| kept == path)) {
+                    Some(kept) => roots.push(kept.clone()),
+                    None => missing_roots.push(problem),
+                },
+            }
         }
-        let has_apple_root = roots.iter().any(|der| hex(&Sha256::digest(der)) == APPLE_ROOT_CA_G3_SHA256);
-        Ok(Verifier {
+        let has_apple_root = roots.iter().any(|(_, der)| hex(&Sha256::digest(der)) == APPLE_ROOT_CA_G3_SHA256);
+        let chain = (!roots.is_empty()).then(|| ChainVerifier::new(roots.iter().map(|(_, der)| der.clone()).collect()));
+        Verifier {
             mode: config.mode,
-            chain: (!roots.is_empty()).then(|| ChainVerifier::new(roots)),
+            chain,
+            roots,
+            missing_roots,
+            v1_password_missing: config.v1_password_file.is_some() && v1_password.is_none(),
             bundle_ids: config.bundle_ids.clone(),
             app_apple_ids: config.app_apple_ids.clone(),
             environments: config.environments.clone(),
             v1_password,
             has_apple_root,
-        })
+        }
+    }
+
+    /// The root certificates that could not be read (never a secret: paths and error kinds).
+    pub fn missing(&self) -> Vec<String> {
+        self.missing_roots.iter().map(ToString::to_string).collect()
+    }
+
+    /// Whether some notifications cannot be verified for want of our own files.
+    pub fn lacks_material(&self) -> bool {
+        !self.missing_roots.is_empty() || self.v1_password_missing
     }
 
     pub fn off() -> Verifier {
         Verifier {
             mode: VerifyMode::Off,
             chain: None,
+            roots: Vec::new(),
+            missing_roots: Vec::new(),
+            v1_password_missing: false,
             bundle_ids: Vec::new(),
             app_apple_ids: Vec::new(),
             environments: Vec::new(),
@@ -125,14 +161,16 @@ impl Verifier {
         }
         let certificates: Vec<Vec<u8>> =
             x5c.iter().map(|c| STANDARD.decode(c)).collect::<Result<_, _>>().map_err(|_| Reason::Chain)?;
-        let chain = self.chain.as_ref().ok_or(Reason::Chain)?;
+        // A chain that does not lead to the roots we have may lead to one we could not read.
+        let chain_failed = if self.missing_roots.is_empty() { Reason::Chain } else { Reason::Unavailable };
+        let chain = self.chain.as_ref().ok_or(chain_failed)?;
         // As Apple's libraries do without online checks: validity at the time Apple signed it.
         let effective = notification
             .signed_date
             .map(|ms| (ms / 1000).max(0) as u64)
             .unwrap_or_else(|| crate::clock::now_ms() as u64 / 1000);
         let public_key =
-            chain.verify(&certificates[0], &certificates[1], Some(effective), false).map_err(|_| Reason::Chain)?;
+            chain.verify(&certificates[0], &certificates[1], Some(effective), false).map_err(|_| chain_failed)?;
 
         let signature: [u8; 64] = jws::decode_signature_bytes(token)
             .map_err(|_| Reason::Signature)?
@@ -147,6 +185,9 @@ impl Verifier {
     }
 
     fn check_v1(&self, notification: &Notification) -> Result<(), Reason> {
+        if self.v1_password_missing {
+            return Err(Reason::Unavailable);
+        }
         let (Some(expected), Some(given)) = (&self.v1_password, &notification.v1_password) else {
             return Err(Reason::V1Password);
         };

@@ -270,3 +270,78 @@ async fn no_secret_appears_in_logs_metrics_errors_or_tool_output() {
         assert!(!everything.contains(secret), "{secret} leaked:\n{everything}");
     }
 }
+
+/// Findings 5 and 6 of the hardening review: a verification secret or root that is not mounted (yet)
+/// is our problem, not Apple's. The sidecar starts, says so, and answers 503 (Apple retries) instead
+/// of 401 (Apple may give up) until the file appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_verification_files_answer_503_until_they_appear() {
+    const V1_PASSWORD: &str = "v1-secret-42";
+    let s = setup();
+    let rc = StandIn::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("apple-root").join("AppleRootCA-G3.cer");
+    let password = dir.path().join("v1-password").join("password");
+    let sidecar = Sidecar::start(
+        &format!(
+            "verify: {{mode: enforce, rootCertificates: [{}], v1PasswordFile: {}}}\ndestinations:\n  - {{name: rc, url: \"{}\"}}\n",
+            root.display(),
+            password.display(),
+            rc.url("/")
+        ),
+        "",
+    )
+    .await;
+    let readyz = || async {
+        let response = client().get(format!("http://{}/readyz", sidecar.admin)).send().await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    let (status, text) = readyz().await;
+    assert_eq!(status, 200, "the pod stays ready: the app path must keep working");
+    assert!(text.contains("degraded: verify") && text.contains("AppleRootCA-G3.cer"), "{text}");
+    assert!(text.contains("v1PasswordFile"), "{text}");
+
+    let v1 =
+        format!(r#"{{"notification_type":"DID_RENEW","environment":"PROD","bid":"b","password":"{V1_PASSWORD}"}}"#);
+    let v2 = s.notification("uuid-before-root", "Production");
+    for body in [v1.clone().into_bytes(), v2.clone()] {
+        let answer = sidecar.post(body).await;
+        assert_eq!(answer.status(), 503, "a missing file of ours is never a 4xx");
+        assert!(answer.headers().contains_key("retry-after"));
+    }
+    assert_eq!(sidecar.metric("storerelay_notifications_rejected_total{reason=\"verify_unavailable\"}").await, 2.0);
+    assert!(sidecar.log().contains("verification files are missing"), "{}", sidecar.log());
+
+    // The Secret and the ConfigMap arrive: the reload takes them and the same notifications pass.
+    std::fs::create_dir_all(password.parent().unwrap()).unwrap();
+    std::fs::write(&password, V1_PASSWORD).unwrap();
+    std::fs::create_dir_all(root.parent().unwrap()).unwrap();
+    std::fs::copy(&s.root_file, &root).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while readyz().await.1.contains("degraded") {
+        assert!(std::time::Instant::now() < deadline, "the files were not picked up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sidecar.post(v1.into_bytes()).await.status(), 200);
+    assert_eq!(sidecar.post(v2).await.status(), 200);
+    rc.wait_for(2, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_log_mode_a_missing_root_is_a_warning_and_notifications_flow() {
+    let s = setup();
+    let rc = StandIn::start().await;
+    let missing = s.root_file.with_file_name("not-mounted.cer");
+    let sidecar = Sidecar::start(
+        &format!(
+            "verify: {{mode: log, rootCertificates: [{}]}}\ndestinations:\n  - {{name: rc, url: \"{}\"}}\n",
+            missing.display(),
+            rc.url("/")
+        ),
+        "",
+    )
+    .await;
+    assert_eq!(sidecar.post(s.notification("uuid-log", "Production")).await.status(), 200);
+    rc.wait_for(1, Duration::from_secs(10)).await;
+    assert!(sidecar.log().contains("verification files are missing"), "{}", sidecar.log());
+}

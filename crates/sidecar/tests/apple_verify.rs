@@ -17,7 +17,9 @@ fn verifier(roots: &[&Path], configure: impl FnOnce(&mut VerifyConfig)) -> Verif
         ..Default::default()
     };
     configure(&mut config);
-    Verifier::new(&config, None).expect("verifier")
+    let verifier = Verifier::new(&config, None, None);
+    assert_eq!(verifier.missing(), Vec::<String>::new(), "every root was read");
+    verifier
 }
 
 fn check(verifier: &Verifier, body: &[u8]) -> Result<(), Reason> {
@@ -208,11 +210,11 @@ fn generated_chains_pass_and_every_kind_of_forgery_fails() {
 fn v1_needs_the_shared_secret() {
     let config = VerifyConfig { mode: VerifyMode::Enforce, ..Default::default() };
     let v1 = br#"{"notification_type":"DID_RENEW","environment":"PROD","bid":"com.example.app","password":"right"}"#;
-    let with_password = Verifier::new(&config, Some("right".into())).unwrap();
+    let with_password = Verifier::new(&config, Some("right".into()), None);
     assert_eq!(check(&with_password, v1), Ok(()));
-    let wrong = Verifier::new(&config, Some("wrong".into())).unwrap();
+    let wrong = Verifier::new(&config, Some("wrong".into()), None);
     assert_eq!(check(&wrong, v1), Err(Reason::V1Password));
-    let none_configured = Verifier::new(&config, None).unwrap();
+    let none_configured = Verifier::new(&config, None, None);
     assert_eq!(check(&none_configured, v1), Err(Reason::V1Password), "enforce without v1Password rejects V1");
     let no_password = br#"{"notification_type":"DID_RENEW","environment":"PROD"}"#;
     assert_eq!(check(&with_password, no_password), Err(Reason::V1Password));
