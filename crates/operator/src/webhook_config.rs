@@ -270,6 +270,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_chart_starts_with_the_same_no_routes_selector() {
+        let template = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../charts/storerelay/templates/mutatingwebhookconfiguration.yaml"
+        ))
+        .unwrap();
+        let selector = namespace_selector(&BTreeSet::new(), "storerelay");
+        let values = selector.match_expressions.unwrap()[0].values.clone().unwrap();
+        assert_eq!(values, [NO_NAMESPACE]);
+        assert!(template.contains(&format!("operator: In\n          values: [\"{NO_NAMESPACE}\"]")), "{template}");
+    }
+
+    #[test]
     fn the_selector_lists_route_namespaces_but_never_our_own_or_kube_system() {
         let namespaces: BTreeSet<String> =
             ["shop", "storerelay", "kube-system", "billing"].iter().map(|s| s.to_string()).collect();
