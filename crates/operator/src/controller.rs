@@ -2,7 +2,7 @@
 //! workloads when asked, and writes status and Events; `error_policy` retries with a delay. Only the
 //! leader writes: other replicas keep their caches warm (the webhook reads them) and requeue.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,12 +21,11 @@ use crate::crd::{NotificationRoute, NotificationRouteStatus, RolloutPolicy};
 use crate::inject::{self, InjectOptions, RESTARTED_AT_ANNOTATION};
 use crate::metrics::Metrics;
 use crate::render::{CONFIG_KEY, config_map_name, render_yaml};
+use crate::restarts::RestartSchedule;
 use crate::status::{self, Facts, RestartableKind, SecretsCheck, Workload};
 
 pub const FIELD_MANAGER: &str = "storerelay-operator";
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "storerelay-operator");
-/// A workload is restarted at most this often, whatever happens to its pods.
-const RESTART_INTERVAL: Duration = Duration::from_secs(600);
 /// Status is refreshed this often even when nothing triggers a reconcile: Secrets are not watched (the
 /// operator may only `get` them), so this is how a created or deleted Secret shows in SecretsResolved.
 const RESYNC: Duration = Duration::from_secs(60);
@@ -54,7 +53,8 @@ pub struct Context {
     pub restarts_allowed: bool,
     pub leader: watch::Receiver<bool>,
     pub metrics: Arc<Metrics>,
-    pub last_restart: Mutex<HashMap<String, Instant>>,
+    /// Workload restarts so far, for `rollout.policy: RestartWorkloads`'s backoff.
+    pub restarts: Mutex<RestartSchedule>,
 }
 
 pub async fn reconcile(route: Arc<NotificationRoute>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -92,6 +92,9 @@ async fn reconcile_route(route: &NotificationRoute, ctx: &Context) -> Result<Act
 
     let policy = route.spec.rollout.as_ref().map(|r| r.policy).unwrap_or_default();
     if policy == RolloutPolicy::RestartWorkloads && ctx.restarts_allowed {
+        let needed: BTreeSet<String> =
+            counts.workloads.iter().filter(|w| w.restartable().is_some()).map(|w| format!("{namespace}/{w}")).collect();
+        ctx.restarts.lock().unwrap_or_else(|p| p.into_inner()).keep_only(&namespace, &needed);
         for workload in counts.workloads.iter().filter(|w| w.restartable().is_some()) {
             restart(ctx, route, &namespace, workload).await?;
         }
@@ -210,16 +213,13 @@ async fn check_references(ctx: &Context, route: &NotificationRoute, namespace: &
     Ok(if missing.is_empty() { SecretsCheck::Resolved } else { SecretsCheck::Missing(missing) })
 }
 
-/// What `kubectl rollout restart` does: a new annotation on the pod template, rate-limited.
+/// What `kubectl rollout restart` does: a new annotation on the pod template, with a backoff per
+/// workload ([`RestartSchedule`]).
 async fn restart(ctx: &Context, route: &NotificationRoute, namespace: &str, workload: &Workload) -> Result<(), Error> {
     let Some(kind) = workload.restartable() else { return Ok(()) };
     let key = format!("{namespace}/{workload}");
-    {
-        let mut last = ctx.last_restart.lock().unwrap_or_else(|p| p.into_inner());
-        if last.get(&key).is_some_and(|at| at.elapsed() < RESTART_INTERVAL) {
-            return Ok(());
-        }
-        last.insert(key, Instant::now());
+    if !ctx.restarts.lock().unwrap_or_else(|p| p.into_inner()).may_restart(&key, Instant::now()) {
+        return Ok(());
     }
     let patch = json!({"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT_ANNOTATION: Timestamp::now().to_string()}}}}});
     let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
@@ -241,12 +241,17 @@ async fn restart(ctx: &Context, route: &NotificationRoute, namespace: &str, work
                 .await?;
         }
     }
+    // Counted only once the patch went through: a failed one is tried again at the next reconcile.
+    let times = ctx.restarts.lock().unwrap_or_else(|p| p.into_inner()).restarted(&key, Instant::now());
+    let next = humantime::format_duration(RestartSchedule::interval(times));
     ctx.metrics.count_workload_restart(kind.as_str());
-    tracing::info!(route = %route.name_any(), namespace, %workload, "restarted workload to pick up the sidecar");
+    tracing::info!(route = %route.name_any(), namespace, %workload, times, %next, "restarted workload to pick up the sidecar");
     let event = Event {
         type_: EventType::Normal,
         reason: "RestartedWorkload".into(),
-        note: Some(format!("restarted {workload} so its pods get the current sidecar")),
+        note: Some(format!(
+            "restarted {workload} so its pods get the current sidecar (restart {times} in a row; the next one no sooner than {next})"
+        )),
         action: "Restart".into(),
         secondary: None,
     };

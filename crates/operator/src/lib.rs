@@ -10,6 +10,7 @@ pub mod leader;
 pub mod manifests;
 pub mod metrics;
 pub mod render;
+pub mod restarts;
 pub mod run;
 pub mod select;
 pub mod serve;

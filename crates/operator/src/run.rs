@@ -136,7 +136,7 @@ pub async fn run_with_client(client: Client, settings: Settings) -> Result<(), R
         restarts_allowed: settings.restarts_allowed,
         leader: leading.clone(),
         metrics: metrics.clone(),
-        last_restart: Mutex::new(Default::default()),
+        restarts: Mutex::new(Default::default()),
     });
 
     let (conflicts_tx, conflicts_rx) = tokio::sync::mpsc::unbounded_channel();

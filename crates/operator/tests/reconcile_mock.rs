@@ -149,7 +149,7 @@ fn context(
         restarts_allowed: restarts,
         leader: leading,
         metrics: Arc::new(Metrics::default()),
-        last_restart: Default::default(),
+        restarts: Default::default(),
     })
 }
 
@@ -265,4 +265,34 @@ async fn a_follower_makes_no_call() {
     let ctx = context(client, &route, vec![], true, true, false);
     reconcile(Arc::new(route), ctx).await.unwrap();
     assert!(calls.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_restart_that_failed_is_tried_again_and_not_counted() {
+    let route = route("  rollout: {policy: RestartWorkloads}");
+    let deployment = "/apis/apps/v1/namespaces/shop/deployments/payments";
+    let fail_first = Arc::new(Mutex::new(true));
+    let normal = api(BTreeMap::new(), &route);
+    let failing = fail_first.clone();
+    let (client, calls) = mock_client(move |method, path, body| {
+        if *method == Method::PATCH && path == deployment && std::mem::replace(&mut *failing.lock().unwrap(), false) {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500, "message": "etcd timeout"}),
+            );
+        }
+        normal(method, path, body)
+    });
+    let ctx = context(client, &route, vec![pod("c", None)], false, true, true);
+    assert!(reconcile(Arc::new(route.clone()), ctx.clone()).await.is_err(), "the failed patch is an error");
+    assert_eq!(ctx.metrics.workload_restarts("Deployment"), 0, "a failed patch is no restart");
+    reconcile(Arc::new(route.clone()), ctx.clone()).await.unwrap();
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(find(&calls, Method::PATCH, deployment).len(), 2, "tried again at once, not 10 minutes later");
+    assert_eq!(ctx.metrics.workload_restarts("Deployment"), 1);
+    let event = find(&calls, Method::POST, "/apis/events.k8s.io/v1/namespaces/shop/events")
+        .into_iter()
+        .find(|e| e.body["reason"] == "RestartedWorkload")
+        .expect("an Event for the restart");
+    assert!(event.body["note"].as_str().unwrap().contains("no sooner than 10m"), "{}", event.body);
 }
