@@ -262,7 +262,7 @@ async fn restart(ctx: &Context, route: &NotificationRoute, namespace: &str, work
 /// Events for pods that two routes select, reported by the webhook.
 pub async fn report_conflicts(
     ctx: Arc<Context>,
-    mut reports: tokio::sync::mpsc::UnboundedReceiver<crate::webhook::ConflictReport>,
+    mut reports: tokio::sync::mpsc::Receiver<crate::webhook::ConflictReport>,
 ) {
     while let Some(report) = reports.recv().await {
         for route in ctx.routes.state().iter().filter(|r| {

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub workload_restarts: Family<Kind, Counter>,
     /// Webhook configuration patches (caBundle, namespaceSelector).
     pub webhook_patches: Family<Field, Counter>,
+    /// Selector-conflict reports dropped because the queue for Events was full.
+    conflict_reports_dropped: Counter,
     /// 1 while this replica holds the lease.
     leader: Gauge,
 }
@@ -90,6 +92,12 @@ impl Default for Metrics {
                 "storerelay_operator_webhook_patches",
                 "Patches of the MutatingWebhookConfiguration, by field",
                 Family::default(),
+            ),
+            conflict_reports_dropped: register(
+                &mut registry,
+                "storerelay_operator_conflict_reports_dropped",
+                "Selector-conflict reports not turned into Events because too many were waiting",
+                Counter::default(),
             ),
             leader: register(
                 &mut registry,
@@ -140,6 +148,14 @@ impl Metrics {
 
     pub fn count_webhook_patch(&self, field: &'static str) {
         self.webhook_patches.get_or_create(&Field { field }).inc();
+    }
+
+    pub fn count_conflict_report_dropped(&self) {
+        self.conflict_reports_dropped.inc();
+    }
+
+    pub fn conflict_reports_dropped(&self) -> u64 {
+        self.conflict_reports_dropped.get()
     }
 
     pub fn set_leader(&self, leads: bool) {

@@ -139,7 +139,7 @@ pub async fn run_with_client(client: Client, settings: Settings) -> Result<(), R
         restarts: Mutex::new(Default::default()),
     });
 
-    let (conflicts_tx, conflicts_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (conflicts_tx, conflicts_rx) = tokio::sync::mpsc::channel(webhook::CONFLICT_REPORTS);
     tokio::spawn(controller::report_conflicts(context.clone(), conflicts_rx));
     let webhook_state = Arc::new(WebhookState {
         routes: routes.clone(),

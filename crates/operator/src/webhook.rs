@@ -97,9 +97,15 @@ pub struct WebhookState {
     pub routes: Store<NotificationRoute>,
     pub options: InjectOptions,
     pub metrics: Arc<Metrics>,
-    /// Reports selector conflicts as Events on the routes involved (not for dry-run requests).
-    pub conflicts: Option<tokio::sync::mpsc::UnboundedSender<ConflictReport>>,
+    /// Reports selector conflicts as Events on the routes involved (not for dry-run requests). Bounded
+    /// ([`CONFLICT_REPORTS`] in the operator): whoever may create pods can make conflicts, so reports
+    /// beyond it are dropped and counted rather than queued without limit.
+    pub conflicts: Option<tokio::sync::mpsc::Sender<ConflictReport>>,
 }
+
+/// Conflict reports waiting to become Events at most; the route's `SelectorConflict` condition says
+/// the same from the pod cache, so a dropped report loses only an Event.
+pub const CONFLICT_REPORTS: usize = 64;
 
 /// A pod that two or more routes select, for the controller to turn into Events.
 #[derive(Debug, Clone)]
@@ -158,11 +164,10 @@ async fn mutate(State(state): State<Arc<WebhookState>>, body: axum::body::Bytes)
         Decision::Conflict { routes } => {
             tracing::warn!(namespace, pod = %pod_name, ?routes, "several routes select the pod; not injected");
             if let (false, Some(conflicts)) = (request.dry_run, &state.conflicts) {
-                let _ = conflicts.send(ConflictReport {
-                    namespace: namespace.clone(),
-                    pod: pod_name,
-                    routes: routes.clone(),
-                });
+                let report = ConflictReport { namespace: namespace.clone(), pod: pod_name, routes: routes.clone() };
+                if conflicts.try_send(report).is_err() {
+                    state.metrics.count_conflict_report_dropped();
+                }
             }
         }
         Decision::Deny(message) => tracing::warn!(namespace, pod = %pod_name, message, "denied"),

@@ -56,7 +56,7 @@ async fn start(routes: Vec<NotificationRoute>) -> Server {
 
 async fn start_with(
     routes: Vec<NotificationRoute>,
-    conflicts: Option<tokio::sync::mpsc::UnboundedSender<storerelay_operator::webhook::ConflictReport>>,
+    conflicts: Option<tokio::sync::mpsc::Sender<storerelay_operator::webhook::ConflictReport>>,
 ) -> Server {
     let (store, mut writer) = reflector::store::<NotificationRoute>();
     for route in routes {
@@ -157,7 +157,7 @@ async fn garbage_is_a_400_not_a_crash() {
 
 #[tokio::test]
 async fn conflicts_are_reported_for_events_except_on_dry_run() {
-    let (reports, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let (reports, mut received) = tokio::sync::mpsc::channel(8);
     let server =
         start_with(vec![route("payments", "{app: payments}"), route("all-web", "{tier: web}")], Some(reports)).await;
     let both = pod(json!({"app": "payments", "tier": "web"}), json!([]));
@@ -167,4 +167,20 @@ async fn conflicts_are_reported_for_events_except_on_dry_run() {
     let report = received.try_recv().expect("a conflict report for the Events");
     assert_eq!(report.routes, ["all-web", "payments"]);
     assert_eq!((report.namespace.as_str(), report.pod.as_str()), ("shop", "payments-7d9f-*"));
+}
+
+#[tokio::test]
+async fn conflict_reports_beyond_the_bound_are_dropped_and_counted() {
+    // Anyone who may create pods can make conflicts: the reports waiting for Events are bounded.
+    let (reports, mut received) = tokio::sync::mpsc::channel(1);
+    let server =
+        start_with(vec![route("payments", "{app: payments}"), route("all-web", "{tier: web}")], Some(reports)).await;
+    let both = pod(json!({"app": "payments", "tier": "web"}), json!([]));
+    for _ in 0..3 {
+        admit(&server, review(both.clone(), false)).await;
+    }
+    assert!(received.try_recv().is_ok(), "the first report is kept");
+    assert!(received.try_recv().is_err(), "the others were not queued");
+    assert_eq!(server.metrics.conflict_reports_dropped(), 2);
+    assert_eq!(server.metrics.admissions("conflict"), 3, "every admission is still answered and counted");
 }
