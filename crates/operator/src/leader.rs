@@ -1,13 +1,17 @@
 //! Leader election through a `coordination.k8s.io` Lease, so one replica writes while all serve the
 //! webhook. The decision rule is pure ([`next`]); [`run`] applies it against the API with optimistic
 //! concurrency (a replace with the Lease's resourceVersion), so two replicas never both win.
+//!
+//! As client-go does, a follower never compares the holder's `renewTime` with its own wall clock (two
+//! nodes' clocks may disagree by minutes): it notes *when it saw the Lease change*, by its own
+//! monotonic clock, and takes over only once the Lease has not changed for `leaseDurationSeconds`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, PostParams};
 use tokio::sync::watch;
@@ -30,17 +34,35 @@ pub enum Step {
     Follow,
 }
 
-pub fn next(lease: Option<&LeaseSpec>, identity: &str, now: Timestamp) -> Step {
+/// The Lease as a follower last saw it change, and when by its own clock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    holder: Option<String>,
+    renew_time: Option<Timestamp>,
+    at: Instant,
+}
+
+impl Observed {
+    /// What was seen at `now`: unchanged since `before` keeps `before`'s time.
+    pub fn of(spec: &LeaseSpec, before: Option<&Observed>, now: Instant) -> Observed {
+        let (holder, renew_time) = (spec.holder_identity.clone(), spec.renew_time.as_ref().map(|t| t.0));
+        match before {
+            Some(seen) if seen.holder == holder && seen.renew_time == renew_time => seen.clone(),
+            _ => Observed { holder, renew_time, at: now },
+        }
+    }
+}
+
+/// The step for a Lease as it stands, given when it was last seen to change (`observed`, made from
+/// this same Lease with [`Observed::of`]).
+pub fn next(lease: Option<&LeaseSpec>, identity: &str, observed: Option<&Observed>, now: Instant) -> Step {
     let Some(spec) = lease else { return Step::Create };
     if spec.holder_identity.as_deref() == Some(identity) {
         return Step::Renew;
     }
-    let duration = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)));
-    let expired = match (&spec.renew_time, &spec.holder_identity) {
-        (_, None) => true,
-        (Some(renewed), _) => renewed.0 + duration < now,
-        (None, _) => true,
-    };
+    let duration = Duration::from_secs(u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15));
+    let expired =
+        spec.holder_identity.is_none() || observed.is_none_or(|seen| now.saturating_duration_since(seen.at) > duration);
     if expired { Step::Acquire } else { Step::Follow }
 }
 
@@ -69,12 +91,15 @@ pub async fn run(
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let mut last_renewed: Option<tokio::time::Instant> = None;
+    let mut observed: Option<Observed> = None;
     loop {
         let now = Timestamp::now();
         let outcome = async {
             let current = api.get_opt(&name).await?;
             let spec = current.as_ref().and_then(|l| l.spec.as_ref());
-            match next(spec, &identity, now) {
+            let seen_now = Instant::now();
+            observed = spec.map(|spec| Observed::of(spec, observed.as_ref(), seen_now));
+            match next(spec, &identity, observed.as_ref(), seen_now) {
                 Step::Follow => Ok::<bool, kube::Error>(false),
                 Step::Create => {
                     let lease = Lease {
@@ -123,25 +148,58 @@ pub async fn run(
 mod tests {
     use super::*;
 
-    fn lease(holder: Option<&str>, renewed_secs_ago: i64, now: Timestamp) -> LeaseSpec {
+    use k8s_openapi::jiff::SignedDuration;
+
+    fn lease(holder: Option<&str>, renewed: Timestamp) -> LeaseSpec {
         LeaseSpec {
             holder_identity: holder.map(String::from),
             lease_duration_seconds: Some(15),
-            renew_time: Some(MicroTime(now - SignedDuration::from_secs(renewed_secs_ago))),
+            renew_time: Some(MicroTime(renewed)),
             ..Default::default()
         }
     }
 
+    /// What a follower decides on each look at `leases`, taken `every` apart.
+    fn follow(leases: &[LeaseSpec], every: Duration) -> Vec<Step> {
+        let start = Instant::now();
+        let mut observed = None;
+        leases
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let now = start + every * i as u32;
+                observed = Some(Observed::of(spec, observed.as_ref(), now));
+                next(Some(spec), "a", observed.as_ref(), now)
+            })
+            .collect()
+    }
+
     #[test]
-    fn creates_renews_follows_and_takes_over_expired_leases() {
+    fn creates_renews_and_counts_transitions() {
         let now = Timestamp::now();
-        assert_eq!(next(None, "a", now), Step::Create);
-        assert_eq!(next(Some(&lease(Some("a"), 3, now)), "a", now), Step::Renew);
-        assert_eq!(next(Some(&lease(Some("b"), 3, now)), "a", now), Step::Follow);
-        assert_eq!(next(Some(&lease(Some("b"), 30, now)), "a", now), Step::Acquire);
-        assert_eq!(next(Some(&lease(None, 0, now)), "a", now), Step::Acquire);
-        let taken = held_by("a", Some(&lease(Some("b"), 30, now)), now);
+        assert_eq!(next(None, "a", None, Instant::now()), Step::Create);
+        assert_eq!(next(Some(&lease(Some("a"), now)), "a", None, Instant::now()), Step::Renew);
+        assert_eq!(next(Some(&lease(None, now)), "a", None, Instant::now()), Step::Acquire, "released");
+        let taken = held_by("a", Some(&lease(Some("b"), now)), now);
         assert_eq!(taken.lease_transitions, Some(1));
         assert_eq!(held_by("a", Some(&taken), now).lease_transitions, Some(1), "renewing is no transition");
+    }
+
+    #[test]
+    fn a_holder_that_keeps_renewing_is_followed_whatever_its_clock_says() {
+        // The holder's clock is an hour behind ours: by wall clocks its lease looks long expired.
+        let skewed = Timestamp::now() - SignedDuration::from_secs(3600);
+        let renewals: Vec<LeaseSpec> =
+            (0..10).map(|i| lease(Some("b"), skewed + SignedDuration::from_secs(5 * i))).collect();
+        assert!(follow(&renewals, Duration::from_secs(5)).iter().all(|s| *s == Step::Follow));
+    }
+
+    #[test]
+    fn a_holder_that_stops_renewing_is_replaced_after_the_lease_duration_of_silence() {
+        // Its clock is ahead of ours: by wall clocks its last renewal looks fresh for a long time.
+        let ahead = Timestamp::now() + SignedDuration::from_secs(3600);
+        let silent = vec![lease(Some("b"), ahead); 5];
+        let steps = follow(&silent, Duration::from_secs(5));
+        assert_eq!(steps, [Step::Follow, Step::Follow, Step::Follow, Step::Follow, Step::Acquire]);
     }
 }
