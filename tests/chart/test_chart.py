@@ -106,6 +106,15 @@ def test_check_secrets_grants_get_only():
     assert "--allow-workload-restarts" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
+def test_routes_may_name_only_the_allowed_sidecar_images():
+    (deployment,) = of_kind(render(), "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in args if a.startswith("--allowed-sidecar-image")], "none by default"
+    (deployment,) = of_kind(render("--set", "sidecarImage.allowedOverrides={registry.example/sidecar:1}"), "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--allowed-sidecar-image=registry.example/sidecar:1" in args
+
+
 def test_webhook_configuration():
     docs = render()
     (config,) = of_kind(docs, "MutatingWebhookConfiguration")

@@ -81,7 +81,8 @@ async fn reconcile_route(route: &NotificationRoute, ctx: &Context) -> Result<Act
     if let Ok(yaml) = &rendered {
         apply_config_map(ctx, route, &namespace, yaml).await?;
     }
-    let render_error = rendered.as_ref().err().map(|e| e.to_string());
+    let render_error =
+        rendered.as_ref().err().map(|e| e.to_string()).or_else(|| inject::image_refusal(route, &ctx.options));
     let secrets = check_references(ctx, route, &namespace).await?;
 
     let injection = inject::injection(route, &ctx.options);

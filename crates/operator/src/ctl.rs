@@ -14,7 +14,7 @@ use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
 use crate::crd::NotificationRoute;
-use crate::inject::{InjectOptions, injection};
+use crate::inject::{ImagePolicy, InjectOptions, injection};
 use crate::manifests::{ManifestError, inject_documents, uninject_documents};
 use crate::render::{RenderError, render_yaml};
 use crate::webhook_config::bundle_from_secret;
@@ -91,7 +91,8 @@ pub fn rewrite_manifests(
     inject: bool,
 ) -> Result<String, OfflineError> {
     let route = read_route(route_path)?;
-    let mut options = InjectOptions::default();
+    // Whoever runs storerelayctl writes the manifests anyway: no image is refused offline.
+    let mut options = InjectOptions { image_policy: ImagePolicy::Any, ..InjectOptions::default() };
     if let Some(image) = image {
         options.image = image.to_string();
     }

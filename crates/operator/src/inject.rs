@@ -36,6 +36,8 @@ const SIDECAR_UID: i64 = 65532;
 pub struct InjectOptions {
     pub image: String,
     pub image_pull_policy: Option<String>,
+    /// Which `spec.sidecar.image` a route may name instead of `image`.
+    pub image_policy: ImagePolicy,
 }
 
 impl Default for InjectOptions {
@@ -43,8 +45,40 @@ impl Default for InjectOptions {
         InjectOptions {
             image: format!("storerelay/storerelay-sidecar:{}", env!("CARGO_PKG_VERSION")),
             image_pull_policy: None,
+            image_policy: ImagePolicy::default(),
         }
     }
+}
+
+/// A route's author chooses what runs in every pod it selects, with the Secrets it names mounted: a
+/// cluster that lets many people write routes pins the images they may choose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImagePolicy {
+    /// Any image (storerelayctl, whose user writes the manifests anyway).
+    Any,
+    /// Only these, besides the operator's own sidecar image. Empty by default: no other image.
+    Only(Vec<String>),
+}
+
+impl Default for ImagePolicy {
+    fn default() -> Self {
+        ImagePolicy::Only(Vec::new())
+    }
+}
+
+/// Why a route's `spec.sidecar.image` is not injected here, if it is not.
+pub fn image_refusal(route: &NotificationRoute, options: &InjectOptions) -> Option<String> {
+    let image = route.spec.sidecar.as_ref()?.image.as_deref()?;
+    let allowed = match &options.image_policy {
+        ImagePolicy::Any => true,
+        ImagePolicy::Only(images) => image == options.image || images.iter().any(|i| i == image),
+    };
+    (!allowed).then(|| {
+        format!(
+            "spec.sidecar.image `{image}` is not allowed by this installation (chart value sidecarImage.allowedOverrides); \
+             remove it to use the operator's sidecar image"
+        )
+    })
 }
 
 /// Everything a route adds to a pod, and its revision (a hash of all of it).
@@ -388,6 +422,26 @@ pub fn injected_as(meta: &ObjectMeta) -> Option<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_route_may_name_only_an_allowed_sidecar_image() {
+        let mut route: NotificationRoute = serde_yaml::from_str(
+            "apiVersion: storerelay.dev/v1alpha1\nkind: NotificationRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  selector: {matchLabels: {a: b}}\n  destinations: [{name: d, url: 'https://d.invalid/'}]\n",
+        )
+        .unwrap();
+        let strict = InjectOptions::default();
+        assert_eq!(image_refusal(&route, &strict), None, "no override: the operator's image");
+        route.spec.sidecar = Some(serde_json::from_value(serde_json::json!({"image": "evil/miner:1"})).unwrap());
+        let refusal = image_refusal(&route, &strict).expect("refused");
+        assert!(refusal.contains("evil/miner:1") && refusal.contains("sidecarImage.allowedOverrides"), "{refusal}");
+        let pinned = InjectOptions { image_policy: ImagePolicy::Only(vec!["evil/miner:1".into()]), ..strict.clone() };
+        assert_eq!(image_refusal(&route, &pinned), None);
+        let own = serde_json::from_value(serde_json::json!({"image": strict.image.clone()})).unwrap();
+        route.spec.sidecar = Some(own);
+        assert_eq!(image_refusal(&route, &strict), None, "naming the operator's own image is fine");
+        route.spec.sidecar = Some(serde_json::from_value(serde_json::json!({"image": "x/y:z"})).unwrap());
+        assert_eq!(image_refusal(&route, &InjectOptions { image_policy: ImagePolicy::Any, ..strict }), None);
+    }
     use k8s_openapi::api::core::v1::Pod;
 
     fn route() -> NotificationRoute {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use storerelay_operator::inject::InjectOptions;
+use storerelay_operator::inject::{ImagePolicy, InjectOptions};
 use storerelay_operator::run::{Settings, run};
 use storerelay_operator::webhook_config::{CertMode, WebhookSettings};
 
@@ -32,6 +32,10 @@ struct Flags {
     sidecar_image: Option<String>,
     #[arg(long)]
     sidecar_image_pull_policy: Option<String>,
+    /// An image a route may name in spec.sidecar.image besides the operator's (repeatable; `*` allows
+    /// any). Without one, routes may not choose another image.
+    #[arg(long = "allowed-sidecar-image")]
+    allowed_sidecar_images: Vec<String>,
     #[arg(long, default_value = "storerelay-operator")]
     lease_name: String,
     #[arg(long, default_value = "storerelay")]
@@ -72,6 +76,11 @@ fn main() -> ExitCode {
         inject: InjectOptions {
             image: flags.sidecar_image.unwrap_or(defaults.image),
             image_pull_policy: flags.sidecar_image_pull_policy,
+            image_policy: if flags.allowed_sidecar_images.iter().any(|i| i == "*") {
+                ImagePolicy::Any
+            } else {
+                ImagePolicy::Only(flags.allowed_sidecar_images)
+            },
         },
         check_secrets: flags.check_secrets,
         restarts_allowed: flags.allow_workload_restarts,

@@ -54,6 +54,10 @@ pub fn decide<'a>(
             return Decision::Conflict { routes: several.iter().filter_map(|r| r.metadata.name.clone()).collect() };
         }
     };
+    // The route's status says why (InvalidSpec); the app's pod is not held up for it.
+    if inject::image_refusal(route, options).is_some() {
+        return Decision::Unchanged("the route names a sidecar image this installation does not allow");
+    }
     let injection = inject::injection(route, options);
     let mut patched = pod.clone();
     let mut meta: ObjectMeta = std::mem::take(&mut patched.metadata);

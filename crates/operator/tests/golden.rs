@@ -14,7 +14,7 @@ fn golden(name: &str) -> PathBuf {
 fn setup() -> (NotificationRoute, storerelay_operator::inject::Injection, String) {
     let route: NotificationRoute =
         serde_yaml::from_str(&std::fs::read_to_string(golden("route.yaml")).unwrap()).unwrap();
-    let options = InjectOptions { image: "storerelay/storerelay-sidecar:test".into(), image_pull_policy: None };
+    let options = InjectOptions { image: "storerelay/storerelay-sidecar:test".into(), ..InjectOptions::default() };
     let injection = injection(&route, &options);
     (route, injection, std::fs::read_to_string(golden("input.yaml")).unwrap())
 }
