@@ -130,11 +130,11 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
                     for row in fresh {
                         in_flight.insert(row.notification_id);
                         delivery.in_flight.fetch_add(1, Ordering::SeqCst);
-                        let (delivery, destination, http, done) =
-                            (delivery.clone(), destination.clone(), http.clone(), done_tx.clone());
+                        let (delivery, destination, http, done, stop) =
+                            (delivery.clone(), destination.clone(), http.clone(), done_tx.clone(), stop.clone());
                         tokio::spawn(async move {
                             let id = row.notification_id;
-                            attempt(&delivery, &destination, &http, row).await;
+                            attempt(&delivery, &destination, &http, row, &stop).await;
                             delivery.in_flight.fetch_sub(1, Ordering::SeqCst);
                             let _ = done.send(id);
                         });
@@ -174,7 +174,13 @@ fn build_client(destination: &ResolvedDestination) -> reqwest::Result<reqwest::C
 }
 
 /// One POST of the stored bytes, its outcome recorded in the spool, counted and logged.
-async fn attempt(delivery: &Delivery, destination: &ResolvedDestination, http: &reqwest::Client, row: DueDelivery) {
+async fn attempt(
+    delivery: &Delivery,
+    destination: &ResolvedDestination,
+    http: &reqwest::Client,
+    row: DueDelivery,
+    stop: &CancellationToken,
+) {
     let Some(url) = destination.url.clone() else {
         return;
     };
@@ -209,12 +215,45 @@ async fn attempt(delivery: &Delivery, destination: &ResolvedDestination, http: &
     );
 
     let finished = !matches!(outcome, Outcome::Retry { .. });
-    if let Err(error) = delivery.spool.record(name.to_string(), row.notification_id, outcome).await {
-        // The row stays as it was and is attempted again: at least once, never lost.
-        tracing::error!(destination = name, notification = row.notification_id, %error, "cannot record delivery outcome");
-    }
-    if finished {
+    if record(delivery, destination, row.notification_id, outcome, stop).await && finished {
         delivery.waiters.finished(row.notification_id);
+    }
+}
+
+/// Writes an attempt's outcome, trying again with the destination's backoff while it cannot be written
+/// (a full disk, a lock held too long). Meanwhile the delivery keeps its slot, so the destination is
+/// not called again for it, nor for more than `concurrency` others. Returns whether it was written;
+/// on shutdown it gives up, and the row, still due, is sent again after the restart: at least once,
+/// never lost.
+async fn record(
+    delivery: &Delivery,
+    destination: &ResolvedDestination,
+    notification_id: i64,
+    outcome: Outcome,
+    stop: &CancellationToken,
+) -> bool {
+    let name = destination.name.as_str();
+    let mut failures = 0u32;
+    loop {
+        let error = match delivery.spool.record(name.to_string(), notification_id, outcome.clone()).await {
+            Ok(()) => return true,
+            Err(error) => error,
+        };
+        failures = failures.saturating_add(1);
+        delivery.metrics.count_outcome_write_failure(name);
+        let wait = retry::backoff(&destination.retry, failures, None, fastrand::f64());
+        tracing::error!(
+            destination = name,
+            notification = notification_id,
+            %error,
+            failures,
+            retry_in_ms = wait.as_millis() as u64,
+            "cannot record delivery outcome; trying again later without calling the destination again"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => return false,
+        }
     }
 }
 

@@ -75,6 +75,7 @@ pub struct Metrics {
     pub upstream_responses: Family<Code, Counter>,
     pub config_reloads: Family<Result, Counter>,
     pub secret_file_errors: Family<Destination, Counter>,
+    outcome_write_failures: Family<Destination, Counter>,
     spool_pending: Family<Destination, Gauge>,
     spool_dead: Family<Destination, Gauge>,
     spool_oldest_pending: Family<Destination, SecondsGauge>,
@@ -147,6 +148,12 @@ impl Default for Metrics {
                 &mut registry,
                 "storerelay_secret_file_errors",
                 "Failed reads of a destination's urlFile or headersFile",
+                Family::default(),
+            ),
+            outcome_write_failures: register(
+                &mut registry,
+                "storerelay_outcome_write_failures",
+                "Delivery outcomes that could not be written to the spool (tried again with backoff)",
                 Family::default(),
             ),
             spool_pending: register(
@@ -239,6 +246,10 @@ impl Metrics {
 
     pub fn count_secret_error(&self, destination: &str) {
         self.secret_file_errors.get_or_create(&Destination { destination: destination.to_string() }).inc();
+    }
+
+    pub fn count_outcome_write_failure(&self, destination: &str) {
+        self.outcome_write_failures.get_or_create(&Destination { destination: destination.to_string() }).inc();
     }
 
     /// Every family, with the spool gauges set from `snapshot`.

@@ -157,3 +157,81 @@ async fn a_reload_adds_a_destination_and_a_bad_reload_keeps_the_old_config() {
     assert!(log.contains("config reload refused"), "{log}");
     assert!(!log.contains("HEADER-SECRET"), "a header value leaked into the log");
 }
+
+/// The shell that runs the sidecar with its spool on a 4 MiB tmpfs of its own (a user and mount
+/// namespace, so no privilege is needed), and fills or frees that filesystem when the test drops a
+/// `fill` or `free` file in `control`.
+const SMALL_DISK: &str = r#"
+set -e
+mount -t tmpfs -o size=4m tmpfs "$DISK"
+"$@" &
+sidecar=$!
+trap 'kill -TERM $sidecar; wait $sidecar' TERM
+while kill -0 $sidecar 2>/dev/null; do
+  if [ -e "$CONTROL/fill" ] && [ ! -e "$CONTROL/filled" ]; then
+    dd if=/dev/zero of="$DISK/filler" bs=4k 2>/dev/null || true
+    touch "$CONTROL/filled"
+  fi
+  if [ -e "$CONTROL/free" ] && [ ! -e "$CONTROL/freed" ]; then
+    rm -f "$DISK/filler"
+    touch "$CONTROL/freed"
+  fi
+  sleep 0.05
+done
+"#;
+
+/// Finding 4 of the hardening review: when the outcome of an attempt cannot be written (a full disk,
+/// a lock timeout), the destination must not be called again and again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_that_cannot_be_written_is_retried_with_backoff_not_resent() {
+    let rc = StandIn::start().await;
+    rc.set_default(Behavior::Status(503));
+    let tmp = tempfile::tempdir().unwrap();
+    let (disk, control) = (tmp.path().join("disk"), tmp.path().join("control"));
+    std::fs::create_dir_all(&disk).unwrap();
+    std::fs::create_dir_all(&control).unwrap();
+    let mut sidecar = Sidecar::prepare(tmp.path().to_path_buf(), "", "");
+    let retry = "{initialBackoff: 200ms, maxBackoff: 400ms, maxAge: 1h}";
+    let text = sidecar.config_text(&format!("destinations:\n{}", destination("rc", &rc.url("/"), retry)), "");
+    let text = text.replace(&sidecar.spool_path().display().to_string(), &disk.join("spool.db").display().to_string());
+    sidecar.write_raw_config(&text);
+    let script = format!("DISK='{}'; CONTROL='{}'; {SMALL_DISK}", disk.display(), control.display());
+    sidecar.spawn_wrapped(&["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", &script, "sh"]);
+    sidecar.wait_ready(Duration::from_secs(20)).await;
+
+    assert_eq!(sidecar.post(v2_body(1)).await.status(), 200);
+    rc.wait_for(2, Duration::from_secs(10)).await;
+    let wait_for = |name: &'static str| {
+        let path = control.join(name);
+        async move {
+            for _ in 0..200 {
+                if path.exists() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            panic!("the wrapper did not report {name}");
+        }
+    };
+    std::fs::write(control.join("fill"), "").unwrap();
+    wait_for("filled").await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // let an attempt under way finish
+    let before = rc.received().len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = rc.received().len() - before;
+    assert!(during <= 1, "{during} POSTs in 3 s while no outcome could be written:\n{}", sidecar.log());
+    assert!(sidecar.log().contains("cannot record delivery outcome"), "{}", sidecar.log());
+
+    // Space again: the outcome is written, delivery goes on and completes.
+    std::fs::write(control.join("free"), "").unwrap();
+    wait_for("freed").await;
+    rc.set_default(Behavior::Status(200));
+    sidecar
+        .wait_metric(
+            "storerelay_deliveries_total{destination=\"rc\",outcome=\"delivered\"}",
+            1.0,
+            Duration::from_secs(15),
+        )
+        .await;
+    assert!(sidecar.metric("storerelay_outcome_write_failures_total{destination=\"rc\"}").await >= 1.0);
+}

@@ -202,6 +202,8 @@ pub struct Sidecar {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     child: Option<Child>,
+    /// The child leads its own process group (a wrapper with the sidecar under it): kill the group.
+    group: bool,
     log_path: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -228,8 +230,16 @@ impl Sidecar {
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config_path = dir.join("config.yaml");
-        let sidecar =
-            Sidecar { config_path, listen, admin, child: None, log_path: dir.join("sidecar.log"), dir, _tmp: None };
+        let sidecar = Sidecar {
+            config_path,
+            listen,
+            admin,
+            child: None,
+            group: false,
+            log_path: dir.join("sidecar.log"),
+            dir,
+            _tmp: None,
+        };
         sidecar.write_config(extra, spool_extra);
         sidecar
     }
@@ -274,6 +284,27 @@ impl Sidecar {
             .spawn()
             .expect("spawn storerelay-sidecar");
         self.child = Some(child);
+    }
+
+    /// Runs the sidecar as the last arguments of `wrapper` (a shell that mounts something first, say),
+    /// in a process group of its own that is killed as a whole.
+    pub fn spawn_wrapped(&mut self, wrapper: &[&str]) {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
+        let child = Command::new(wrapper[0])
+            .args(&wrapper[1..])
+            .arg(binary())
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("STORERELAY_LOG", "info")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn the wrapped storerelay-sidecar");
+        self.child = Some(child);
+        self.group = true;
     }
 
     pub async fn wait_ready(&self, within: Duration) {
@@ -397,6 +428,10 @@ impl Sidecar {
 impl Drop for Sidecar {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if self.group {
+                // SAFETY: kill(2) on the process group our own child leads.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
