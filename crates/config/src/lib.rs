@@ -113,6 +113,12 @@ pub struct SpoolConfig {
     /// How long delivered notifications are kept (for `spool list` and redelivery) before pruning.
     #[serde(default = "defaults::retain_delivered")]
     pub retain_delivered: Duration,
+    /// How long work that can no longer finish is kept, counted from receipt: deliveries given up on
+    /// (dead, for `spool dead` and `spool redeliver --dead`), and deliveries to a destination no
+    /// longer in the config (which resume if it comes back meanwhile). Then they are dropped and
+    /// counted, so such rows cannot fill the spool for good.
+    #[serde(default = "defaults::retain_unfinishable")]
+    pub retain_dead: Duration,
 }
 
 impl Default for SpoolConfig {
@@ -122,6 +128,7 @@ impl Default for SpoolConfig {
             max_bytes: defaults::spool_max_bytes(),
             sync: SyncMode::Full,
             retain_delivered: defaults::retain_delivered(),
+            retain_dead: defaults::retain_unfinishable(),
         }
     }
 }
@@ -240,6 +247,9 @@ pub mod defaults {
         ByteSize::mebibytes(256)
     }
     pub fn retain_delivered() -> Duration {
+        Duration::from_secs(168 * 3600)
+    }
+    pub fn retain_unfinishable() -> Duration {
         Duration::from_secs(168 * 3600)
     }
     pub fn max_body_bytes() -> ByteSize {

@@ -18,6 +18,7 @@ spool:
   maxBytes: 256Mi
   sync: full
   retainDelivered: 168h
+  retainDead: 168h
 limits: {maxBodyBytes: 1Mi, headerTimeout: 5s, bodyTimeout: 10s, maxConcurrentRequests: 256}
 shutdownGracePeriod: 20s
 destinations:

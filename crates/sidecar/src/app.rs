@@ -18,7 +18,7 @@ use crate::clock::now_ms;
 use crate::config::RuntimeConfig;
 use crate::delivery::{Delivery, Waiters};
 use crate::metrics::Metrics;
-use crate::spool::{Spool, SpoolBackend};
+use crate::spool::{PrunePolicy, Spool, SpoolBackend};
 use crate::{admin, config, delivery, ingest, verify};
 
 /// How often the config file and secret files are compared for changes.
@@ -81,7 +81,7 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
 
     let reload = config::follow(config_path.to_path_buf(), RELOAD_INTERVAL, config_tx, metrics.clone(), seen);
     tokio::spawn(until(shutdown.clone(), reload));
-    tokio::spawn(until(shutdown.clone(), housekeep(spool.clone(), config_rx.clone())));
+    tokio::spawn(until(shutdown.clone(), housekeep(spool.clone(), config_rx.clone(), metrics.clone())));
 
     let delivery = Delivery {
         spool: spool.clone(),
@@ -169,24 +169,43 @@ async fn drain_until(
     }
 }
 
-/// Prunes delivered notifications past `retainDelivered` and applies a changed `spool.maxBytes`.
-async fn housekeep(spool: Spool, mut config: watch::Receiver<Arc<RuntimeConfig>>) {
+/// Prunes what is past `retainDelivered` / `retainDead` and applies a changed `spool.maxBytes`.
+async fn housekeep(spool: Spool, mut config: watch::Receiver<Arc<RuntimeConfig>>, metrics: Arc<Metrics>) {
     let mut ticker = tokio::time::interval(PRUNE_INTERVAL);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             changed = config.changed() => if changed.is_err() { return },
         }
-        let (retain, window, max_bytes) = {
+        let now = now_ms();
+        let before = |window: std::time::Duration| now - window.as_millis() as i64;
+        let (policy, max_bytes) = {
             let current = config.borrow_and_update();
-            let spool = &current.file.spool;
-            (spool.retain_delivered.get(), current.file.dedupe.window.get(), spool.max_bytes.get())
+            let settings = &current.file.spool;
+            let policy = PrunePolicy {
+                delivered_before: before(settings.retain_delivered.get()),
+                dedupe_before: before(current.file.dedupe.window.get()),
+                unfinishable_before: before(settings.retain_dead.get()),
+                configured: current.destination_names(),
+            };
+            (policy, settings.max_bytes.get())
         };
         spool.set_max_bytes(max_bytes);
-        let now = now_ms();
-        match spool.prune(now - retain.as_millis() as i64, now - window.as_millis() as i64).await {
-            Ok(0) => {}
-            Ok(pruned) => tracing::info!(pruned, "pruned delivered notifications past retainDelivered"),
+        match spool.prune(policy).await {
+            Ok(pruned) => {
+                if pruned.delivered > 0 {
+                    tracing::info!(pruned = pruned.delivered, "pruned delivered notifications past retainDelivered");
+                }
+                if pruned.dead + pruned.unknown_destination > 0 {
+                    tracing::warn!(
+                        dead = pruned.dead,
+                        unknown_destination = pruned.unknown_destination,
+                        "dropped deliveries past retainDead: given up on, or for a destination no longer configured"
+                    );
+                }
+                metrics.count_expired("dead", pruned.dead);
+                metrics.count_expired("unknown_destination", pruned.unknown_destination);
+            }
             Err(error) => tracing::error!(%error, "pruning the spool failed"),
         }
     }

@@ -76,6 +76,7 @@ pub struct Metrics {
     pub config_reloads: Family<Result, Counter>,
     pub secret_file_errors: Family<Destination, Counter>,
     outcome_write_failures: Family<Destination, Counter>,
+    spool_expired: Family<Reason, Counter>,
     spool_pending: Family<Destination, Gauge>,
     spool_dead: Family<Destination, Gauge>,
     spool_oldest_pending: Family<Destination, SecondsGauge>,
@@ -154,6 +155,12 @@ impl Default for Metrics {
                 &mut registry,
                 "storerelay_outcome_write_failures",
                 "Delivery outcomes that could not be written to the spool (tried again with backoff)",
+                Family::default(),
+            ),
+            spool_expired: register(
+                &mut registry,
+                "storerelay_spool_expired",
+                "Deliveries dropped past retainDead, by reason (dead, unknown_destination)",
                 Family::default(),
             ),
             spool_pending: register(
@@ -246,6 +253,12 @@ impl Metrics {
 
     pub fn count_secret_error(&self, destination: &str) {
         self.secret_file_errors.get_or_create(&Destination { destination: destination.to_string() }).inc();
+    }
+
+    pub fn count_expired(&self, reason: &'static str, deliveries: usize) {
+        if deliveries > 0 {
+            self.spool_expired.get_or_create(&Reason { reason }).inc_by(deliveries as u64);
+        }
     }
 
     pub fn count_outcome_write_failure(&self, destination: &str) {

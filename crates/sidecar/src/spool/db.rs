@@ -43,8 +43,8 @@ CREATE TABLE IF NOT EXISTS dedupe (
 /// What went wrong in the spool. The path is added once, at the boundary ([`super::SpoolError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Failure {
-    #[error("full ({stored} of {max} bytes hold undelivered notifications)")]
-    Full { stored: u64, max: u64 },
+    #[error("full ({stored} of {max} bytes hold undelivered notifications{})", held_by.as_ref().map_or(String::new(), |h| format!("; the most for {h}")))]
+    Full { stored: u64, max: u64, held_by: Option<String> },
     #[error("{0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("schema version {found} is newer than this sidecar understands ({supported})")]
@@ -506,6 +506,46 @@ impl SpoolDb {
         Ok(deleted)
     }
 
+    /// Drops the deliveries of notifications received before `cutoff` that can no longer finish: dead
+    /// ones, and every one to a destination not in `configured`; then those notifications if nothing
+    /// is left to deliver. Returns (dead, unknown destination) deliveries dropped. Runs inside the
+    /// caller's transaction.
+    pub fn expire_unfinishable(&self, configured: &[String], cutoff: i64) -> Result<(usize, usize)> {
+        let configured = serde_json::to_string(configured).unwrap_or_else(|_| "[]".into());
+        let received_before = "notification_id IN (SELECT id FROM notifications WHERE received_at < ?1)";
+        let dead = self
+            .conn
+            .prepare_cached(&format!("DELETE FROM deliveries WHERE state = ?2 AND {received_before}"))?
+            .execute(params![cutoff, DeliveryState::Dead])?;
+        let unknown = self
+            .conn
+            .prepare_cached(&format!(
+                "DELETE FROM deliveries WHERE destination NOT IN (SELECT value FROM json_each(?2)) AND {received_before}"
+            ))?
+            .execute(params![cutoff, configured])?;
+        self.conn
+            .prepare_cached(
+                "DELETE FROM notifications WHERE received_at < ?1
+                   AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.notification_id = notifications.id)",
+            )?
+            .execute(params![cutoff])?;
+        Ok((dead, unknown))
+    }
+
+    /// The destination whose unfinished deliveries hold the most body bytes, with how many it has:
+    /// what a full spool names.
+    pub fn largest_holder(&self) -> Result<Option<(String, u64)>> {
+        let holder = self
+            .conn
+            .prepare_cached(
+                "SELECT d.destination, COUNT(*) FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+                 WHERE d.state != ?1 GROUP BY d.destination ORDER BY SUM(LENGTH(n.body)) DESC LIMIT 1",
+            )?
+            .query_row(params![DeliveryState::Delivered], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        Ok(holder)
+    }
+
     /// Drops notifications whose every delivery was delivered before `cutoff` (or that had none and were
     /// received before it). Pending and dead work is never pruned. Runs inside the caller's transaction.
     pub fn prune_delivered(&self, cutoff: i64, limit: usize) -> Result<usize> {
@@ -696,6 +736,25 @@ mod tests {
             Err(other) => panic!("wrong error: {other}"),
             Ok(_) => panic!("a newer schema was opened"),
         }
+    }
+
+    #[test]
+    fn dead_work_and_work_for_removed_destinations_expire_after_their_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir);
+        let dead = db.insert(1_000, "/", b"x", &dests(&["a"])).unwrap();
+        db.record("a", dead, 1_500, &Outcome::Dead { status: Some(400), error: "x".into() }).unwrap();
+        let renamed = db.insert(1_000, "/", b"r", &dests(&["old-name"])).unwrap();
+        let pending = db.insert(1_000, "/", b"p", &dests(&["a"])).unwrap();
+        let recent = db.insert(5_000, "/", b"nnnn", &dests(&["old-name"])).unwrap();
+        let configured = dests(&["a"]);
+        assert_eq!(db.expire_unfinishable(&configured, 500).unwrap(), (0, 0), "nothing received before the cutoff");
+        assert_eq!(db.expire_unfinishable(&configured, 2_000).unwrap(), (1, 1));
+        assert!(db.notification_body(dead).unwrap().is_none(), "nothing left to deliver: the body goes too");
+        assert!(db.notification_body(renamed).unwrap().is_none());
+        assert!(db.notification_body(pending).unwrap().is_some(), "pending work of a configured destination stays");
+        assert!(db.notification_body(recent).unwrap().is_some(), "within the window a removed destination's rows stay");
+        assert_eq!(db.largest_holder().unwrap(), Some(("old-name".to_string(), 1)), "the most bytes, not rows");
     }
 
     #[test]

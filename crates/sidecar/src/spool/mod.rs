@@ -76,6 +76,27 @@ pub struct Stored {
     pub duplicate: bool,
 }
 
+/// What housekeeping drops (times in unix ms).
+#[derive(Debug, Clone)]
+pub struct PrunePolicy {
+    /// Notifications delivered everywhere before this.
+    pub delivered_before: i64,
+    /// Duplicate keys first seen before this.
+    pub dedupe_before: i64,
+    /// Dead deliveries, and deliveries to destinations not in `configured`, of notifications received
+    /// before this.
+    pub unfinishable_before: i64,
+    pub configured: Vec<String>,
+}
+
+/// What one housekeeping pass dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub delivered: usize,
+    pub dead: usize,
+    pub unknown_destination: usize,
+}
+
 /// Deliveries of one destination that are due, and when its next later one falls due.
 #[derive(Debug, Clone, Default)]
 pub struct DueBatch {
@@ -107,9 +128,8 @@ pub trait SpoolBackend: Clone + Send + Sync + 'static {
     fn earliest_due(&self, destinations: Vec<String>) -> impl Future<Output = Result<Option<i64>>> + Send;
     fn delivery_counts(&self, notification_id: i64) -> impl Future<Output = Result<DeliveryCounts>> + Send;
     fn stats(&self) -> impl Future<Output = Result<Vec<DestinationStats>>> + Send;
-    /// Drops notifications delivered before `delivered_before` and duplicate keys first seen before
-    /// `dedupe_before`; returns how many notifications went.
-    fn prune(&self, delivered_before: i64, dedupe_before: i64) -> impl Future<Output = Result<usize>> + Send;
+    /// Drops what `policy` says is past keeping; never pending work of a configured destination.
+    fn prune(&self, policy: PrunePolicy) -> impl Future<Output = Result<Pruned>> + Send;
     fn set_max_bytes(&self, max_bytes: u64);
     /// Body bytes held now (what `maxBytes` limits).
     fn stored_bytes(&self) -> u64;
@@ -122,7 +142,7 @@ type ReadJob = Box<dyn FnOnce(&SpoolDb) + Send>;
 enum Op {
     Insert { notification: NewNotification, reply: oneshot::Sender<Result<Stored>> },
     Record { destination: String, notification_id: i64, outcome: Outcome, reply: oneshot::Sender<Result<()>> },
-    Prune { delivered_before: i64, dedupe_before: i64, reply: oneshot::Sender<Result<usize>> },
+    Prune { policy: PrunePolicy, reply: oneshot::Sender<Result<Pruned>> },
     Read(ReadJob),
 }
 
@@ -227,9 +247,9 @@ impl SpoolBackend for Spool {
         self.read(|db| db.stats()).await
     }
 
-    async fn prune(&self, delivered_before: i64, dedupe_before: i64) -> Result<usize> {
+    async fn prune(&self, policy: PrunePolicy) -> Result<Pruned> {
         let (reply, rx) = oneshot::channel();
-        self.call(Op::Prune { delivered_before, dedupe_before, reply }, rx).await
+        self.call(Op::Prune { policy, reply }, rx).await
     }
 
     fn set_max_bytes(&self, max_bytes: u64) {
@@ -315,12 +335,14 @@ fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
                 }
                 owed.push(owe(reply, result));
             }
-            Op::Prune { delivered_before, dedupe_before, reply } => {
+            Op::Prune { policy, reply } => {
                 let result = (!failed).then(|| {
-                    let pruned = db.prune_delivered(delivered_before, usize::MAX >> 1)?;
-                    db.forget_dedupe_before(dedupe_before)?;
+                    let (dead, unknown_destination) =
+                        db.expire_unfinishable(&policy.configured, policy.unfinishable_before)?;
+                    let delivered = db.prune_delivered(policy.delivered_before, usize::MAX >> 1)?;
+                    db.forget_dedupe_before(policy.dedupe_before)?;
                     stored = db.stored_bytes()?;
-                    Ok(pruned)
+                    Ok(Pruned { delivered, dead, unknown_destination })
                 });
                 let result = result.map(|r| r.map_err(|f| shared.error(f)));
                 if let Some(Err(e)) = &result {
@@ -395,7 +417,9 @@ fn insert_within_capacity(
         }
     }
     if *stored + size > max {
-        return Err(Failure::Full { stored: *stored, max });
+        // Rare, and what an operator needs first: whose undelivered work fills it.
+        let held_by = db.largest_holder()?.map(|(destination, count)| format!("`{destination}` ({count} deliveries)"));
+        return Err(Failure::Full { stored: *stored, max, held_by });
     }
     let id = db.insert(now, &notification.path, &notification.body, &notification.destinations)?;
     *stored += size;
@@ -471,7 +495,8 @@ mod tests {
         let (spool, _) = Spool::open(&dir.path().join("s.db"), SyncMode::Normal, 100).unwrap();
         let first = spool.insert(new("/", Bytes::from(vec![b'a'; 60]), &["d"])).await.unwrap().notification_id;
         let err = spool.insert(new("/", Bytes::from(vec![b'b'; 60]), &["d"])).await.unwrap_err();
-        assert!(matches!(err.failure(), Failure::Full { stored: 60, max: 100 }), "{err}");
+        assert!(matches!(err.failure(), Failure::Full { stored: 60, max: 100, .. }), "{err}");
+        assert!(err.to_string().contains("the most for `d` (1 deliveries)"), "a full spool names its holder: {err}");
         spool.record("d".into(), first, Outcome::Delivered { status: 200 }).await.unwrap();
         // Delivered work makes room; the refused body was never stored.
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
