@@ -132,6 +132,7 @@ pub fn render(route: &NotificationRoute) -> Result<SidecarConfig, RenderError> {
             max_bytes,
             sync: spec.spool.as_ref().and_then(|s| s.sync).unwrap_or_default(),
             retain_delivered: defaults::retain_delivered(),
+            retain_dead: defaults::retain_unfinishable(),
         },
         limits: Limits::default(),
         shutdown_grace_period: defaults::shutdown_grace_period(),
