@@ -152,6 +152,9 @@ struct Shared {
     stored_bytes: AtomicU64,
     /// Bumped after every commit that added notifications.
     inserted: watch::Sender<u64>,
+    /// Who holds a full spool, as last looked up: while it stays full every insert is refused, and
+    /// the lookup (an aggregate over all deliveries) must not run for each one.
+    full_holder: std::sync::Mutex<Option<(std::time::Instant, Option<String>)>>,
 }
 
 impl Shared {
@@ -179,6 +182,7 @@ impl Spool {
             max_bytes: AtomicU64::new(max_bytes),
             stored_bytes: AtomicU64::new(stored),
             inserted: watch::Sender::new(0),
+            full_holder: std::sync::Mutex::new(None),
         });
         let writer_shared = shared.clone();
         std::thread::Builder::new()
@@ -397,6 +401,20 @@ fn store(db: &SpoolDb, shared: &Shared, stored: &mut u64, now: i64, notification
     run().map_err(|failure| shared.error(failure))
 }
 
+/// How long a full spool's holder, once looked up, is reported without looking again.
+const HOLDER_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The destination holding most of a full spool, looked up at most every [`HOLDER_TTL`].
+fn full_holder(db: &SpoolDb, shared: &Shared) -> db::Result<Option<String>> {
+    let mut cached = shared.full_holder.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, holder)) = cached.as_ref().filter(|(at, _)| at.elapsed() < HOLDER_TTL) {
+        return Ok(holder.clone());
+    }
+    let holder = db.largest_holder()?.map(|(destination, count)| format!("`{destination}` ({count} deliveries)"));
+    *cached = Some((std::time::Instant::now(), holder.clone()));
+    Ok(holder)
+}
+
 /// Inserts unless the body would take the spool past `maxBytes`. Before refusing, notifications that
 /// every destination already has are evicted (they are kept only as a convenience); undelivered ones
 /// never are.
@@ -418,7 +436,7 @@ fn insert_within_capacity(
     }
     if *stored + size > max {
         // Rare, and what an operator needs first: whose undelivered work fills it.
-        let held_by = db.largest_holder()?.map(|(destination, count)| format!("`{destination}` ({count} deliveries)"));
+        let held_by = full_holder(db, shared)?;
         return Err(Failure::Full { stored: *stored, max, held_by });
     }
     let id = db.insert(now, &notification.path, &notification.body, &notification.destinations)?;

@@ -273,8 +273,30 @@ impl Sidecar {
     }
 
     pub fn spawn(&mut self) {
+        self.spawn_with(&[], false);
+    }
+
+    /// Runs the sidecar as the last arguments of `wrapper` (a shell that mounts something first, say),
+    /// in a process group of its own that is killed as a whole.
+    pub fn spawn_wrapped(&mut self, wrapper: &[&str]) {
+        self.spawn_with(wrapper, true);
+    }
+
+    fn spawn_with(&mut self, wrapper: &[&str], group: bool) {
+        use std::os::unix::process::CommandExt;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
-        let child = Command::new(binary())
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary());
+                command
+            }
+            None => Command::new(binary()),
+        };
+        if group {
+            command.process_group(0);
+        }
+        let child = command
             .arg("--config")
             .arg(&self.config_path)
             .env("STORERELAY_LOG", "info")
@@ -284,27 +306,7 @@ impl Sidecar {
             .spawn()
             .expect("spawn storerelay-sidecar");
         self.child = Some(child);
-    }
-
-    /// Runs the sidecar as the last arguments of `wrapper` (a shell that mounts something first, say),
-    /// in a process group of its own that is killed as a whole.
-    pub fn spawn_wrapped(&mut self, wrapper: &[&str]) {
-        use std::os::unix::process::CommandExt;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
-        let child = Command::new(wrapper[0])
-            .args(&wrapper[1..])
-            .arg(binary())
-            .arg("--config")
-            .arg(&self.config_path)
-            .env("STORERELAY_LOG", "info")
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn the wrapped storerelay-sidecar");
-        self.child = Some(child);
-        self.group = true;
+        self.group = group;
     }
 
     pub async fn wait_ready(&self, within: Duration) {
