@@ -326,7 +326,7 @@ fn sidecar_config(dir: &Path, port: u16, admin: u16, extra: &str, sync: &str) ->
     let spool = dir.join(format!("spool-{port}.db"));
     let text = format!(
         // Duplicate suppression off: the load repeats one body, which must count as distinct notifications.
-        "listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nspool: {{path: {}, sync: {sync}, maxBytes: 4Gi}}\nlimits: {{maxConcurrentRequests: 4096}}\ndedupe: {{window: 0s}}\n{extra}",
+        "listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nspool: {{path: {}, sync: {sync}, maxBytes: 4Gi}}\nlimits: {{maxConcurrentRequests: 4096, maxBufferedBytes: 1Gi}}\ndedupe: {{window: 0s}}\n{extra}",
         spool.display()
     );
     std::fs::write(&path, text).expect("config");

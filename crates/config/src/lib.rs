@@ -156,6 +156,11 @@ pub struct Limits {
     /// Requests handled at once; more get 503 with `Retry-After`.
     #[serde(default = "defaults::max_concurrent_requests")]
     pub max_concurrent_requests: u32,
+    /// Body bytes held by all requests being handled, together; a request whose body would pass it gets
+    /// 503 with `Retry-After`. Bounds the sidecar's memory (about three times this at worst) whatever
+    /// arrives on its public port, so the default fits the injected 64 Mi limit with room to spare.
+    #[serde(default = "defaults::max_buffered_bytes")]
+    pub max_buffered_bytes: ByteSize,
 }
 
 impl Default for Limits {
@@ -165,6 +170,7 @@ impl Default for Limits {
             header_timeout: defaults::header_timeout(),
             body_timeout: defaults::body_timeout(),
             max_concurrent_requests: defaults::max_concurrent_requests(),
+            max_buffered_bytes: defaults::max_buffered_bytes(),
         }
     }
 }
@@ -263,6 +269,9 @@ pub mod defaults {
     }
     pub fn max_concurrent_requests() -> u32 {
         256
+    }
+    pub fn max_buffered_bytes() -> ByteSize {
+        ByteSize::mebibytes(8)
     }
     pub fn shutdown_grace_period() -> Duration {
         Duration::from_secs(20)
@@ -391,6 +400,15 @@ impl SidecarConfig {
         if self.limits.max_concurrent_requests == 0 {
             problem("limits.maxConcurrentRequests".into(), "must be at least 1".into());
         }
+        if self.limits.max_buffered_bytes < self.limits.max_body_bytes {
+            problem(
+                "limits.maxBufferedBytes".into(),
+                format!(
+                    "{} is smaller than limits.maxBodyBytes ({}): a body of the largest size could never be taken",
+                    self.limits.max_buffered_bytes, self.limits.max_body_bytes
+                ),
+            );
+        }
         let mut seen_names = BTreeSet::new();
         for (i, destination) in self.destinations.iter().enumerate() {
             let key = |field: &str| format!("destinations[{i}].{field}");
@@ -494,6 +512,11 @@ fn is_dns_label(name: &str) -> bool {
         && !name.starts_with('-')
         && !name.ends_with('-')
 }
+
+/// The memory limit the operator gives an injected sidecar unless the route sets its own resources.
+/// The sidecar's defaults (`limits.maxBufferedBytes`, destination `concurrency`) are sized to stay
+/// under it whatever arrives on the public port; a test holds the release binary to it.
+pub const SIDECAR_MEMORY_LIMIT_MIB: u64 = 64;
 
 /// Request headers storerelay sets itself on every delivery (the body is Apple's JSON, sent as is);
 /// a destination's `headers` or `headersFile` may not replace them.

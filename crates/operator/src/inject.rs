@@ -320,7 +320,10 @@ fn admin_probe(admin_port: i32, path: &str, period: i32, failures: i32) -> Probe
 fn default_resources() -> ResourceRequirements {
     ResourceRequirements {
         requests: Some(BTreeMap::from([("cpu".into(), quantity("10m")), ("memory".into(), quantity("32Mi"))])),
-        limits: Some(BTreeMap::from([("memory".into(), quantity("64Mi"))])),
+        limits: Some(BTreeMap::from([(
+            "memory".into(),
+            quantity(&format!("{}Mi", storerelay_config::SIDECAR_MEMORY_LIMIT_MIB)),
+        )])),
         ..Default::default()
     }
 }

@@ -13,12 +13,14 @@ use tokio::sync::watch;
 
 use crate::clock::now_ms;
 use crate::config::RuntimeConfig;
+use crate::ingest::BodyBudget;
 use crate::metrics::{Metrics, Snapshot};
 use crate::spool::{Spool, SpoolBackend};
 
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub spool: Spool,
+    pub body_budget: Arc<BodyBudget>,
     pub config: watch::Receiver<Arc<RuntimeConfig>>,
     /// True once both listeners are bound; false again from SIGTERM on.
     pub ready: Arc<AtomicBool>,
@@ -56,6 +58,8 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         configured_destinations: &configured,
         stored_bytes: state.spool.stored_bytes(),
         max_bytes,
+        buffered_bytes: state.body_budget.in_use(),
+        max_buffered_bytes: state.body_budget.max(),
         ready: state.ready.load(Ordering::SeqCst),
     });
     ([(header::CONTENT_TYPE, storerelay_runtime::metrics::CONTENT_TYPE)], text).into_response()

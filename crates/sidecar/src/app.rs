@@ -93,8 +93,10 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
     let dispatchers = tokio::spawn(delivery::supervise(delivery, stop_delivery.clone()));
 
     let header_timeout = settings.limits.header_timeout.get();
+    let body_budget = Arc::new(ingest::BodyBudget::new(settings.limits.max_buffered_bytes.get()));
     let admin_router = admin::router(Arc::new(admin::AdminState {
         metrics: metrics.clone(),
+        body_budget: body_budget.clone(),
         spool: spool.clone(),
         config: config_rx.clone(),
         ready: ready.clone(),
@@ -108,6 +110,7 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
         config: config_rx.clone(),
         waiters,
         permits: Arc::new(Semaphore::new(settings.limits.max_concurrent_requests as usize)),
+        body_budget: body_budget.clone(),
         upstream,
     }));
     let grace = settings.shutdown_grace_period.get();

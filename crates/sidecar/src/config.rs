@@ -214,6 +214,9 @@ fn restart_only_changes(old: &SidecarConfig, new: &SidecarConfig) -> Vec<&'stati
     if old.limits.max_concurrent_requests != new.limits.max_concurrent_requests {
         keys.push("limits.maxConcurrentRequests");
     }
+    if old.limits.max_buffered_bytes != new.limits.max_buffered_bytes {
+        keys.push("limits.maxBufferedBytes");
+    }
     keys
 }
 
@@ -309,6 +312,7 @@ fn keep_running_values(running: &SidecarConfig, new: &mut SidecarConfig) {
     new.spool.sync = running.spool.sync;
     new.limits.header_timeout = running.limits.header_timeout;
     new.limits.max_concurrent_requests = running.limits.max_concurrent_requests;
+    new.limits.max_buffered_bytes = running.limits.max_buffered_bytes;
 }
 
 #[cfg(test)]

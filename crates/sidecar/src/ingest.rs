@@ -12,10 +12,10 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use storerelay_config::{AckMode, Limits, UnknownBodies, VerifyMode};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::apple::{self, Notification};
 use crate::clock::now_ms;
@@ -33,6 +33,8 @@ pub struct IngestState {
     pub waiters: Arc<Waiters>,
     /// Requests being handled; sized by `limits.maxConcurrentRequests`.
     pub permits: Arc<Semaphore>,
+    /// Body bytes held by requests being handled (`limits.maxBufferedBytes`).
+    pub body_budget: Arc<BodyBudget>,
     /// The client for the app container: no redirects, no proxy, timeouts per request.
     pub upstream: reqwest::Client,
 }
@@ -77,10 +79,12 @@ async fn receive(State(state): State<Arc<IngestState>>, request: Request) -> Res
         return refuse(&state.metrics, "overloaded", StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"busy, retry"}"#);
     };
     let (parts, body) = request.into_parts();
-    let body = match read_body(&state.metrics, &config.file.limits, &parts.headers, body).await {
-        Ok(body) => body,
+    let buffered = match read_body(&state.metrics, &config.file.limits, &state.body_budget, &parts.headers, body).await
+    {
+        Ok(buffered) => buffered,
         Err(refusal) => return refusal,
     };
+    let body = buffered.bytes.clone();
     let notification = match admit(&state.metrics, &config, &body) {
         Ok(notification) => notification,
         Err(refusal) => return refusal,
@@ -128,6 +132,10 @@ async fn receive(State(state): State<Arc<IngestState>>, request: Request) -> Res
     };
     state.metrics.count_received(&notification, stored.duplicate);
 
+    // Stored (and passed on): the spool and the app have their copies, so this request's share of the
+    // buffer budget goes back before a possibly long wait for delivery.
+    let bytes = body.len();
+    drop((body, buffered));
     let app_status = app_answer.as_ref().map(Response::status);
     let mut decision = acknowledgement(ack, app_status, None);
     if decision == Ack::AwaitDelivery {
@@ -147,7 +155,7 @@ async fn receive(State(state): State<Arc<IngestState>>, request: Request) -> Res
         notification = stored.notification_id,
         duplicate = stored.duplicate,
         path = %path,
-        bytes = body.len(),
+        bytes,
         version = notification.version_label(),
         r#type = notification.notification_type.as_deref(),
         subtype = notification.subtype.as_deref(),
@@ -194,19 +202,55 @@ pub fn acknowledgement(ack: AckMode, app_status: Option<StatusCode>, delivered: 
     }
 }
 
-/// Reads the body within `maxBodyBytes` and `bodyTimeout`, never buffering past the limit.
-async fn read_body(metrics: &Metrics, limits: &Limits, headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
+/// A body read in full, and its share of `limits.maxBufferedBytes`, given back when this is dropped.
+pub struct BufferedBody {
+    pub bytes: Bytes,
+    _share: Option<OwnedSemaphorePermit>,
+}
+
+/// Reads the body within `maxBodyBytes`, `bodyTimeout` and what is left of `maxBufferedBytes`, never
+/// buffering past a limit. The declared length is reserved before the first byte is read (Apple always
+/// sends one); a body without one reserves as its chunks arrive.
+async fn read_body(
+    metrics: &Metrics,
+    limits: &Limits,
+    budget: &BodyBudget,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<BufferedBody, Response> {
     let max_body = limits.max_body_bytes.get();
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max_body) {
         return Err(too_large(metrics));
     }
-    let limited = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
-    match tokio::time::timeout(limits.body_timeout.get(), limited.collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large(metrics)),
-        Ok(Err(_)) => Err(refuse(metrics, "body_error", StatusCode::BAD_REQUEST, r#"{"error":"incomplete body"}"#)),
+    let mut share = BudgetShare::default();
+    let declared = declared.map_or(0, |n| n as usize);
+    if !share.grow_to(budget, declared) {
+        return Err(buffers_full(metrics));
+    }
+    let read = async {
+        let mut bytes = BytesMut::with_capacity(declared);
+        let mut body = body;
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map(|frame| frame.into_data()) else {
+                return Err(refuse(metrics, "body_error", StatusCode::BAD_REQUEST, r#"{"error":"incomplete body"}"#));
+            };
+            let Ok(data) = data else { continue }; // trailers
+            let total = bytes.len() + data.len();
+            if total as u64 > max_body {
+                return Err(too_large(metrics));
+            }
+            if !share.grow_to(budget, total) {
+                return Err(buffers_full(metrics));
+            }
+            bytes.extend_from_slice(&data);
+        }
+        Ok(bytes.freeze())
+    };
+    match tokio::time::timeout(limits.body_timeout.get(), read).await {
+        Ok(Ok(bytes)) => Ok(BufferedBody { bytes, _share: share.permit }),
+        Ok(Err(refusal)) => Err(refusal),
         Err(_) => {
             let mut response =
                 refuse(metrics, "body_timeout", StatusCode::REQUEST_TIMEOUT, r#"{"error":"body too slow"}"#);
@@ -214,6 +258,63 @@ async fn read_body(metrics: &Metrics, limits: &Limits, headers: &HeaderMap, body
             Err(response)
         }
     }
+}
+
+/// `limits.maxBufferedBytes`: the body bytes all requests being handled may hold together, one
+/// semaphore permit per byte, so what a request holds is given back however it ends.
+pub struct BodyBudget {
+    bytes: Arc<Semaphore>,
+    max: usize,
+}
+
+impl BodyBudget {
+    pub fn new(max_bytes: u64) -> BodyBudget {
+        let max = usize::try_from(max_bytes).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+        BodyBudget { bytes: Arc::new(Semaphore::new(max)), max }
+    }
+
+    /// Bytes held by requests now.
+    pub fn in_use(&self) -> u64 {
+        self.max.saturating_sub(self.bytes.available_permits()) as u64
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max as u64
+    }
+}
+
+/// The bytes of the budget one request holds, grown as its body arrives.
+#[derive(Default)]
+struct BudgetShare {
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl BudgetShare {
+    /// Holds at least `bytes` of the budget; `false` when the budget does not have them now.
+    fn grow_to(&mut self, budget: &BodyBudget, bytes: usize) -> bool {
+        let held = self.permit.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+        if bytes <= held {
+            return true;
+        }
+        let Ok(more) = u32::try_from(bytes - held) else { return false };
+        match budget.bytes.clone().try_acquire_many_owned(more) {
+            Ok(more) => {
+                match &mut self.permit {
+                    Some(permit) => permit.merge(more),
+                    None => self.permit = Some(more),
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+fn buffers_full(metrics: &Metrics) -> Response {
+    let mut response = refuse(metrics, "buffers_full", StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"busy, retry"}"#);
+    // Whatever of the body is unread stays unread, so the connection cannot be reused.
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// Decodes and verifies a body. In `enforce` mode a failure is a 401 and the notification goes nowhere;

@@ -82,6 +82,8 @@ pub struct Metrics {
     spool_oldest_pending: Family<Destination, SecondsGauge>,
     spool_bytes: Gauge,
     spool_max_bytes: Gauge,
+    buffered_bytes: Gauge,
+    max_buffered_bytes: Gauge,
     ready: Gauge,
     /// One scrape at a time: each clears and refills the spool gauges before encoding.
     scrape: Mutex<()>,
@@ -193,6 +195,18 @@ impl Default for Metrics {
                 "The spool's limit (spool.maxBytes)",
                 Gauge::default(),
             ),
+            buffered_bytes: register(
+                &mut registry,
+                "storerelay_ingest_buffered_bytes",
+                "Body bytes held by requests being received (limits.maxBufferedBytes bounds it)",
+                Gauge::default(),
+            ),
+            max_buffered_bytes: register(
+                &mut registry,
+                "storerelay_ingest_max_buffered_bytes",
+                "The limit on body bytes held by requests being received (limits.maxBufferedBytes)",
+                Gauge::default(),
+            ),
             ready: register(
                 &mut registry,
                 "storerelay_ready",
@@ -212,6 +226,8 @@ pub struct Snapshot<'a> {
     pub configured_destinations: &'a [String],
     pub stored_bytes: u64,
     pub max_bytes: u64,
+    pub buffered_bytes: u64,
+    pub max_buffered_bytes: u64,
     pub ready: bool,
 }
 
@@ -289,6 +305,8 @@ impl Metrics {
         }
         self.spool_bytes.set(saturating_i64(snapshot.stored_bytes));
         self.spool_max_bytes.set(saturating_i64(snapshot.max_bytes));
+        self.buffered_bytes.set(saturating_i64(snapshot.buffered_bytes));
+        self.max_buffered_bytes.set(saturating_i64(snapshot.max_buffered_bytes));
         self.ready.set(i64::from(snapshot.ready));
         encode(&self.registry)
     }
@@ -328,6 +346,8 @@ mod tests {
             configured_destinations: &configured,
             stored_bytes: 10,
             max_bytes: 100,
+            buffered_bytes: 7,
+            max_buffered_bytes: 8,
             ready: true,
         });
         for line in [
@@ -343,6 +363,7 @@ mod tests {
             "storerelay_spool_oldest_pending_seconds{destination=\"revenuecat\"} 10.0",
             "storerelay_spool_dead{destination=\"revenuecat\"} 1",
             "storerelay_spool_bytes 10",
+            "storerelay_ingest_buffered_bytes 7",
             "storerelay_ready 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");

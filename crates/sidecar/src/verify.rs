@@ -20,6 +20,11 @@ use subtle::ConstantTimeEq;
 
 use crate::apple::Notification;
 
+/// The JWS header segment, base64url: Apple's (`alg` and an `x5c` of three certificates) is about 4 KB.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// An ES256 signature is 64 bytes, 86 characters of base64url.
+const MAX_SIGNATURE_CHARS: usize = 128;
+
 /// SHA-256 of Apple Root CA - G3, the production trust anchor.
 pub const APPLE_ROOT_CA_G3_SHA256: &str = "63343abfb89a6a03ebb57e9b3f5fa7be7c4f5c756f3017b3a8c488c3653e9179";
 
@@ -151,6 +156,15 @@ impl Verifier {
             return Err(Reason::Malformed);
         }
         let token = notification.signed_payload.as_deref().ok_or(Reason::Malformed)?;
+        let (signing_input, signature) = token.rsplit_once('.').ok_or(Reason::Malformed)?;
+        // Apple's header is three certificates (about 4 KB): a bigger one is not Apple's, and decoding it
+        // into typed certificates would cost many times its size.
+        if signing_input.split_once('.').is_none_or(|(header, _)| header.len() > MAX_HEADER_BYTES) {
+            return Err(Reason::Malformed);
+        }
+        if signature.len() > MAX_SIGNATURE_CHARS {
+            return Err(Reason::Signature);
+        }
         let header = jws::decode_header(token).map_err(|_| Reason::Malformed)?;
         if header.alg.as_deref() != Some("ES256") {
             return Err(Reason::Signature);
@@ -176,7 +190,6 @@ impl Verifier {
             .map_err(|_| Reason::Signature)?
             .try_into()
             .map_err(|_| Reason::Signature)?;
-        let signing_input = jws::signing_input(token).map_err(|_| Reason::Malformed)?;
         CryptoProvider::default_provider()
             .p256_signing
             .public_key(&public_key)

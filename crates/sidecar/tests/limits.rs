@@ -73,6 +73,45 @@ async fn a_body_slower_than_the_body_timeout_gets_408() {
     assert_eq!(sidecar.metric_sum("storerelay_notifications_received_total").await, 0.0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_past_the_buffer_budget_get_503_until_it_is_free_again() {
+    let rc = StandIn::start().await;
+    let sidecar = Sidecar::start(
+        &format!(
+            "limits: {{maxBodyBytes: 64Ki, maxBufferedBytes: 100Ki}}\ndestinations: [{{name: rc, url: \"{}\"}}]\n",
+            rc.url("/")
+        ),
+        "",
+    )
+    .await;
+    // A client that declared 64 KiB and is still sending holds 64 KiB of the 100 KiB budget.
+    let held = json_of_len(64 * 1024);
+    let mut slow = TcpStream::connect(sidecar.listen).await.unwrap();
+    slow.write_all(
+        format!("POST /apple/notifications HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", held.len()).as_bytes(),
+    )
+    .await
+    .unwrap();
+    slow.write_all(&held[..1000]).await.unwrap();
+    sidecar.wait_metric("storerelay_ingest_buffered_bytes", held.len() as f64, Duration::from_secs(5)).await;
+
+    let refused = sidecar.post(json_of_len(40 * 1024)).await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    assert_eq!(sidecar.metric("storerelay_notifications_rejected_total{reason=\"buffers_full\"}").await, 1.0);
+    assert_eq!(sidecar.post(json_of_len(30 * 1024)).await.status(), 200, "what is left of the budget is usable");
+
+    // The held body completes and gives its share back: the refused size fits now.
+    slow.write_all(&held[1000..]).await.unwrap();
+    let mut answer = vec![0u8; 12];
+    slow.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    assert_eq!(sidecar.post(json_of_len(40 * 1024)).await.status(), 200);
+    assert_eq!(sidecar.metric("storerelay_ingest_buffered_bytes").await, 0.0, "every share was given back");
+    assert_eq!(sidecar.metric_sum("storerelay_notifications_received_total").await, 3.0);
+    rc.wait_for(3, Duration::from_secs(5)).await;
+}
+
 fn futures_stream(
     chunks: Vec<Result<Vec<u8>, std::io::Error>>,
 ) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> {

@@ -273,25 +273,30 @@ impl Sidecar {
     }
 
     pub fn spawn(&mut self) {
-        self.spawn_with(&[], false);
+        self.spawn_with(&[], false, Path::new(binary()));
     }
 
     /// Runs the sidecar as the last arguments of `wrapper` (a shell that mounts something first, say),
     /// in a process group of its own that is killed as a whole.
     pub fn spawn_wrapped(&mut self, wrapper: &[&str]) {
-        self.spawn_with(wrapper, true);
+        self.spawn_with(wrapper, true, Path::new(binary()));
     }
 
-    fn spawn_with(&mut self, wrapper: &[&str], group: bool) {
+    /// Runs another build of the sidecar (the release binary, say) instead of this crate's test build.
+    pub fn spawn_program(&mut self, program: &Path) {
+        self.spawn_with(&[], false, program);
+    }
+
+    fn spawn_with(&mut self, wrapper: &[&str], group: bool, program: &Path) {
         use std::os::unix::process::CommandExt;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
         let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args).arg(binary());
+            Some((wrapper, args)) => {
+                let mut command = Command::new(wrapper);
+                command.args(args).arg(program);
                 command
             }
-            None => Command::new(binary()),
+            None => Command::new(program),
         };
         if group {
             command.process_group(0);

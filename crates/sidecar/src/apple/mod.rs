@@ -2,9 +2,13 @@
 //! changing them. Apple adds types, subtypes and fields without notice, so nothing unknown is an error;
 //! only a body that is not JSON at all is.
 
+mod fields;
+
 use std::fmt;
 
 use app_store_server_library::crypto::jws;
+use fields::{Fields, ObjectOf, Scalar};
+use serde::de::MapAccess;
 use sha2::{Digest, Sha256};
 use storerelay_config::{Environment, NotificationVersion, RouteFacts};
 
@@ -124,33 +128,40 @@ impl Notification {
 }
 
 /// Reads a body. Only non-JSON is an error; everything else yields what could be learnt.
+///
+/// The body and the JWS payload are walked once each for the fields below ([`fields`]); nothing else
+/// in them is kept, so memory stays proportional to the body whatever it contains.
 pub fn decode(body: &[u8]) -> Result<Notification, DecodeError> {
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|_| DecodeError::NotJson)?;
+    let top = fields::object::<Body>(body).map_err(|_| DecodeError::NotJson)?;
     let mut notification = Notification::default();
-    let Some(object) = value.as_object() else {
+    let Some(top) = top else {
         notification.dedupe_key = body_key(body);
         return Ok(notification);
     };
 
-    if let Some(signed) = object.get("signedPayload") {
+    if let Some(signed) = top.signed_payload {
         notification.version = Some(NotificationVersion::V2);
         match signed.as_str() {
             Some(jws) => {
-                notification.signed_payload = Some(jws.to_string());
-                match jws::decode_payload::<serde_json::Value>(jws) {
-                    Ok(payload) => read_v2_payload(&payload, &mut notification),
+                match jws::decode_payload_bytes(jws) {
+                    Ok(payload) => match fields::object::<Payload>(&payload) {
+                        Ok(Some(payload)) => read_v2_payload(&payload, &mut notification),
+                        Ok(None) => {}
+                        Err(_) => notification.malformed = Some("signedPayload: the payload is not JSON".into()),
+                    },
                     Err(error) => notification.malformed = Some(format!("signedPayload: {error}")),
                 }
+                notification.signed_payload = Some(jws.to_string());
             }
             None => notification.malformed = Some("signedPayload is not a string".into()),
         }
-    } else if object.contains_key("notification_type") {
+    } else if top.notification_type.is_some() {
         notification.version = Some(NotificationVersion::V1);
-        let text = |key: &str| object.get(key).and_then(|v| v.as_str()).map(str::to_string);
-        notification.notification_type = text("notification_type");
-        notification.environment = text("environment").as_deref().and_then(Environment::parse);
-        notification.bundle_id = text("bid");
-        notification.v1_password = text("password");
+        let text = |field: &Option<Scalar>| field.as_ref().and_then(Scalar::text);
+        notification.notification_type = text(&top.notification_type);
+        notification.environment = top.environment.as_ref().and_then(Scalar::as_str).and_then(Environment::parse);
+        notification.bundle_id = text(&top.bid);
+        notification.v1_password = text(&top.password);
     }
     // Hashing a 20 KB body costs more than the rest of decoding: only when there is no UUID.
     notification.dedupe_key = match &notification.uuid {
@@ -160,29 +171,107 @@ pub fn decode(body: &[u8]) -> Result<Notification, DecodeError> {
     Ok(notification)
 }
 
+/// The top level of a body: V2's one field and the V1 fields we route and verify by. A key that is
+/// present with a value of another type is `Some(Scalar::Other)`: its presence alone says the version.
+#[derive(Default)]
+struct Body<'a> {
+    signed_payload: Option<Scalar<'a>>,
+    notification_type: Option<Scalar<'a>>,
+    environment: Option<Scalar<'a>>,
+    bid: Option<Scalar<'a>>,
+    password: Option<Scalar<'a>>,
+}
+
+impl<'de> Fields<'de> for Body<'de> {
+    fn read<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<bool, A::Error> {
+        let slot = match key {
+            "signedPayload" => &mut self.signed_payload,
+            "notification_type" => &mut self.notification_type,
+            "environment" => &mut self.environment,
+            "bid" => &mut self.bid,
+            "password" => &mut self.password,
+            _ => return Ok(false),
+        };
+        *slot = Some(map.next_value()?);
+        Ok(true)
+    }
+}
+
+/// The decoded V2 payload (`responseBodyV2DecodedPayload`), as far as we read it.
+#[derive(Default)]
+struct Payload<'a> {
+    notification_type: Scalar<'a>,
+    subtype: Scalar<'a>,
+    uuid: Scalar<'a>,
+    signed_date: Scalar<'a>,
+    /// `data`, `summary`, `externalPurchaseToken`, `appData`: the app's identity sits in whichever one
+    /// this type of notification carries, looked for in that order.
+    sections: [Option<Section<'a>>; 4],
+}
+
+const SECTIONS: [&str; 4] = ["data", "summary", "externalPurchaseToken", "appData"];
+
+impl<'de> Fields<'de> for Payload<'de> {
+    fn read<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<bool, A::Error> {
+        let slot = match key {
+            "notificationType" => &mut self.notification_type,
+            "subtype" => &mut self.subtype,
+            "notificationUUID" => &mut self.uuid,
+            "signedDate" => &mut self.signed_date,
+            _ => match SECTIONS.iter().position(|section| *section == key) {
+                Some(index) => {
+                    self.sections[index] = map.next_value::<ObjectOf<Section>>()?.0;
+                    return Ok(true);
+                }
+                None => return Ok(false),
+            },
+        };
+        *slot = map.next_value()?;
+        Ok(true)
+    }
+}
+
+#[derive(Default)]
+struct Section<'a> {
+    bundle_id: Scalar<'a>,
+    app_apple_id: Scalar<'a>,
+    environment: Scalar<'a>,
+    external_purchase_id: Scalar<'a>,
+}
+
+impl<'de> Fields<'de> for Section<'de> {
+    fn read<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<bool, A::Error> {
+        let slot = match key {
+            "bundleId" => &mut self.bundle_id,
+            "appAppleId" => &mut self.app_apple_id,
+            "environment" => &mut self.environment,
+            "externalPurchaseId" => &mut self.external_purchase_id,
+            _ => return Ok(false),
+        };
+        *slot = map.next_value()?;
+        Ok(true)
+    }
+}
+
 fn body_key(body: &[u8]) -> String {
     format!("sha256:{}", hex(&Sha256::digest(body)))
 }
 
-fn read_v2_payload(payload: &serde_json::Value, notification: &mut Notification) {
-    let text = |v: &serde_json::Value, key: &str| v.get(key).and_then(|x| x.as_str()).map(str::to_string);
-    notification.notification_type = text(payload, "notificationType");
-    notification.subtype = text(payload, "subtype");
-    notification.uuid = text(payload, "notificationUUID");
-    notification.signed_date = payload.get("signedDate").and_then(|v| v.as_i64());
-    // The app's identity sits in whichever section this type of notification carries.
-    let section = ["data", "summary", "externalPurchaseToken", "appData"]
-        .iter()
-        .find_map(|key| payload.get(*key).filter(|v| v.is_object()).map(|v| (*key, v)));
+fn read_v2_payload(payload: &Payload, notification: &mut Notification) {
+    notification.notification_type = payload.notification_type.text();
+    notification.subtype = payload.subtype.text();
+    notification.uuid = payload.uuid.text();
+    notification.signed_date = payload.signed_date.integer();
+    let section = payload.sections.iter().zip(SECTIONS).find_map(|(section, key)| section.as_ref().map(|s| (key, s)));
     if let Some((key, section)) = section {
-        notification.bundle_id = text(section, "bundleId");
-        notification.app_apple_id = section.get("appAppleId").and_then(|v| v.as_i64());
+        notification.bundle_id = section.bundle_id.text();
+        notification.app_apple_id = section.app_apple_id.integer();
         notification.environment = if key == "externalPurchaseToken" {
             // External purchase tokens carry no environment; Apple marks sandbox ones by their id.
-            let sandbox = text(section, "externalPurchaseId").is_some_and(|id| id.starts_with("SANDBOX"));
+            let sandbox = section.external_purchase_id.as_str().is_some_and(|id| id.starts_with("SANDBOX"));
             Some(if sandbox { Environment::Sandbox } else { Environment::Production })
         } else {
-            text(section, "environment").as_deref().and_then(Environment::parse)
+            section.environment.as_str().and_then(Environment::parse)
         };
     }
 }
@@ -245,6 +334,18 @@ mod tests {
         assert_eq!(n.v1_password.as_deref(), Some("S3CRET"));
         assert!(n.dedupe_key.starts_with("sha256:") && n.dedupe_key.len() == 71);
         assert!(!format!("{n:?}").contains("S3CRET"));
+    }
+
+    #[test]
+    fn arrays_where_objects_belong_are_skipped_not_errors() {
+        let zeros = format!("[{}0]", "0,".repeat(10_000));
+        assert_eq!(decode(zeros.as_bytes()).unwrap().version, None);
+        let n = decode(&v2(&zeros)).unwrap();
+        assert_eq!((n.version, n.notification_type, n.malformed), (Some(NotificationVersion::V2), None, None));
+        let n = decode(&v2(r#"{"notificationType":"TEST","data":[1,2],"summary":{"bundleId":"b"}}"#)).unwrap();
+        assert_eq!(n.bundle_id.as_deref(), Some("b"), "a section that is not an object is passed over");
+        let n = decode(&v2(r#"{"notificationType":"TEST"#)).unwrap();
+        assert_eq!(n.malformed.as_deref(), Some("signedPayload: the payload is not JSON"));
     }
 
     #[test]
