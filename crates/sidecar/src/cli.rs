@@ -34,6 +34,12 @@ pub enum CommandError {
     Spool(#[from] SpoolError),
     #[error(transparent)]
     TimeArg(#[from] TimeArgError),
+    #[error(
+        "destination `{destination}` is not in {} (it has: {}); check the name, or pass --force to schedule deliveries to it anyway",
+        file.display(),
+        if configured.is_empty() { "none".to_string() } else { configured.join(", ") }
+    )]
+    UnknownDestination { destination: String, file: PathBuf, configured: Vec<String> },
 }
 
 /// `spool ...`: look at and repair a spool, beside a running sidecar or not.
@@ -59,8 +65,13 @@ pub enum SpoolCommand {
     },
     /// Schedule deliveries to a destination again now (all finished ones, or only dead ones).
     Redeliver {
+        /// A destination of the config file (`--config`).
         #[arg(long)]
         destination: String,
+        /// Schedule deliveries to a destination the config does not have (they wait in the spool until
+        /// it is configured, and count towards `retainDead`).
+        #[arg(long)]
+        force: bool,
         /// Only deliveries that were given up on.
         #[arg(long = "dead")]
         dead_only: bool,
@@ -78,6 +89,10 @@ pub enum SpoolCommand {
         /// Only deliveries finished before this time or duration ago (default: now).
         #[arg(long)]
         before: Option<String>,
+        /// Instead: every delivery, pending ones too, to a destination that is not in the config file
+        /// (`--config`), such as a removed destination's backlog.
+        #[arg(long, conflicts_with_all = ["destination", "include_dead", "before"])]
+        unknown_destinations: bool,
     },
 }
 
@@ -133,8 +148,32 @@ pub fn inspect(body: &[u8], config_path: Option<&Path>) -> Result<String, Comman
     Ok(out)
 }
 
-/// Runs one spool command and returns what to print.
-pub fn spool(path: &Path, command: &SpoolCommand, json: bool) -> Result<String, CommandError> {
+/// The destination names of the config file, for the spool commands that must not act on a name the
+/// sidecar does not know.
+fn configured_destinations(config_path: &Path) -> Result<Vec<String>, CommandError> {
+    let file = storerelay_config::load(config_path)?;
+    Ok(file.destinations.into_iter().map(|d| d.name).collect())
+}
+
+/// Runs one spool command and returns what to print: on the spool file `path`, or without one on the
+/// config file's `spool.path`. `config_path` is also read by the commands that check destination
+/// names against it.
+pub fn spool(
+    path: Option<&Path>,
+    command: &SpoolCommand,
+    json: bool,
+    config_path: &Path,
+) -> Result<String, CommandError> {
+    match path {
+        Some(path) => spool_file(path, command, json, config_path),
+        None => {
+            let file = storerelay_config::load(config_path)?;
+            spool_file(&file.spool.path, command, json, config_path)
+        }
+    }
+}
+
+fn spool_file(path: &Path, command: &SpoolCommand, json: bool, config_path: &Path) -> Result<String, CommandError> {
     if !path.exists() {
         return Err(CommandError::NoSpool(path.to_path_buf()));
     }
@@ -201,14 +240,33 @@ pub fn spool(path: &Path, command: &SpoolCommand, json: bool) -> Result<String, 
                 state: Some(DeliveryState::Dead),
                 limit: *limit,
             };
-            return spool(path, &list, json);
+            return spool_file(path, &list, json, config_path);
         }
-        SpoolCommand::Redeliver { destination, dead_only, since } => {
+        SpoolCommand::Redeliver { destination, force, dead_only, since } => {
             let since = since.as_deref().map(|t| parse_time_arg(t, now)).transpose()?.unwrap_or(0);
+            if !force {
+                let configured = configured_destinations(config_path)?;
+                if !configured.contains(destination) {
+                    return Err(CommandError::UnknownDestination {
+                        destination: destination.clone(),
+                        file: config_path.to_path_buf(),
+                        configured,
+                    });
+                }
+            }
             let changed = db.redeliver(destination, *dead_only, since, now).map_err(at)?;
             let _ = writeln!(out, "{changed} deliveries to {destination} scheduled now");
         }
-        SpoolCommand::Purge { destination, include_dead, before } => {
+        SpoolCommand::Purge { unknown_destinations: true, .. } => {
+            let configured = configured_destinations(config_path)?;
+            let purged = db.purge_unknown_destinations(&configured).map_err(at)?;
+            let _ = writeln!(
+                out,
+                "{purged} deliveries to destinations not in {} purged, pending ones included",
+                config_path.display()
+            );
+        }
+        SpoolCommand::Purge { destination, include_dead, before, .. } => {
             let before = before.as_deref().map(|t| parse_time_arg(t, now)).transpose()?.unwrap_or(now);
             let purged = db.purge(destination.as_deref(), *include_dead, before).map_err(at)?;
             let what = if *include_dead { "delivered and dead" } else { "delivered" };
@@ -227,7 +285,10 @@ mod tests {
     fn stats_list_redeliver_purge() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spool.db");
-        assert!(spool(&path, &SpoolCommand::Stats, false).unwrap_err().to_string().contains("no spool at"));
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, "destinations: [{name: rc, url: \"http://127.0.0.1:9/\"}]\n").unwrap();
+        let run = |command: &SpoolCommand, json: bool| spool(Some(&path), command, json, &config);
+        assert!(run(&SpoolCommand::Stats, false).unwrap_err().to_string().contains("no spool at"));
         {
             let (db, _) = SpoolDb::open_checked(&path, SyncMode::Full).unwrap();
             let a = db.insert(now_ms(), "/apple", b"{\"password\":\"SECRET\"}", &["rc".into()]).unwrap();
@@ -235,7 +296,7 @@ mod tests {
             db.record("rc", a, now_ms(), &Outcome::Dead { status: Some(400), error: "HTTP 400 is not retried".into() })
                 .unwrap();
         }
-        let stats = spool(&path, &SpoolCommand::Stats, false).unwrap();
+        let stats = run(&SpoolCommand::Stats, false).unwrap();
         assert!(stats.contains("2 notifications"), "{stats}");
         assert!(
             stats
@@ -244,23 +305,84 @@ mod tests {
                     && l.split_whitespace().take(4).collect::<Vec<_>>() == ["rc", "1", "0", "1"]),
             "{stats}"
         );
-        let dead = spool(&path, &SpoolCommand::Dead { destination: None, limit: 10 }, false).unwrap();
+        let dead = run(&SpoolCommand::Dead { destination: None, limit: 10 }, false).unwrap();
         assert_eq!(dead.lines().count(), 2, "{dead}");
         assert!(dead.contains("HTTP 400") && dead.contains(" dead ") && !dead.contains("SECRET"), "{dead}");
         let pending = SpoolCommand::List { destination: None, state: Some(DeliveryState::Pending), limit: 10 };
-        assert_eq!(spool(&path, &pending, true).unwrap().lines().count(), 1);
-        let redeliver = SpoolCommand::Redeliver { destination: "rc".into(), dead_only: true, since: Some("1h".into()) };
-        assert!(spool(&path, &redeliver, false).unwrap().starts_with("1 deliveries"));
-        let json = spool(&path, &SpoolCommand::Stats, true).unwrap();
+        assert_eq!(run(&pending, true).unwrap().lines().count(), 1);
+        let redeliver = SpoolCommand::Redeliver {
+            destination: "rc".into(),
+            force: false,
+            dead_only: true,
+            since: Some("1h".into()),
+        };
+        assert!(run(&redeliver, false).unwrap().starts_with("1 deliveries"));
+        let json = run(&SpoolCommand::Stats, true).unwrap();
         let value: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(value["destinations"][0]["pending"], 2);
-        let bad_time =
-            SpoolCommand::Redeliver { destination: "rc".into(), dead_only: false, since: Some("soon".into()) };
-        assert!(matches!(spool(&path, &bad_time, false), Err(CommandError::TimeArg(_))));
+        let bad_time = SpoolCommand::Redeliver {
+            destination: "rc".into(),
+            force: false,
+            dead_only: false,
+            since: Some("soon".into()),
+        };
+        assert!(matches!(run(&bad_time, false), Err(CommandError::TimeArg(_))));
         assert!(
-            spool(&path, &SpoolCommand::Purge { destination: None, include_dead: true, before: None }, false)
-                .unwrap()
-                .starts_with("0 ")
+            run(
+                &SpoolCommand::Purge {
+                    destination: None,
+                    include_dead: true,
+                    before: None,
+                    unknown_destinations: false
+                },
+                false
+            )
+            .unwrap()
+            .starts_with("0 ")
         );
+    }
+
+    #[test]
+    fn redeliver_refuses_a_destination_the_config_lacks_and_purge_removes_their_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let config = dir.path().join("config.yaml");
+        let text = format!(
+            "spool: {{path: {}}}\ndestinations: [{{name: rc, url: \"http://127.0.0.1:9/\"}}]\n",
+            path.display()
+        );
+        std::fs::write(&config, text).unwrap();
+        {
+            let (db, _) = SpoolDb::open_checked(&path, SyncMode::Full).unwrap();
+            db.insert(now_ms(), "/apple", b"{}", &["rc".into(), "removed".into()]).unwrap();
+            db.insert(now_ms(), "/apple", b"{\"n\":2}", &["removed".into()]).unwrap();
+        }
+        let redeliver = |destination: &str, force: bool| SpoolCommand::Redeliver {
+            destination: destination.into(),
+            force,
+            dead_only: false,
+            since: None,
+        };
+        let refused = spool(Some(&path), &redeliver("rc-typo", false), false, &config).unwrap_err();
+        assert!(matches!(refused, CommandError::UnknownDestination { .. }));
+        let message = refused.to_string();
+        assert!(message.contains("`rc-typo`") && message.contains("config.yaml") && message.contains("it has: rc"));
+        assert!(message.contains("--force"), "{message}");
+        let missing_config = spool(Some(&path), &redeliver("rc", false), false, &dir.path().join("nope.yaml"));
+        assert!(matches!(missing_config, Err(CommandError::Config(_))), "a name cannot be checked without the config");
+        let forced = spool(Some(&path), &redeliver("rc-typo", true), false, &config).unwrap();
+        assert!(forced.starts_with("2 deliveries to rc-typo"), "{forced}");
+
+        let purge =
+            SpoolCommand::Purge { destination: None, include_dead: false, before: None, unknown_destinations: true };
+        let purged = spool(Some(&path), &purge, false, &config).unwrap();
+        assert!(purged.starts_with("4 deliveries to destinations not in"), "{purged}");
+        let db = SpoolDb::open(&path, SyncMode::Full).unwrap();
+        let left: Vec<_> = db.stats().unwrap().into_iter().map(|s| (s.destination, s.pending)).collect();
+        assert_eq!(left, [("rc".to_string(), 1)]);
+        assert_eq!(db.notification_count().unwrap(), 1, "the notification only `removed` needed is gone");
+        // Without --spool the config file says where the spool is.
+        let stats = spool(None, &SpoolCommand::Stats, false, &config);
+        assert!(stats.unwrap().contains("1 notifications"));
     }
 }

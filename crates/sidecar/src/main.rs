@@ -33,9 +33,9 @@ enum Command {
     Inspect,
     /// Inspect or repair a spool (safe beside a running sidecar).
     Spool {
-        /// The spool file.
+        /// The spool file (default: the config file's `spool.path`).
         #[arg(long, env = "STORERELAY_SPOOL")]
-        spool: PathBuf,
+        spool: Option<PathBuf>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -58,7 +58,7 @@ fn main() -> ExitCode {
             }
             cli::inspect(&body, cli.config.as_deref())
         }
-        Command::Spool { spool, json, action } => cli::spool(&spool, &action, json),
+        Command::Spool { spool, json, action } => cli::spool(spool.as_deref(), &action, json, &config),
     };
     match printed {
         Ok(text) => {

@@ -76,6 +76,10 @@ async fn a_4xx_or_redirect_is_dead_at_once_and_can_be_redelivered() {
     let dead = sidecar.spool_tool(&["dead"]);
     let listing = String::from_utf8_lossy(&dead.stdout);
     assert!(listing.contains("HTTP 400") && listing.contains("HTTP 302"), "{listing}");
+    // A misspelt destination would create rows nothing delivers: refused, and nothing is scheduled.
+    let typo = sidecar.spool_tool(&["redeliver", "--destination", "rcc", "--dead"]);
+    let refusal = String::from_utf8_lossy(&typo.stderr);
+    assert!(!typo.status.success() && refusal.contains("`rcc` is not in") && refusal.contains("--force"), "{typo:?}");
     let redeliver = sidecar.spool_tool(&["redeliver", "--destination", "rc", "--dead"]);
     assert!(redeliver.status.success(), "{redeliver:?}");
     rc.wait_for(4, Duration::from_secs(10)).await;

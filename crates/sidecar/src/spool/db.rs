@@ -506,6 +506,31 @@ impl SpoolDb {
         Ok(deleted)
     }
 
+    /// Deletes every delivery (pending and dead too) to a destination not in `configured`, then every
+    /// notification with no delivery left. For the work of a removed or misspelt destination that
+    /// would otherwise wait for `retainDead`.
+    pub fn purge_unknown_destinations(&self, configured: &[String]) -> Result<usize> {
+        let configured = serde_json::to_string(configured).unwrap_or_else(|_| "[]".into());
+        let tx = self.conn.unchecked_transaction()?;
+        let notifications: Vec<i64> = tx
+            .prepare(
+                "DELETE FROM deliveries WHERE destination NOT IN (SELECT value FROM json_each(?1))
+                 RETURNING notification_id",
+            )?
+            .query_map(params![configured], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut orphaned = tx.prepare(
+            "DELETE FROM notifications WHERE id = ?1
+               AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.notification_id = ?1)",
+        )?;
+        for id in &notifications {
+            orphaned.execute(params![id])?;
+        }
+        drop(orphaned);
+        tx.commit()?;
+        Ok(notifications.len())
+    }
+
     /// Drops the deliveries of notifications received before `cutoff` that can no longer finish: dead
     /// ones, and every one to a destination not in `configured`; then those notifications if nothing
     /// is left to deliver. Returns (dead, unknown destination) deliveries dropped. Runs inside the

@@ -421,11 +421,13 @@ impl Sidecar {
         }
     }
 
+    /// `storerelay-sidecar --config CONFIG spool ARGS`: the spool and its destinations come from the
+    /// config file, as in a pod.
     pub fn spool_tool(&self, args: &[&str]) -> std::process::Output {
         Command::new(binary())
+            .arg("--config")
+            .arg(&self.config_path)
             .arg("spool")
-            .arg("--spool")
-            .arg(self.spool_path())
             .args(args)
             .output()
             .expect("run spool tool")
