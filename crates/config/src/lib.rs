@@ -378,11 +378,11 @@ impl SidecarConfig {
         if self.spool.path.as_os_str().is_empty() {
             problem("spool.path".into(), "must not be empty".into());
         }
-        if self.spool.max_bytes < self.limits.max_body_bytes {
+        if self.spool.max_bytes.get() < self.limits.max_body_bytes.get().saturating_add(SPOOL_OWN_BYTES) {
             problem(
                 "spool.maxBytes".into(),
                 format!(
-                    "{} is smaller than limits.maxBodyBytes ({})",
+                    "{} leaves no room for a body of limits.maxBodyBytes ({}) beside the spool's own 64Ki",
                     self.spool.max_bytes, self.limits.max_body_bytes
                 ),
             );
@@ -517,6 +517,20 @@ fn is_dns_label(name: &str) -> bool {
 /// The sidecar's defaults (`limits.maxBufferedBytes`, destination `concurrency`) are sized to stay
 /// under it whatever arrives on the public port; a test holds the release binary to it.
 pub const SIDECAR_MEMORY_LIMIT_MIB: u64 = 64;
+
+/// The spool volume (`emptyDir` sizeLimit) the operator gives a route that does not set one.
+pub const DEFAULT_SPOOL_SIZE_LIMIT: &str = "256Mi";
+
+/// The `spool.maxBytes` for a volume of `size_limit`: three quarters. `maxBytes` bounds the database
+/// and any damaged copy set aside; the rest of the volume is for what passes it for a moment (the WAL:
+/// SQLite's 4 MiB checkpoint interval plus one write batch of at most 1/16 of `maxBytes`) and the
+/// filesystem's own overhead. Past its sizeLimit the kubelet evicts the pod and deletes the spool.
+pub fn spool_max_bytes_within(size_limit: ByteSize) -> ByteSize {
+    ByteSize(size_limit.get() / 4 * 3)
+}
+
+/// Room an empty spool's own pages take (schema, indexes), counted in `spool.maxBytes`, with margin.
+pub const SPOOL_OWN_BYTES: u64 = 64 << 10;
 
 /// Request headers storerelay sets itself on every delivery (the body is Apple's JSON, sent as is);
 /// a destination's `headers` or `headersFile` may not replace them.

@@ -22,7 +22,7 @@ pub const APPLE_ROOT_DIR: &str = "/etc/storerelay/apple";
 pub const APPLE_ROOT_FILE: &str = "root.cer";
 pub const V1_PASSWORD_DIR: &str = "/etc/storerelay/secrets/v1";
 pub const V1_PASSWORD_FILE: &str = "password";
-pub const DEFAULT_SPOOL_SIZE: &str = "256Mi";
+pub use storerelay_config::DEFAULT_SPOOL_SIZE_LIMIT as DEFAULT_SPOOL_SIZE;
 
 pub fn destination_secret_dir(destination: &str) -> String {
     format!("/etc/storerelay/secrets/{destination}")
@@ -54,7 +54,7 @@ fn duration(value: &Option<String>, key: &str, fallback: Duration, problems: &mu
 pub fn spool_size(spec: &NotificationRouteSpec) -> Result<(String, ByteSize), Problem> {
     let text = spec.spool.as_ref().and_then(|s| s.size_limit.clone()).unwrap_or_else(|| DEFAULT_SPOOL_SIZE.into());
     let size: ByteSize = text.parse().map_err(|message| Problem { key: "spec.spool.sizeLimit".into(), message })?;
-    Ok((text, ByteSize(size.get() / 4 * 3)))
+    Ok((text, storerelay_config::spool_max_bytes_within(size)))
 }
 
 pub fn render(route: &NotificationRoute) -> Result<SidecarConfig, RenderError> {

@@ -62,6 +62,15 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
         tracing::error!(spool = %settings.spool.path.display(), set_aside = %aside.display(), %problem,
             "SPOOL WAS CORRUPT: the damaged file was renamed aside and a new spool started; undelivered notifications in it need manual recovery");
     }
+    for file in &report.discarded {
+        tracing::warn!(file = %file.display(), "deleted an older set-aside copy of a damaged spool (only the newest is kept)");
+    }
+    if let Ok(set_aside) = crate::spool::SetAside::find(&settings.spool.path) {
+        if set_aside.bytes > 0 {
+            tracing::warn!(bytes = set_aside.bytes, files = ?set_aside.files,
+                "a damaged spool set aside counts against spool.maxBytes until `storerelay-sidecar spool discard-set-aside` deletes it");
+        }
+    }
 
     let bind = |key: &'static str, address| async move {
         TcpListener::bind(address).await.map_err(|source| StartError::Bind { key, address, source })

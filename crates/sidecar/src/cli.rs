@@ -12,7 +12,7 @@ use storerelay_config::SyncMode;
 use crate::clock::{self, TimeArgError, format_ms, now_ms, parse_time_arg};
 use crate::config;
 use crate::metrics::Metrics;
-use crate::spool::{DeliveryState, Failure, ListFilter, SpoolDb, SpoolError};
+use crate::spool::{DeliveryState, Failure, ListFilter, SetAside, SpoolDb, SpoolError};
 
 /// The default config path when neither `--config` nor `STORERELAY_CONFIG` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/storerelay/config.yaml";
@@ -79,6 +79,9 @@ pub enum SpoolCommand {
         #[arg(long)]
         since: Option<String>,
     },
+    /// Delete the copies of a damaged spool that were set aside (`<spool>.corrupt-*`): they count
+    /// against `maxBytes` until they are gone. Copy them out first if they are to be recovered.
+    DiscardSetAside,
     /// Delete finished deliveries and the notifications nobody needs any more. Pending ones stay.
     Purge {
         #[arg(long)]
@@ -174,6 +177,16 @@ pub fn spool(
 }
 
 fn spool_file(path: &Path, command: &SpoolCommand, json: bool, config_path: &Path) -> Result<String, CommandError> {
+    if *command == SpoolCommand::DiscardSetAside {
+        let deleted = SetAside::discard_all(path).map_err(|source| {
+            SpoolError::new(path, Failure::Io { action: "cannot delete a set-aside copy", source })
+        })?;
+        let mut out = format!("{} set-aside files deleted\n", deleted.len());
+        for file in deleted {
+            let _ = writeln!(out, "deleted {}", file.display());
+        }
+        return Ok(out);
+    }
     if !path.exists() {
         return Err(CommandError::NoSpool(path.to_path_buf()));
     }
@@ -185,12 +198,28 @@ fn spool_file(path: &Path, command: &SpoolCommand, json: bool, config_path: &Pat
         SpoolCommand::Stats => {
             let stats = db.stats().map_err(at)?;
             let notifications = db.notification_count().map_err(at)?;
-            let bytes = db.stored_bytes().map_err(at)?;
+            let bytes = db.body_bytes().map_err(at)?;
+            let set_aside = SetAside::find(path)
+                .map_err(|source| at(Failure::Io { action: "cannot list set-aside copies", source }))?;
+            let used = db.used_bytes().map_err(at)? + set_aside.bytes;
             if json {
-                let value = serde_json::json!({"notifications": notifications, "bytes": bytes, "destinations": stats});
+                let value = serde_json::json!({
+                    "notifications": notifications,
+                    "bytes": bytes,
+                    "usedBytes": used,
+                    "setAsideBytes": set_aside.bytes,
+                    "destinations": stats,
+                });
                 return Ok(format!("{value}\n"));
             }
-            let _ = writeln!(out, "spool {}: {notifications} notifications, {bytes} bytes", path.display());
+            let _ = writeln!(
+                out,
+                "spool {}: {notifications} notifications, {bytes} bytes of bodies, {used} bytes counted against maxBytes",
+                path.display()
+            );
+            for file in &set_aside.files {
+                let _ = writeln!(out, "set aside (damaged, counted): {}", file.display());
+            }
             let _ = writeln!(
                 out,
                 "{:<24} {:>9} {:>10} {:>6}  OLDEST PENDING",
@@ -257,6 +286,7 @@ fn spool_file(path: &Path, command: &SpoolCommand, json: bool, config_path: &Pat
             let changed = db.redeliver(destination, *dead_only, since, now).map_err(at)?;
             let _ = writeln!(out, "{changed} deliveries to {destination} scheduled now");
         }
+        SpoolCommand::DiscardSetAside => unreachable!("handled before the spool is opened"),
         SpoolCommand::Purge { unknown_destinations: true, .. } => {
             let configured = configured_destinations(config_path)?;
             let purged = db.purge_unknown_destinations(&configured).map_err(at)?;

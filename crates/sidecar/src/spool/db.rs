@@ -13,6 +13,10 @@ use storerelay_config::SyncMode;
 
 const SCHEMA_VERSION: i64 = 1;
 
+/// What the WAL is cut back to after each checkpoint. It grows between checkpoints by at most SQLite's
+/// auto-checkpoint interval (1,000 pages, 4 MiB) plus one write batch (see `Spool`'s batch limit).
+pub const WAL_SIZE_LIMIT: u64 = 4 << 20;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS notifications (
     id          INTEGER PRIMARY KEY,
@@ -43,8 +47,12 @@ CREATE TABLE IF NOT EXISTS dedupe (
 /// What went wrong in the spool. The path is added once, at the boundary ([`super::SpoolError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Failure {
-    #[error("full ({stored} of {max} bytes hold undelivered notifications{})", held_by.as_ref().map_or(String::new(), |h| format!("; the most for {h}")))]
-    Full { stored: u64, max: u64, held_by: Option<String> },
+    #[error(
+        "full ({stored} of {max} bytes in use{}{})",
+        held_by.as_ref().map_or(String::new(), |h| format!("; undelivered notifications hold the most for {h}")),
+        if *set_aside > 0 { format!("; {set_aside} bytes are a damaged spool set aside: copy it out, then `storerelay-sidecar spool discard-set-aside`") } else { String::new() }
+    )]
+    Full { stored: u64, max: u64, held_by: Option<String>, set_aside: u64 },
     #[error("{0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("schema version {found} is newer than this sidecar understands ({supported})")]
@@ -163,6 +171,78 @@ pub struct ListFilter {
 pub struct OpenReport {
     pub quarantined: Option<PathBuf>,
     pub corruption: Option<String>,
+    /// Older set-aside copies deleted: only the newest is kept (see [`SetAside`]).
+    pub discarded: Vec<PathBuf>,
+}
+
+/// Copies of a damaged spool that were renamed aside (`<spool>.corrupt-<unix time>`, with their `-wal`
+/// and `-shm`). They share the spool's volume, so their bytes count against `maxBytes`: otherwise a
+/// set-aside copy plus a new spool could pass the `emptyDir`'s sizeLimit, and the kubelet would evict
+/// the pod and delete both. Only the newest copy is kept.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SetAside {
+    pub files: Vec<PathBuf>,
+    pub bytes: u64,
+}
+
+impl SetAside {
+    /// The set-aside files beside the spool at `path` now.
+    pub fn find(path: &Path) -> std::io::Result<SetAside> {
+        let mut found = SetAside::default();
+        for (file, _) in set_aside_files(path)? {
+            found.bytes += std::fs::metadata(&file).map_or(0, |m| m.len());
+            found.files.push(file);
+        }
+        Ok(found)
+    }
+
+    /// Deletes every set-aside copy of the spool at `path` but the newest; returns what it deleted.
+    pub fn keep_newest(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+        let files = set_aside_files(path)?;
+        let newest = files.iter().map(|(_, stamp)| *stamp).max();
+        let mut deleted = Vec::new();
+        for (file, stamp) in files {
+            if Some(stamp) != newest {
+                std::fs::remove_file(&file)?;
+                deleted.push(file);
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes every set-aside copy; returns what it deleted.
+    pub fn discard_all(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+        let mut deleted = Vec::new();
+        for (file, _) in set_aside_files(path)? {
+            std::fs::remove_file(&file)?;
+            deleted.push(file);
+        }
+        Ok(deleted)
+    }
+}
+
+/// `<spool>.corrupt-<stamp>[-wal|-shm]` files beside `path`, with their stamps.
+fn set_aside_files(path: &Path) -> std::io::Result<Vec<(PathBuf, u64)>> {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return Ok(Vec::new()) };
+    let prefix = format!("{name}.corrupt-");
+    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut files = Vec::new();
+    let entries = match std::fs::read_dir(folder) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(files),
+        Err(error) => return Err(error),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if let Ok(stamp) = digits.parse::<u64>() {
+            files.push((entry.path(), stamp));
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 pub struct SpoolDb {
@@ -189,7 +269,11 @@ impl SpoolDb {
         }
         let problem = match SpoolDb::open(path, sync) {
             Ok(db) => match db.quick_check() {
-                Ok(None) => return Ok((db, OpenReport::default())),
+                Ok(None) => {
+                    let discarded = SetAside::keep_newest(path)
+                        .map_err(|source| Failure::Io { action: "cannot delete an older set-aside copy", source })?;
+                    return Ok((db, OpenReport { discarded, ..OpenReport::default() }));
+                }
                 Ok(Some(problem)) => problem,
                 Err(Failure::Sqlite(source)) if is_corruption(&source) => source.to_string(),
                 Err(other) => return Err(other),
@@ -199,8 +283,10 @@ impl SpoolDb {
         };
         let aside =
             quarantine(path).map_err(|source| Failure::Io { action: "cannot set the corrupt file aside", source })?;
+        let discarded = SetAside::keep_newest(path)
+            .map_err(|source| Failure::Io { action: "cannot delete an older set-aside copy", source })?;
         let db = SpoolDb::open(path, sync)?;
-        Ok((db, OpenReport { quarantined: Some(aside), corruption: Some(problem) }))
+        Ok((db, OpenReport { quarantined: Some(aside), corruption: Some(problem), discarded }))
     }
 
     /// Opens without the integrity check: for tools beside a running sidecar.
@@ -210,8 +296,11 @@ impl SpoolDb {
         let configured = sync;
         let sync = pragma(sync);
         // temp_store: the sidecar's root filesystem is read-only, so SQLite's scratch space stays in memory.
+        // journal_size_limit: a WAL keeps its largest size after a checkpoint unless told otherwise, and
+        // every byte of it counts against the volume's sizeLimit (see `used_bytes` for the rest).
         conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA temp_store = MEMORY;"
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA temp_store = MEMORY;
+             PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"
         ))?;
         let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if found > SCHEMA_VERSION {
@@ -434,8 +523,20 @@ impl SpoolDb {
     }
 
     /// Bytes of stored bodies: what `spool.maxBytes` limits.
-    pub fn stored_bytes(&self) -> Result<u64> {
+    /// The bodies' bytes alone (for `spool stats`).
+    pub fn body_bytes(&self) -> Result<u64> {
         Ok(self.conn.query_row("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM notifications", [], |r| r.get(0))?)
+    }
+
+    /// Bytes of the database file in use: bodies, rows, indexes, duplicate keys. Pages a delete frees
+    /// are reused before the file grows, so this bounds the file. Read from the pager, so it is exact
+    /// inside a transaction too, and costs no scan.
+    pub fn used_bytes(&self) -> Result<u64> {
+        let read = |pragma: &str| -> Result<u64> {
+            Ok(self.conn.prepare_cached(pragma)?.query_row([], |r| r.get::<_, i64>(0)).map(|n| n.max(0) as u64)?)
+        };
+        let pages = read("PRAGMA page_count")?.saturating_sub(read("PRAGMA freelist_count")?);
+        Ok(pages * read("PRAGMA page_size")?)
     }
 
     pub fn list(&self, filter: &ListFilter) -> Result<Vec<DeliveryRow>> {
@@ -793,5 +894,39 @@ mod tests {
         assert_eq!(std::fs::read(&aside).unwrap(), vec![0x42; 8192]);
         assert_eq!(db.notification_count().unwrap(), 0);
         db.insert(1, "/", b"{}", &[]).unwrap();
+        let found = SetAside::find(&path).unwrap();
+        assert_eq!((found.files, found.bytes), (vec![aside.clone()], 8192));
+    }
+
+    #[test]
+    fn only_the_newest_set_aside_copy_is_kept_and_all_can_be_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        for name in ["spool.db.corrupt-100", "spool.db.corrupt-100-wal", "spool.db.corrupt-200", "other.db.corrupt-1"] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        let (_db, report) = SpoolDb::open_checked(&path, SyncMode::Full).unwrap();
+        let names = |files: &[PathBuf]| {
+            files.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect::<Vec<_>>()
+        };
+        assert_eq!(names(&report.discarded), ["spool.db.corrupt-100", "spool.db.corrupt-100-wal"]);
+        assert_eq!(names(&SetAside::find(&path).unwrap().files), ["spool.db.corrupt-200"]);
+        assert_eq!(names(&SetAside::discard_all(&path).unwrap()), ["spool.db.corrupt-200"]);
+        assert!(dir.path().join("other.db.corrupt-1").exists(), "another spool's copies are not ours");
+    }
+
+    #[test]
+    fn used_bytes_follows_inserts_and_deletes_without_a_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir);
+        let empty = db.used_bytes().unwrap();
+        db.begin().unwrap();
+        let id = db.insert(1, "/", &vec![7u8; 1 << 20], &["rc".into()]).unwrap();
+        let full = db.used_bytes().unwrap();
+        assert!(full >= empty + (1 << 20) && full < empty + (1 << 20) + (64 << 10), "{empty} -> {full}");
+        db.record("rc", id, 2, &Outcome::Delivered { status: 200 }).unwrap();
+        assert_eq!(db.prune_delivered(i64::MAX, 10).unwrap(), 1);
+        assert!(db.used_bytes().unwrap() < empty + (64 << 10), "freed pages are not in use, even before the commit");
+        db.commit().unwrap();
     }
 }

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use db::{
     DeliveryCounts, DeliveryRow, DeliveryState, DestinationStats, DueDelivery, Failure, ListFilter, OpenReport,
-    Outcome, SpoolDb,
+    Outcome, SetAside, SpoolDb, WAL_SIZE_LIMIT,
 };
 
 use crate::clock::now_ms;
@@ -54,6 +54,12 @@ pub type Result<T> = std::result::Result<T, SpoolError>;
 
 /// Operations taken in one transaction at most.
 const MAX_BATCH: usize = 512;
+/// Body bytes taken in one transaction at most, as a share of `maxBytes` and never more than 8 MiB: a
+/// transaction's pages sit in the WAL until the next checkpoint, beside their place in the database,
+/// so this bounds how far the files can pass `maxBytes` for a moment. A single body is always taken.
+fn max_batch_bytes(max_bytes: u64) -> u64 {
+    (max_bytes / 16).clamp(64 << 10, 8 << 20)
+}
 /// Notifications evicted per pass when the spool is full and delivered rows can make room.
 const EVICT_BATCH: usize = 1_000;
 
@@ -131,7 +137,7 @@ pub trait SpoolBackend: Clone + Send + Sync + 'static {
     /// Drops what `policy` says is past keeping; never pending work of a configured destination.
     fn prune(&self, policy: PrunePolicy) -> impl Future<Output = Result<Pruned>> + Send;
     fn set_max_bytes(&self, max_bytes: u64);
-    /// Body bytes held now (what `maxBytes` limits).
+    /// Bytes held now, as `maxBytes` counts them.
     fn stored_bytes(&self) -> u64;
     /// A receiver that changes whenever new notifications are committed, so dispatchers wake at once.
     fn subscribe_inserts(&self) -> watch::Receiver<u64>;
@@ -146,10 +152,22 @@ enum Op {
     Read(ReadJob),
 }
 
+impl Op {
+    fn body_bytes(&self) -> u64 {
+        match self {
+            Op::Insert { notification, .. } => notification.body.len() as u64,
+            _ => 0,
+        }
+    }
+}
+
 struct Shared {
     path: PathBuf,
     max_bytes: AtomicU64,
+    /// Database pages in use (`SpoolDb::used_bytes`), as of the last commit.
     stored_bytes: AtomicU64,
+    /// Damaged copies set aside beside the spool ([`SetAside`]), looked at on open and each prune.
+    set_aside_bytes: AtomicU64,
     /// Bumped after every commit that added notifications.
     inserted: watch::Sender<u64>,
     /// Who holds a full spool, as last looked up: while it stays full every insert is refused, and
@@ -175,12 +193,15 @@ impl Spool {
     pub fn open(path: &Path, sync: SyncMode, max_bytes: u64) -> Result<(Spool, OpenReport)> {
         let error = |failure| SpoolError::new(path, failure);
         let (db, report) = SpoolDb::open_checked(path, sync).map_err(error)?;
-        let stored = db.stored_bytes().map_err(error)?;
+        let stored = db.used_bytes().map_err(error)?;
+        let set_aside = SetAside::find(path)
+            .map_err(|source| error(Failure::Io { action: "cannot look for set-aside copies", source }))?;
         let (ops, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
             max_bytes: AtomicU64::new(max_bytes),
             stored_bytes: AtomicU64::new(stored),
+            set_aside_bytes: AtomicU64::new(set_aside.bytes),
             inserted: watch::Sender::new(0),
             full_holder: std::sync::Mutex::new(None),
         });
@@ -261,7 +282,7 @@ impl SpoolBackend for Spool {
     }
 
     fn stored_bytes(&self) -> u64 {
-        self.shared.stored_bytes.load(Ordering::Relaxed)
+        self.shared.stored_bytes.load(Ordering::Relaxed) + self.shared.set_aside_bytes.load(Ordering::Relaxed)
     }
 
     fn subscribe_inserts(&self) -> watch::Receiver<u64> {
@@ -288,10 +309,15 @@ fn owe<T: Send + 'static>(reply: oneshot::Sender<Result<T>>, result: Option<Resu
 
 fn writer(db: SpoolDb, mut ops: mpsc::UnboundedReceiver<Op>, shared: Arc<Shared>) {
     while let Some(first) = ops.blocking_recv() {
+        let max_bytes = max_batch_bytes(shared.max_bytes.load(Ordering::Relaxed));
+        let mut bytes = first.body_bytes();
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        while batch.len() < MAX_BATCH && bytes < max_bytes {
             match ops.try_recv() {
-                Ok(op) => batch.push(op),
+                Ok(op) => {
+                    bytes += op.body_bytes();
+                    batch.push(op);
+                }
                 Err(_) => break,
             }
         }
@@ -345,7 +371,11 @@ fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
                         db.expire_unfinishable(&policy.configured, policy.unfinishable_before)?;
                     let delivered = db.prune_delivered(policy.delivered_before, usize::MAX >> 1)?;
                     db.forget_dedupe_before(policy.dedupe_before)?;
-                    stored = db.stored_bytes()?;
+                    stored = db.used_bytes()?;
+                    // A set-aside copy may have been discarded (`spool discard-set-aside`) meanwhile.
+                    if let Ok(set_aside) = SetAside::find(&shared.path) {
+                        shared.set_aside_bytes.store(set_aside.bytes, Ordering::Relaxed);
+                    }
                     Ok(Pruned { delivered, dead, unknown_destination })
                 });
                 let result = result.map(|r| r.map_err(|f| shared.error(f)));
@@ -364,7 +394,7 @@ fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
         Some(batch) => {
             db.rollback();
             // The file may have changed under a failed batch: recount instead of trusting the tally.
-            if let Ok(actual) = db.stored_bytes() {
+            if let Ok(actual) = db.used_bytes() {
                 shared.stored_bytes.store(actual, Ordering::Relaxed);
             }
             for reply in owed {
@@ -425,11 +455,12 @@ fn insert_within_capacity(
     now: i64,
     notification: &NewNotification,
 ) -> db::Result<i64> {
-    let max = shared.max_bytes.load(Ordering::Relaxed);
+    let set_aside = shared.set_aside_bytes.load(Ordering::Relaxed);
+    let max = shared.max_bytes.load(Ordering::Relaxed).saturating_sub(set_aside);
     let size = notification.body.len() as u64;
     while *stored + size > max {
         let evicted = db.prune_delivered(now + 1, EVICT_BATCH)?;
-        *stored = db.stored_bytes()?;
+        *stored = db.used_bytes()?;
         if evicted == 0 {
             break;
         }
@@ -437,10 +468,10 @@ fn insert_within_capacity(
     if *stored + size > max {
         // Rare, and what an operator needs first: whose undelivered work fills it.
         let held_by = full_holder(db, shared)?;
-        return Err(Failure::Full { stored: *stored, max, held_by });
+        return Err(Failure::Full { stored: *stored + set_aside, max: max + set_aside, held_by, set_aside });
     }
     let id = db.insert(now, &notification.path, &notification.body, &notification.destinations)?;
-    *stored += size;
+    *stored = db.used_bytes()?;
     Ok(id)
 }
 
@@ -510,16 +541,41 @@ mod tests {
     #[tokio::test]
     async fn a_full_spool_refuses_but_evicts_delivered_first() {
         let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(&dir.path().join("s.db"), SyncMode::Normal, 100).unwrap();
-        let first = spool.insert(new("/", Bytes::from(vec![b'a'; 60]), &["d"])).await.unwrap().notification_id;
-        let err = spool.insert(new("/", Bytes::from(vec![b'b'; 60]), &["d"])).await.unwrap_err();
-        assert!(matches!(err.failure(), Failure::Full { stored: 60, max: 100, .. }), "{err}");
+        // An empty spool's own pages take 24 KiB; room for one 16 KiB body and its rows, not two.
+        let max = 52 << 10;
+        let (spool, _) = Spool::open(&dir.path().join("s.db"), SyncMode::Normal, max).unwrap();
+        let body = |byte: u8| Bytes::from(vec![byte; 16 << 10]);
+        let first = spool.insert(new("/", body(b'a'), &["d"])).await.unwrap().notification_id;
+        let one = spool.stored_bytes();
+        assert!(one >= 40 << 10 && one <= max, "pages in use are counted, not only the body: {one}");
+        let err = spool.insert(new("/", body(b'b'), &["d"])).await.unwrap_err();
+        assert!(
+            matches!(err.failure(), Failure::Full { stored, max: 53248, set_aside: 0, .. } if *stored == one),
+            "{err}"
+        );
         assert!(err.to_string().contains("the most for `d` (1 deliveries)"), "a full spool names its holder: {err}");
         spool.record("d".into(), first, Outcome::Delivered { status: 200 }).await.unwrap();
         // Delivered work makes room; the refused body was never stored.
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        spool.insert(new("/", Bytes::from(vec![b'c'; 60]), &["d"])).await.unwrap();
-        assert_eq!(spool.stored_bytes(), 60);
+        spool.insert(new("/", body(b'c'), &["d"])).await.unwrap();
+        assert_eq!(spool.stored_bytes(), one);
+        assert_eq!(spool.read(|db| db.notification_count()).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_copy_set_aside_counts_against_max_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        std::fs::write(dir.path().join("s.db.corrupt-1"), vec![0u8; 40 << 10]).unwrap();
+        let (spool, _) = Spool::open(&path, SyncMode::Normal, 64 << 10).unwrap();
+        let err = spool.insert(new("/", Bytes::from(vec![b'a'; 16 << 10]), &["d"])).await.unwrap_err();
+        assert!(matches!(err.failure(), Failure::Full { set_aside: 40960, .. }), "{err}");
+        assert!(err.to_string().contains("spool discard-set-aside"), "{err}");
+        // Discarded by the tool, the next housekeeping pass gives the room back.
+        SetAside::discard_all(&path).unwrap();
+        let policy = PrunePolicy { delivered_before: 0, dedupe_before: 0, unfinishable_before: 0, configured: vec![] };
+        spool.prune(policy).await.unwrap();
+        spool.insert(new("/", Bytes::from(vec![b'a'; 16 << 10]), &["d"])).await.unwrap();
     }
 
     #[tokio::test]
