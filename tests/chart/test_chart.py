@@ -26,6 +26,7 @@ MATRIX = {
     "one-replica": ["--set", "replicaCount=1"],
     "monitoring": ["--set", "serviceMonitor.enabled=true", "--set", "networkPolicy.enabled=true"],
     "permissions": ["--set", "rbac.checkSecrets=true", "--set", "rbac.restartWorkloads=true"],
+    "route-namespaces": ["--set", "rbac.routeNamespaces={shop,payments}"],
     "digest": ["--set", "image.digest=sha256:" + "a" * 64],
 }
 
@@ -104,6 +105,21 @@ def test_check_secrets_grants_get_only():
     assert rule["verbs"] == ["patch"]
     deployment = of_kind(workloads, "Deployment")[0]
     assert "--allow-workload-restarts" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_configmaps_are_never_listed_and_can_be_confined_to_route_namespaces():
+    (rule,) = rules_for(render(), "configmaps")
+    assert sorted(rule["verbs"]) == ["create", "get", "patch"], "never list, watch or update"
+    confined = render("--set", "rbac.routeNamespaces={shop,payments}")
+    for role in of_kind(confined, "ClusterRole"):
+        assert not [r for r in role["rules"] if "configmaps" in r["resources"]], role["metadata"]["name"]
+    roles = [r for r in of_kind(confined, "Role") if any("configmaps" in rule["resources"] for rule in r["rules"])]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["payments", "shop"]
+    bindings = [b for b in of_kind(confined, "RoleBinding") if b["roleRef"]["name"] == "storerelay-routes"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["payments", "shop"]
+    assert all(b["subjects"][0]["namespace"] == NAMESPACE for b in bindings)
+    bad = helm("template", RELEASE, str(CHART), "--set", "rbac.routeNamespaces={Not_A_Namespace}", check=False)
+    assert bad.returncode != 0
 
 
 def test_routes_may_name_only_the_allowed_sidecar_images():

@@ -22,7 +22,7 @@ use crate::inject::{self, InjectOptions, RESTARTED_AT_ANNOTATION};
 use crate::metrics::Metrics;
 use crate::render::{CONFIG_KEY, config_map_name, render_yaml};
 use crate::restarts::RestartSchedule;
-use crate::status::{self, Facts, RestartableKind, SecretsCheck, Workload};
+use crate::status::{self, ConfigMapProblem, Facts, RestartableKind, SecretsCheck, Workload};
 
 pub const FIELD_MANAGER: &str = "storerelay-operator";
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "storerelay-operator");
@@ -78,9 +78,10 @@ async fn reconcile_route(route: &NotificationRoute, ctx: &Context) -> Result<Act
     let name = route.name_any();
 
     let rendered = render_yaml(route);
-    if let Ok(yaml) = &rendered {
-        apply_config_map(ctx, route, &namespace, yaml).await?;
-    }
+    let config_map_problem = match &rendered {
+        Ok(yaml) => apply_config_map(ctx, route, &namespace, yaml).await?,
+        Err(_) => None,
+    };
     let render_error =
         rendered.as_ref().err().map(|e| e.to_string()).or_else(|| inject::image_refusal(route, &ctx.options));
     let secrets = check_references(ctx, route, &namespace).await?;
@@ -105,6 +106,7 @@ async fn reconcile_route(route: &NotificationRoute, ctx: &Context) -> Result<Act
     let mut conditions = status::conditions(&Facts {
         generation: route.metadata.generation,
         render_error: render_error.as_deref(),
+        config_map: config_map_problem.as_ref(),
         secrets: &secrets,
         counts: &counts,
         policy,
@@ -114,7 +116,7 @@ async fn reconcile_route(route: &NotificationRoute, ctx: &Context) -> Result<Act
     let new_status = NotificationRouteStatus {
         observed_generation: route.metadata.generation,
         revision: Some(injection.revision.clone()),
-        config_map: rendered.is_ok().then(|| config_map_name(&name)),
+        config_map: (rendered.is_ok() && config_map_problem.is_none()).then(|| config_map_name(&name)),
         matched: counts.matched,
         injected: counts.injected,
         outdated: counts.outdated,
@@ -137,7 +139,8 @@ async fn reconcile_route(route: &NotificationRoute, ctx: &Context) -> Result<Act
         };
         publish(ctx, route, event).await;
     }
-    let degraded = render_error.is_some() || matches!(secrets, SecretsCheck::Missing(_));
+    let degraded =
+        render_error.is_some() || config_map_problem.is_some() || matches!(secrets, SecretsCheck::Missing(_));
     Ok(Action::requeue(if degraded { RESYNC_DEGRADED } else { RESYNC }))
 }
 
@@ -148,9 +151,27 @@ async fn publish(ctx: &Context, route: &NotificationRoute, event: Event) {
     }
 }
 
-async fn apply_config_map(ctx: &Context, route: &NotificationRoute, namespace: &str, yaml: &str) -> Result<(), Error> {
+/// Writes the route's ConfigMap, unless a ConfigMap of its name exists that the operator did not
+/// create for this route (it is never taken over: it may be anyone's), or the operator may not write
+/// ConfigMaps in the namespace. Either is returned as the problem to report in the route's status.
+async fn apply_config_map(
+    ctx: &Context,
+    route: &NotificationRoute,
+    namespace: &str,
+    yaml: &str,
+) -> Result<Option<ConfigMapProblem>, Error> {
     let name = config_map_name(&route.name_any());
-    let owner = route.controller_owner_ref(&());
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    let existing = match api.get_opt(&name).await {
+        Ok(existing) => existing,
+        Err(error) if is_forbidden(&error) => return Ok(Some(forbidden(namespace, &name))),
+        Err(error) => return Err(error.into()),
+    };
+    if existing.is_some_and(|existing| !created_for(&existing, route)) {
+        return Ok(Some(ConfigMapProblem::NotOurs(format!(
+            "ConfigMap {namespace}/{name} exists and was not created by storerelay for this route; it is not taken over and no pod is injected to mount it: delete or rename it"
+        ))));
+    }
     let config_map = ConfigMap {
         metadata: kube::core::ObjectMeta {
             name: Some(name.clone()),
@@ -159,18 +180,40 @@ async fn apply_config_map(ctx: &Context, route: &NotificationRoute, namespace: &
                 (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
                 ("storerelay.dev/route".to_string(), route.name_any()),
             ])),
-            owner_references: owner.map(|o| vec![o]),
+            owner_references: route.controller_owner_ref(&()).map(|o| vec![o]),
             ..Default::default()
         },
         data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), yaml.to_string())])),
         ..Default::default()
     };
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
     let mut value = serde_json::to_value(&config_map).unwrap_or_default();
     value["apiVersion"] = json!("v1");
     value["kind"] = json!("ConfigMap");
-    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(value)).await?;
-    Ok(())
+    // Forced: the ConfigMap is ours (checked above), and an edit by hand is drift to undo.
+    match api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(value)).await {
+        Ok(_) => Ok(None),
+        Err(error) if is_forbidden(&error) => Ok(Some(forbidden(namespace, &name))),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Whether the operator created `config_map` for `route`: our label and `route` as its controller.
+fn created_for(config_map: &ConfigMap, route: &NotificationRoute) -> bool {
+    let labelled = config_map.labels().get(MANAGED_BY.0).is_some_and(|v| v == MANAGED_BY.1);
+    let uid = route.uid();
+    let owned =
+        config_map.owner_references().iter().any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref());
+    labelled && owned
+}
+
+fn is_forbidden(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 403)
+}
+
+fn forbidden(namespace: &str, name: &str) -> ConfigMapProblem {
+    ConfigMapProblem::Forbidden(format!(
+        "the operator may not write ConfigMap {namespace}/{name}: add {namespace} to the chart value rbac.routeNamespaces"
+    ))
 }
 
 /// Checks that every Secret key and the Apple root ConfigMap key the route names exist.
@@ -187,11 +230,13 @@ async fn check_references(ctx: &Context, route: &NotificationRoute, namespace: &
             secret_refs.extend(root.secret_key_ref.clone());
             if let Some(reference) = &root.config_map_key_ref {
                 let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
-                let found = api.get_opt(&reference.name).await?;
-                let has_key = found.is_some_and(|cm| {
-                    cm.data.is_some_and(|d| d.contains_key(&reference.key))
-                        || cm.binary_data.is_some_and(|d| d.contains_key(&reference.key))
-                });
+                let has_key = match api.get_opt(&reference.name).await {
+                    Err(error) if is_forbidden(&error) => false,
+                    found => found?.is_some_and(|cm| {
+                        cm.data.is_some_and(|d| d.contains_key(&reference.key))
+                            || cm.binary_data.is_some_and(|d| d.contains_key(&reference.key))
+                    }),
+                };
                 if !has_key {
                     missing.push(format!("ConfigMap {}/{}", reference.name, reference.key));
                 }

@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::certs::{CertResolver, server_config};
-use crate::controller::{self, Context, MANAGED_BY};
+use crate::controller::{self, Context};
 use crate::crd::NotificationRoute;
 use crate::inject::InjectOptions;
 use crate::metrics::Metrics;
@@ -110,10 +110,10 @@ pub async fn run_with_client(client: Client, settings: Settings) -> Result<(), R
         futures::stream::unfold(pod_changes, |mut changes| async move { changes.recv().await.map(|()| ((), changes)) });
 
     let routes_api: Api<NotificationRoute> = Api::all(client.clone());
-    let config_maps: Api<ConfigMap> = Api::all(client.clone());
     let leadership = became_leader(leading.clone());
+    // The routes' ConfigMaps are not watched: that takes list and watch on ConfigMaps in every namespace,
+    // and the resync (a minute) already puts back one that was edited or deleted.
     let controller = Controller::new(routes_api, watcher::Config::default())
-        .owns(config_maps, watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1)))
         .reconcile_all_on(pod_changes)
         .reconcile_all_on(leadership)
         .with_config(

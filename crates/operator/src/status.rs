@@ -156,10 +156,47 @@ pub enum SecretsCheck {
     NotChecked,
 }
 
+/// Why the route's ConfigMap (`<route>-storerelay`) was not written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigMapProblem {
+    /// A ConfigMap of that name exists that the operator did not create for this route: it is never
+    /// taken over, and pods are not injected to mount it.
+    NotOurs(String),
+    /// The operator may not write ConfigMaps in the route's namespace (chart value rbac.routeNamespaces).
+    Forbidden(String),
+}
+
+/// The Ready reason of a route whose ConfigMap name is taken by someone else's ConfigMap.
+pub const CONFIG_MAP_NOT_OWNED: &str = "ConfigMapNotOwned";
+
+impl ConfigMapProblem {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ConfigMapProblem::NotOurs(_) => CONFIG_MAP_NOT_OWNED,
+            ConfigMapProblem::Forbidden(_) => "ConfigMapForbidden",
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            ConfigMapProblem::NotOurs(message) | ConfigMapProblem::Forbidden(message) => message,
+        }
+    }
+}
+
+/// Whether the route's last status says its ConfigMap name belongs to someone else's ConfigMap.
+pub fn config_map_not_ours(route: &NotificationRoute) -> bool {
+    route
+        .status
+        .as_ref()
+        .is_some_and(|status| status.conditions.iter().any(|c| c.type_ == READY && c.reason == CONFIG_MAP_NOT_OWNED))
+}
+
 /// Everything the conditions are derived from.
 pub struct Facts<'a> {
     pub generation: Option<i64>,
     pub render_error: Option<&'a str>,
+    pub config_map: Option<&'a ConfigMapProblem>,
     pub secrets: &'a SecretsCheck,
     pub counts: &'a PodCounts,
     pub policy: RolloutPolicy,
@@ -182,8 +219,13 @@ pub fn conditions(facts: &Facts<'_>) -> Vec<Condition> {
     let g = facts.generation;
     let counts = facts.counts;
     let workloads: Vec<String> = counts.workloads.iter().map(ToString::to_string).collect();
-    let ready = match facts.render_error {
-        Some(error) => condition(READY, false, "InvalidSpec", error.to_string(), g),
+    // What keeps the route's config from the pods: its spec, or its ConfigMap.
+    let blocked = facts
+        .render_error
+        .map(|error| ("InvalidSpec", error.to_string()))
+        .or_else(|| facts.config_map.map(|problem| (problem.reason(), problem.message().to_string())));
+    let ready = match &blocked {
+        Some((reason, message)) => condition(READY, false, reason, message.clone(), g),
         None if !counts.conflicts.is_empty() => condition(
             READY,
             false,
@@ -218,8 +260,8 @@ pub fn conditions(facts: &Facts<'_>) -> Vec<Condition> {
             g,
         ),
     };
-    let degraded = match (facts.render_error, facts.secrets) {
-        (Some(error), _) => condition(DEGRADED, true, "InvalidSpec", error.to_string(), g),
+    let degraded = match (blocked, facts.secrets) {
+        (Some((reason, message)), _) => condition(DEGRADED, true, reason, message, g),
         (None, SecretsCheck::Missing(missing)) => {
             condition(DEGRADED, true, "SecretsMissing", format!("missing: {}", missing.join(", ")), g)
         }
@@ -360,6 +402,7 @@ mod tests {
         let facts = Facts {
             generation: Some(3),
             render_error: None,
+            config_map: None,
             secrets: &SecretsCheck::NotChecked,
             counts: &counts,
             policy: RolloutPolicy::Manual,
@@ -380,5 +423,24 @@ mod tests {
         let events = changed(&next, &conditions);
         assert_eq!(events.iter().map(|c| c.type_.as_str()).collect::<Vec<_>>(), [READY, SECRETS_RESOLVED]);
         assert!(changed(&next, &next).is_empty());
+
+        // Someone else's ConfigMap under the route's name: not ready, degraded, and said so.
+        let taken = ConfigMapProblem::NotOurs("ConfigMap shop/payments-storerelay exists and is not ours".into());
+        let facts = Facts { config_map: Some(&taken), ..facts };
+        let blocked = self::conditions(&facts);
+        assert_eq!((blocked[0].status.as_str(), blocked[0].reason.as_str()), ("False", CONFIG_MAP_NOT_OWNED));
+        assert_eq!((blocked[1].status.as_str(), blocked[1].reason.as_str()), ("True", CONFIG_MAP_NOT_OWNED));
+        assert!(blocked[0].message.contains("is not ours"));
+        let mut route = NotificationRoute::new(
+            "payments",
+            serde_json::from_value(serde_json::json!({
+                "selector": {"matchLabels": {"app": "payments"}},
+                "destinations": [{"name": "rc", "url": "https://example.invalid/"}]
+            }))
+            .unwrap(),
+        );
+        assert!(!config_map_not_ours(&route));
+        route.status = Some(crate::crd::NotificationRouteStatus { conditions: blocked, ..Default::default() });
+        assert!(config_map_not_ours(&route));
     }
 }

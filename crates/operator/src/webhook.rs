@@ -58,6 +58,11 @@ pub fn decide<'a>(
     if inject::image_refusal(route, options).is_some() {
         return Decision::Unchanged("the route names a sidecar image this installation does not allow");
     }
+    // The route's ConfigMap name is taken by a ConfigMap the operator did not write: mounting it would
+    // hand the sidecar someone else's config.
+    if crate::status::config_map_not_ours(route) {
+        return Decision::Unchanged("the route's ConfigMap belongs to someone else (see the route's Ready condition)");
+    }
     let injection = inject::injection(route, options);
     let mut patched = pod.clone();
     let mut meta: ObjectMeta = std::mem::take(&mut patched.metadata);

@@ -259,6 +259,7 @@ async fn against_a_real_kube_apiserver() {
         two_routes_selecting_a_pod_are_a_conflict,
         with_the_operator_down_pods_are_admitted_and_counted_missing,
         status_config_map_and_events_follow_the_cluster,
+        a_config_map_the_operator_did_not_create_is_never_taken_over,
         base_permissions_read_no_secret_outside_the_operators_namespace,
         storerelayctl_check_reports_what_a_user_sees,
         helm_uninstall_removes_what_it_installed,
@@ -482,6 +483,48 @@ async fn status_config_map_and_events_follow_the_cluster(w: &mut World) {
     }
 }
 
+/// A ConfigMap under a route's ConfigMap name that someone else made is left alone, the route says so,
+/// and pods are not injected to mount it; once it is gone, the operator writes its own.
+async fn a_config_map_the_operator_did_not_create_is_never_taken_over(w: &mut World) {
+    let (routes, config_maps, shop_pods) = (&w.routes, &w.config_maps, &w.shop_pods);
+    let theirs: ConfigMap = serde_json::from_value(
+        json!({"metadata": {"name": "squatted-storerelay"}, "data": {"config.yaml": "someone else's"}}),
+    )
+    .unwrap();
+    config_maps.create(&PostParams::default(), &theirs).await.unwrap();
+    routes.create(&PostParams::default(), &route("squatted", json!({"app": "squatted"}), json!({}))).await.unwrap();
+    let status = wait_until("Ready=False ConfigMapNotOwned", Duration::from_secs(60), || async {
+        let status = route_status(routes, "squatted").await?;
+        (condition(&status, "Ready").1 == "ConfigMapNotOwned").then_some(status)
+    })
+    .await;
+    assert_eq!(condition(&status, "Degraded"), ("True".to_string(), "ConfigMapNotOwned".to_string()));
+    assert_eq!(status.config_map, None);
+    let untouched = config_maps.get("squatted-storerelay").await.unwrap();
+    assert_eq!(untouched.data.unwrap()["config.yaml"], "someone else's");
+    assert!(untouched.metadata.owner_references.is_none() && untouched.metadata.labels.is_none());
+    wait_until("the webhook to leave the route's pods alone", Duration::from_secs(30), || async {
+        let probe = shop_pods
+            .create(
+                &PostParams { dry_run: true, ..Default::default() },
+                &pod("squatted-probe", "shop", json!({"app": "squatted"}), json!({})),
+            )
+            .await
+            .ok()?;
+        (sidecars(&probe) == 0).then_some(())
+    })
+    .await;
+
+    config_maps.delete("squatted-storerelay", &DeleteParams::default()).await.unwrap();
+    let ours = wait_until("the operator's own ConfigMap", Duration::from_secs(60), || async {
+        let config_map = config_maps.get_opt("squatted-storerelay").await.ok()??;
+        config_map.metadata.owner_references.is_some().then_some(config_map)
+    })
+    .await;
+    assert!(ours.data.unwrap()["config.yaml"].contains("revenuecat"));
+    routes.delete("squatted", &DeleteParams::default()).await.unwrap();
+}
+
 /// Without the rbac.checkSecrets binding, the chart's permissions read no Secret outside the
 /// operator's namespace.
 async fn base_permissions_read_no_secret_outside_the_operators_namespace(w: &mut World) {
@@ -497,8 +540,13 @@ async fn base_permissions_read_no_secret_outside_the_operators_namespace(w: &mut
     let forbidden =
         Api::<Secret>::namespaced(as_operator.clone(), "shop").get("app").await.expect_err("no Secret access");
     assert!(forbidden.to_string().contains("forbidden"), "{forbidden}");
-    let own = Api::<Secret>::namespaced(as_operator, OPERATOR_NAMESPACE).get(&format!("{FULLNAME}-webhook-tls")).await;
+    let own = Api::<Secret>::namespaced(as_operator.clone(), OPERATOR_NAMESPACE)
+        .get(&format!("{FULLNAME}-webhook-tls"))
+        .await;
     assert!(own.is_ok(), "its own certificate Secret is readable: {own:?}");
+    // ConfigMaps are read by name only: listing (kube-system's, say) is refused.
+    let listing = Api::<ConfigMap>::namespaced(as_operator, "kube-system").list(&ListParams::default()).await;
+    assert!(listing.is_err_and(|e| e.to_string().contains("forbidden")), "ConfigMaps cannot be listed");
 }
 
 async fn storerelayctl_check_reports_what_a_user_sees(w: &mut World) {
