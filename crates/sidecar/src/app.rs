@@ -65,11 +65,9 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
     for file in &report.discarded {
         tracing::warn!(file = %file.display(), "deleted an older set-aside copy of a damaged spool (only the newest is kept)");
     }
-    if let Ok(set_aside) = crate::spool::SetAside::find(&settings.spool.path) {
-        if set_aside.bytes > 0 {
-            tracing::warn!(bytes = set_aside.bytes, files = ?set_aside.files,
-                "a damaged spool set aside counts against spool.maxBytes until `storerelay-sidecar spool discard-set-aside` deletes it");
-        }
+    if report.set_aside.bytes > 0 {
+        tracing::warn!(bytes = report.set_aside.bytes, files = ?report.set_aside.files,
+            "a damaged spool set aside counts against spool.maxBytes until `storerelay-sidecar spool discard-set-aside` deletes it");
     }
 
     let bind = |key: &'static str, address| async move {

@@ -205,7 +205,7 @@ pub fn acknowledgement(ack: AckMode, app_status: Option<StatusCode>, delivered: 
 /// A body read in full, and its share of `limits.maxBufferedBytes`, given back when this is dropped.
 pub struct BufferedBody {
     pub bytes: Bytes,
-    _share: Option<OwnedSemaphorePermit>,
+    _share: BudgetShare,
 }
 
 /// Reads the body within `maxBodyBytes`, `bodyTimeout` and what is left of `maxBufferedBytes`, never
@@ -249,7 +249,7 @@ async fn read_body(
         Ok(bytes.freeze())
     };
     match tokio::time::timeout(limits.body_timeout.get(), read).await {
-        Ok(Ok(bytes)) => Ok(BufferedBody { bytes, _share: share.permit }),
+        Ok(Ok(bytes)) => Ok(BufferedBody { bytes, _share: share }),
         Ok(Err(refusal)) => Err(refusal),
         Err(_) => {
             let mut response =

@@ -173,6 +173,8 @@ pub struct OpenReport {
     pub corruption: Option<String>,
     /// Older set-aside copies deleted: only the newest is kept (see [`SetAside`]).
     pub discarded: Vec<PathBuf>,
+    /// The set-aside copy kept, which counts against `maxBytes`.
+    pub set_aside: SetAside,
 }
 
 /// Copies of a damaged spool that were renamed aside (`<spool>.corrupt-<unix time>`, with their `-wal`
@@ -219,6 +221,15 @@ impl SetAside {
         }
         Ok(deleted)
     }
+}
+
+/// Keeps only the newest set-aside copy of the spool at `path`: what was deleted, and what is left.
+fn tidy_set_aside(path: &Path) -> Result<(Vec<PathBuf>, SetAside)> {
+    let discarded = SetAside::keep_newest(path)
+        .map_err(|source| Failure::Io { action: "cannot delete an older set-aside copy", source })?;
+    let kept =
+        SetAside::find(path).map_err(|source| Failure::Io { action: "cannot look for set-aside copies", source })?;
+    Ok((discarded, kept))
 }
 
 /// `<spool>.corrupt-<stamp>[-wal|-shm]` files beside `path`, with their stamps.
@@ -270,9 +281,8 @@ impl SpoolDb {
         let problem = match SpoolDb::open(path, sync) {
             Ok(db) => match db.quick_check() {
                 Ok(None) => {
-                    let discarded = SetAside::keep_newest(path)
-                        .map_err(|source| Failure::Io { action: "cannot delete an older set-aside copy", source })?;
-                    return Ok((db, OpenReport { discarded, ..OpenReport::default() }));
+                    let (discarded, set_aside) = tidy_set_aside(path)?;
+                    return Ok((db, OpenReport { discarded, set_aside, ..OpenReport::default() }));
                 }
                 Ok(Some(problem)) => problem,
                 Err(Failure::Sqlite(source)) if is_corruption(&source) => source.to_string(),
@@ -283,10 +293,9 @@ impl SpoolDb {
         };
         let aside =
             quarantine(path).map_err(|source| Failure::Io { action: "cannot set the corrupt file aside", source })?;
-        let discarded = SetAside::keep_newest(path)
-            .map_err(|source| Failure::Io { action: "cannot delete an older set-aside copy", source })?;
+        let (discarded, set_aside) = tidy_set_aside(path)?;
         let db = SpoolDb::open(path, sync)?;
-        Ok((db, OpenReport { quarantined: Some(aside), corruption: Some(problem), discarded }))
+        Ok((db, OpenReport { quarantined: Some(aside), corruption: Some(problem), discarded, set_aside }))
     }
 
     /// Opens without the integrity check: for tools beside a running sidecar.

@@ -194,14 +194,12 @@ impl Spool {
         let error = |failure| SpoolError::new(path, failure);
         let (db, report) = SpoolDb::open_checked(path, sync).map_err(error)?;
         let stored = db.used_bytes().map_err(error)?;
-        let set_aside = SetAside::find(path)
-            .map_err(|source| error(Failure::Io { action: "cannot look for set-aside copies", source }))?;
         let (ops, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
             max_bytes: AtomicU64::new(max_bytes),
             stored_bytes: AtomicU64::new(stored),
-            set_aside_bytes: AtomicU64::new(set_aside.bytes),
+            set_aside_bytes: AtomicU64::new(report.set_aside.bytes),
             inserted: watch::Sender::new(0),
             full_holder: std::sync::Mutex::new(None),
         });
