@@ -6,6 +6,7 @@
 //! `urlFile` / `headersFile` are read by the sidecar at run time, not here.
 
 mod apple;
+mod postgres;
 mod units;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,6 +21,7 @@ pub use apple::{
     DedupeConfig, DestinationMatch, Environment, NotificationVersion, RouteFacts, UnknownBodies, VerifyConfig,
     VerifyMode,
 };
+pub use postgres::{PostgresSpool, PostgresTarget, PostgresUrlProblem, TlsMode, parse_postgres_url};
 pub use units::{ByteSize, Duration};
 
 /// The whole file. Keys are camelCase; unknown keys are errors.
@@ -100,7 +102,12 @@ impl fmt::Display for AckMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SpoolConfig {
-    /// The SQLite file. Its folder must be writable (WAL and journal files live beside it).
+    /// `sqlite` (a file beside the sidecar: one replica) or `postgres` (one queue shared by every
+    /// replica of the route: nothing is lost when a pod is deleted, Apple's retries are de-duplicated
+    /// across replicas).
+    #[serde(default)]
+    pub backend: SpoolBackendKind,
+    /// The SQLite file (`backend: sqlite`). Its folder must be writable (WAL and journal files live beside it).
     #[serde(default = "defaults::spool_path")]
     pub path: PathBuf,
     /// Notification bytes the spool may hold; past it new notifications get 503 and nothing is dropped.
@@ -119,6 +126,9 @@ pub struct SpoolConfig {
     /// counted, so such rows cannot fill the spool for good.
     #[serde(default = "defaults::retain_unfinishable")]
     pub retain_dead: Duration,
+    /// The shared database (`backend: postgres`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresSpool>,
 }
 
 impl Default for SpoolConfig {
@@ -129,7 +139,27 @@ impl Default for SpoolConfig {
             sync: SyncMode::Full,
             retain_delivered: defaults::retain_delivered(),
             retain_dead: defaults::retain_unfinishable(),
+            backend: SpoolBackendKind::Sqlite,
+            postgres: None,
         }
+    }
+}
+
+/// Where the spool lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SpoolBackendKind {
+    #[default]
+    Sqlite,
+    Postgres,
+}
+
+impl fmt::Display for SpoolBackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SpoolBackendKind::Sqlite => "sqlite",
+            SpoolBackendKind::Postgres => "postgres",
+        })
     }
 }
 
@@ -311,6 +341,14 @@ impl SidecarConfig {
                 *value = "<redacted>".to_string();
             }
         }
+        if let Some(url) = copy.spool.postgres.as_mut().and_then(|p| p.url.as_mut()) {
+            // A password is refused by `problems`; this keeps one out of printed output regardless.
+            if let Ok(mut parsed) = url::Url::parse(url) {
+                if parsed.password().is_some() && parsed.set_password(Some("<redacted>")).is_ok() {
+                    *url = parsed.to_string();
+                }
+            }
+        }
         if copy.verify.v1_password.is_some() {
             copy.verify.v1_password = Some("<redacted>".to_string());
         }
@@ -325,6 +363,13 @@ impl SidecarConfig {
             .flatten()
             .chain(self.verify.v1_password_file.as_deref())
             .chain(self.verify.root_certificates.iter().map(PathBuf::as_path))
+            .chain(
+                self.spool
+                    .postgres
+                    .iter()
+                    .flat_map(|p| [p.url_file.as_deref(), p.root_certificate_file.as_deref()])
+                    .flatten(),
+            )
             .collect()
     }
 
@@ -377,6 +422,16 @@ impl SidecarConfig {
         }
         if self.spool.path.as_os_str().is_empty() {
             problem("spool.path".into(), "must not be empty".into());
+        }
+        match (self.spool.backend, &self.spool.postgres) {
+            (SpoolBackendKind::Postgres, None) => {
+                problem("spool.postgres".into(), "is needed with `backend: postgres` (url or urlFile, queue)".into())
+            }
+            (SpoolBackendKind::Sqlite, Some(_)) => problem(
+                "spool.postgres".into(),
+                "is only used with `backend: postgres`; set the backend or remove this section".into(),
+            ),
+            _ => {}
         }
         if self.spool.max_bytes.get() < self.limits.max_body_bytes.get().saturating_add(SPOOL_OWN_BYTES) {
             problem(
@@ -455,6 +510,9 @@ impl SidecarConfig {
             }
         }
         self.verify.problems(&mut out);
+        if let Some(postgres) = &self.spool.postgres {
+            postgres.problems(&mut out);
+        }
         out
     }
 }

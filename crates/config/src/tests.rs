@@ -240,3 +240,39 @@ fn headers_that_would_replace_fixed_request_headers_are_refused() {
     assert!(!keys.iter().any(|k| k.ends_with("Authorization")), "{keys:?}");
     assert!(problems.iter().all(|p| !p.key.ends_with("Content-Type") || p.message.contains("storerelay sets")));
 }
+
+#[test]
+fn the_postgres_spool_is_checked_key_by_key_and_its_password_never_printed() {
+    let config = parse(
+        "spool:\n  backend: postgres\n  postgres: {url: \"postgres://relay@db/app?sslmode=disable\", queue: shop/payments}\n",
+        file(),
+    )
+    .unwrap();
+    let postgres = config.spool.postgres.as_ref().unwrap();
+    assert_eq!((postgres.schema.as_str(), postgres.max_connections), ("storerelay", 4));
+    assert_eq!(postgres.timeout, Duration::from_secs(5));
+
+    let err = parse(
+        "spool:\n  backend: postgres\n  postgres: {url: \"postgres://relay:hunter2@db/app\", queue: \"a b\", schema: Bad, maxConnections: 0}\n",
+        file(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.starts_with("/etc/storerelay/config.yaml: "), "{err}");
+    for key in ["spool.postgres.url", "spool.postgres.queue", "spool.postgres.schema", "spool.postgres.maxConnections"]
+    {
+        assert!(err.contains(&format!("`{key}`")), "{key} not named: {err}");
+    }
+    assert!(err.contains("urlFile") && !err.contains("hunter2"), "{err}");
+
+    let missing = parse("spool: {backend: postgres}\n", file()).unwrap_err().to_string();
+    assert!(missing.contains("`spool.postgres` is needed with `backend: postgres`"), "{missing}");
+    let stray = parse("spool: {postgres: {urlFile: /s/url, queue: q}}\n", file()).unwrap_err().to_string();
+    assert!(stray.contains("`spool.postgres` is only used with `backend: postgres`"), "{stray}");
+    let files = parse(
+        "spool: {backend: postgres, postgres: {urlFile: /s/url, rootCertificateFile: /s/ca, queue: q}}\n",
+        file(),
+    )
+    .unwrap();
+    assert!(files.secret_files().contains(&Path::new("/s/url")) && files.secret_files().contains(&Path::new("/s/ca")));
+}
