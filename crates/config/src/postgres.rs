@@ -31,7 +31,8 @@ pub struct PostgresSpool {
     pub schema: String,
     /// This route's queue: rows of different queues never mix. The operator sets `<namespace>/<route>`.
     pub queue: String,
-    /// Connections each sidecar opens for spool work (one more listens for new rows).
+    /// Connections each sidecar opens: one listens for new rows, one claims deliveries and records
+    /// outcomes, the rest store notifications.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
     /// How long storing a notification may wait for the database before Apple gets 503 (it retries).
@@ -157,8 +158,8 @@ impl PostgresSpool {
         {
             problem("queue", format!("`{}` must be 1-253 letters, digits, `.`, `_`, `/` or `-`", self.queue));
         }
-        if !(1..=64).contains(&self.max_connections) {
-            problem("maxConnections", "must be between 1 and 64".into());
+        if !(3..=64).contains(&self.max_connections) {
+            problem("maxConnections", "must be between 3 and 64 (one listens, one claims deliveries, one or more store)".into());
         }
         if self.timeout.is_zero() {
             problem("timeout", "must be more than 0s".into());

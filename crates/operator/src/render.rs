@@ -133,6 +133,8 @@ pub fn render(route: &NotificationRoute) -> Result<SidecarConfig, RenderError> {
             sync: spec.spool.as_ref().and_then(|s| s.sync).unwrap_or_default(),
             retain_delivered: defaults::retain_delivered(),
             retain_dead: defaults::retain_unfinishable(),
+            backend: storerelay_config::SpoolBackendKind::Sqlite,
+            postgres: None,
         },
         limits: Limits::default(),
         shutdown_grace_period: defaults::shutdown_grace_period(),

@@ -57,7 +57,7 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
     }
     let settings = runtime.file.clone();
 
-    let (spool, report) = Spool::open(&settings.spool.path, settings.spool.sync, settings.spool.max_bytes.get())?;
+    let (spool, report) = Spool::open(&settings.spool).await?;
     if let (Some(aside), Some(problem)) = (&report.quarantined, &report.corruption) {
         tracing::error!(spool = %settings.spool.path.display(), set_aside = %aside.display(), %problem,
             "SPOOL WAS CORRUPT: the damaged file was renamed aside and a new spool started; undelivered notifications in it need manual recovery");
@@ -129,7 +129,7 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
         version = env!("CARGO_PKG_VERSION"),
         listen = %settings.listen,
         admin = %settings.admin,
-        spool = %settings.spool.path.display(),
+        spool = %spool.location(),
         ack = %settings.effective_ack(),
         destinations = ?config_rx.borrow().destination_names(),
         "storerelay-sidecar started"
@@ -145,10 +145,9 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
     drain_until(deadline, &spool, &config_rx, &in_flight).await;
     stop_delivery.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), dispatchers).await;
-    let left = spool.stats().await.map(|stats| stats.iter().map(|s| s.pending).sum::<u64>()).unwrap_or(0);
+    report_left_behind(&spool, &metrics).await;
     shutdown.cancel();
     let _ = admin_server.await;
-    tracing::info!(pending = left, "storerelay-sidecar stopped; pending deliveries stay in the spool");
     Ok(())
 }
 
@@ -160,7 +159,38 @@ async fn until(stop: CancellationToken, task: impl std::future::Future<Output = 
     }
 }
 
-/// Keeps delivering while attempts are under way or a delivery falls due before `deadline`.
+/// Says what is still pending as the sidecar stops. In a shared queue the other replicas deliver it; in
+/// the pod's own SQLite file it waits for this pod to start again, and is lost if the pod is deleted:
+/// one line with the counts per destination, and a counter, so a lost backlog is never silent.
+async fn report_left_behind(spool: &Spool, metrics: &Metrics) {
+    let stats = match spool.stats().await {
+        Ok(stats) => stats,
+        Err(error) => {
+            tracing::error!(%error, "cannot count the deliveries still pending at exit");
+            return;
+        }
+    };
+    let pending: Vec<(String, u64)> =
+        stats.into_iter().filter(|s| s.pending > 0).map(|s| (s.destination, s.pending)).collect();
+    let total: u64 = pending.iter().map(|(_, n)| n).sum();
+    if spool.shared() {
+        tracing::info!(pending = total, spool = %spool.location(), "storerelay-sidecar stopped; pending deliveries stay in the shared queue for the other replicas");
+        return;
+    }
+    if total == 0 {
+        tracing::info!("storerelay-sidecar stopped; nothing pending");
+        return;
+    }
+    for (destination, count) in &pending {
+        metrics.count_left_behind(destination, *count);
+    }
+    let by_destination = pending.iter().map(|(d, n)| format!("{d}={n}")).collect::<Vec<_>>().join(" ");
+    tracing::warn!(pending = total, by_destination = %by_destination, spool = %spool.location(),
+        "storerelay-sidecar stopped with deliveries pending in this pod's own spool: they are delivered when this pod starts again, and LOST if it is deleted (use spool.backend: postgres to share them across replicas)");
+}
+
+/// Keeps delivering while attempts are under way or a delivery falls due before `deadline`. With a
+/// shared spool only the attempts under way are waited for: the other replicas deliver the rest.
 async fn drain_until(
     deadline: tokio::time::Instant,
     spool: &Spool,
@@ -171,7 +201,8 @@ async fn drain_until(
         let horizon = now_ms() + deadline.saturating_duration_since(tokio::time::Instant::now()).as_millis() as i64;
         let deliverable: Vec<String> =
             config.borrow().destinations.iter().filter(|d| d.url.is_some()).map(|d| d.name.clone()).collect();
-        let due_soon = spool.earliest_due(deliverable).await.ok().flatten().is_some_and(|at| at <= horizon);
+        let due_soon = !spool.shared()
+            && spool.earliest_due(deliverable).await.ok().flatten().is_some_and(|at| at <= horizon);
         if in_flight.load(Ordering::SeqCst) == 0 && !due_soon {
             return;
         }

@@ -1,18 +1,21 @@
 //! The commands besides `run`: `check`, `inspect` and `spool ...`. Each returns the text to print.
 //!
-//! The spool commands open the same SQLite file as a running sidecar: WAL lets them read while it
-//! writes, and SQLite's lock makes their few writes wait their turn. Bodies are never printed: V1
+//! The spool commands open the same SQLite file as a running sidecar (WAL lets them read while it
+//! writes, and SQLite's lock makes their few writes wait their turn), or the shared PostgreSQL queue
+//! its config names. Bodies are never printed: V1
 //! bodies carry the app's shared secret.
 
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
-use storerelay_config::SyncMode;
+use storerelay_config::{SpoolBackendKind, SyncMode};
 
 use crate::clock::{self, TimeArgError, format_ms, now_ms, parse_time_arg};
 use crate::config;
 use crate::metrics::Metrics;
-use crate::spool::{DeliveryState, Failure, ListFilter, SetAside, SpoolDb, SpoolError};
+use crate::spool::{
+    DeliveryRow, DeliveryState, DestinationStats, Failure, ListFilter, PostgresTools, SetAside, SpoolDb, SpoolError,
+};
 
 /// The default config path when neither `--config` nor `STORERELAY_CONFIG` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/storerelay/config.yaml";
@@ -158,21 +161,32 @@ fn configured_destinations(config_path: &Path) -> Result<Vec<String>, CommandErr
     Ok(file.destinations.into_iter().map(|d| d.name).collect())
 }
 
-/// Runs one spool command and returns what to print: on the spool file `path`, or without one on the
-/// config file's `spool.path`. `config_path` is also read by the commands that check destination
-/// names against it.
+/// Runs one spool command and returns what to print: on the SQLite file `path`, or without one on the
+/// spool the config file names (its `spool.path`, or its shared PostgreSQL queue). `config_path` is
+/// also read by the commands that check destination names against it.
 pub fn spool(
     path: Option<&Path>,
     command: &SpoolCommand,
     json: bool,
     config_path: &Path,
 ) -> Result<String, CommandError> {
-    match path {
-        Some(path) => spool_file(path, command, json, config_path),
-        None => {
-            let file = storerelay_config::load(config_path)?;
-            spool_file(&file.spool.path, command, json, config_path)
+    let file = match path {
+        Some(path) => return spool_file(path, command, json, config_path),
+        None => storerelay_config::load(config_path)?,
+    };
+    match (file.spool.backend, &file.spool.postgres) {
+        (SpoolBackendKind::Postgres, Some(settings)) => {
+            if *command == SpoolCommand::DiscardSetAside {
+                return Ok("a shared spool sets nothing aside\n".to_string());
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|source| SpoolError::at("postgres", Failure::Io { action: "cannot start a runtime", source }))?;
+            let tools = runtime.block_on(PostgresTools::connect(settings))?;
+            run(&mut Shared { tools, runtime }, command, json, config_path)
         }
+        _ => spool_file(&file.spool.path, command, json, config_path),
     }
 }
 
@@ -190,18 +204,113 @@ fn spool_file(path: &Path, command: &SpoolCommand, json: bool, config_path: &Pat
     if !path.exists() {
         return Err(CommandError::NoSpool(path.to_path_buf()));
     }
-    let at = |failure: Failure| SpoolError::new(path, failure);
-    let db = SpoolDb::open(path, SyncMode::Full).map_err(at)?;
+    let db = SpoolDb::open(path, SyncMode::Full).map_err(|failure| SpoolError::new(path, failure))?;
+    run(&mut File { db, path }, command, json, config_path)
+}
+
+/// What the spool commands ask of a spool, whichever backend holds it.
+trait Tools {
+    fn location(&self) -> String;
+    fn stats(&mut self) -> Result<Vec<DestinationStats>, SpoolError>;
+    fn notification_count(&mut self) -> Result<u64, SpoolError>;
+    fn body_bytes(&mut self) -> Result<u64, SpoolError>;
+    /// Bytes counted against `maxBytes`, and the damaged copies set aside among them.
+    fn counted_bytes(&mut self) -> Result<(u64, SetAside), SpoolError>;
+    fn list(&mut self, filter: &ListFilter) -> Result<Vec<DeliveryRow>, SpoolError>;
+    fn redeliver(&mut self, destination: &str, dead_only: bool, since: i64, now: i64) -> Result<usize, SpoolError>;
+    fn purge(&mut self, destination: Option<&str>, include_dead: bool, before: i64) -> Result<usize, SpoolError>;
+    fn purge_unknown_destinations(&mut self, configured: &[String]) -> Result<usize, SpoolError>;
+}
+
+/// A SQLite spool file.
+struct File<'a> {
+    db: SpoolDb,
+    path: &'a Path,
+}
+
+impl File<'_> {
+    fn at(&self, failure: Failure) -> SpoolError {
+        SpoolError::new(self.path, failure)
+    }
+}
+
+impl Tools for File<'_> {
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+    fn stats(&mut self) -> Result<Vec<DestinationStats>, SpoolError> {
+        self.db.stats().map_err(|f| self.at(f))
+    }
+    fn notification_count(&mut self) -> Result<u64, SpoolError> {
+        self.db.notification_count().map_err(|f| self.at(f))
+    }
+    fn body_bytes(&mut self) -> Result<u64, SpoolError> {
+        self.db.body_bytes().map_err(|f| self.at(f))
+    }
+    fn counted_bytes(&mut self) -> Result<(u64, SetAside), SpoolError> {
+        let set_aside = SetAside::find(self.path)
+            .map_err(|source| self.at(Failure::Io { action: "cannot list set-aside copies", source }))?;
+        Ok((self.db.used_bytes().map_err(|f| self.at(f))? + set_aside.bytes, set_aside))
+    }
+    fn list(&mut self, filter: &ListFilter) -> Result<Vec<DeliveryRow>, SpoolError> {
+        self.db.list(filter).map_err(|f| self.at(f))
+    }
+    fn redeliver(&mut self, destination: &str, dead_only: bool, since: i64, now: i64) -> Result<usize, SpoolError> {
+        self.db.redeliver(destination, dead_only, since, now).map_err(|f| self.at(f))
+    }
+    fn purge(&mut self, destination: Option<&str>, include_dead: bool, before: i64) -> Result<usize, SpoolError> {
+        self.db.purge(destination, include_dead, before).map_err(|f| self.at(f))
+    }
+    fn purge_unknown_destinations(&mut self, configured: &[String]) -> Result<usize, SpoolError> {
+        self.db.purge_unknown_destinations(configured).map_err(|f| self.at(f))
+    }
+}
+
+/// A queue of the shared PostgreSQL spool.
+struct Shared {
+    tools: PostgresTools,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Tools for Shared {
+    fn location(&self) -> String {
+        self.tools.location.clone()
+    }
+    fn stats(&mut self) -> Result<Vec<DestinationStats>, SpoolError> {
+        self.runtime.block_on(self.tools.stats())
+    }
+    fn notification_count(&mut self) -> Result<u64, SpoolError> {
+        self.runtime.block_on(self.tools.notification_count())
+    }
+    fn body_bytes(&mut self) -> Result<u64, SpoolError> {
+        self.runtime.block_on(self.tools.body_bytes())
+    }
+    fn counted_bytes(&mut self) -> Result<(u64, SetAside), SpoolError> {
+        Ok((self.body_bytes()?, SetAside::default()))
+    }
+    fn list(&mut self, filter: &ListFilter) -> Result<Vec<DeliveryRow>, SpoolError> {
+        self.runtime.block_on(self.tools.list(filter))
+    }
+    fn redeliver(&mut self, destination: &str, dead_only: bool, since: i64, now: i64) -> Result<usize, SpoolError> {
+        self.runtime.block_on(self.tools.redeliver(destination, dead_only, since, now))
+    }
+    fn purge(&mut self, destination: Option<&str>, include_dead: bool, before: i64) -> Result<usize, SpoolError> {
+        self.runtime.block_on(self.tools.purge(destination, include_dead, before))
+    }
+    fn purge_unknown_destinations(&mut self, configured: &[String]) -> Result<usize, SpoolError> {
+        self.runtime.block_on(self.tools.purge_unknown_destinations(configured))
+    }
+}
+
+fn run(spool: &mut impl Tools, command: &SpoolCommand, json: bool, config_path: &Path) -> Result<String, CommandError> {
     let now = now_ms();
     let mut out = String::new();
     match command {
         SpoolCommand::Stats => {
-            let stats = db.stats().map_err(at)?;
-            let notifications = db.notification_count().map_err(at)?;
-            let bytes = db.body_bytes().map_err(at)?;
-            let set_aside = SetAside::find(path)
-                .map_err(|source| at(Failure::Io { action: "cannot list set-aside copies", source }))?;
-            let used = db.used_bytes().map_err(at)? + set_aside.bytes;
+            let stats = spool.stats()?;
+            let notifications = spool.notification_count()?;
+            let bytes = spool.body_bytes()?;
+            let (used, set_aside) = spool.counted_bytes()?;
             if json {
                 let value = serde_json::json!({
                     "notifications": notifications,
@@ -215,7 +324,7 @@ fn spool_file(path: &Path, command: &SpoolCommand, json: bool, config_path: &Pat
             let _ = writeln!(
                 out,
                 "spool {}: {notifications} notifications, {bytes} bytes of bodies, {used} bytes counted against maxBytes",
-                path.display()
+                spool.location()
             );
             for file in &set_aside.files {
                 let _ = writeln!(out, "set aside (damaged, counted): {}", file.display());
@@ -235,7 +344,7 @@ fn spool_file(path: &Path, command: &SpoolCommand, json: bool, config_path: &Pat
         }
         SpoolCommand::List { destination, state, limit } => {
             let filter = ListFilter { destination: destination.clone(), state: *state, limit: *limit };
-            let rows = db.list(&filter).map_err(at)?;
+            let rows = spool.list(&filter)?;
             if json {
                 for row in rows {
                     let _ = writeln!(out, "{}", serde_json::to_string(&row)?);
@@ -269,7 +378,7 @@ fn spool_file(path: &Path, command: &SpoolCommand, json: bool, config_path: &Pat
                 state: Some(DeliveryState::Dead),
                 limit: *limit,
             };
-            return spool_file(path, &list, json, config_path);
+            return run(spool, &list, json, config_path);
         }
         SpoolCommand::Redeliver { destination, force, dead_only, since } => {
             let since = since.as_deref().map(|t| parse_time_arg(t, now)).transpose()?.unwrap_or(0);
@@ -283,13 +392,13 @@ fn spool_file(path: &Path, command: &SpoolCommand, json: bool, config_path: &Pat
                     });
                 }
             }
-            let changed = db.redeliver(destination, *dead_only, since, now).map_err(at)?;
+            let changed = spool.redeliver(destination, *dead_only, since, now)?;
             let _ = writeln!(out, "{changed} deliveries to {destination} scheduled now");
         }
         SpoolCommand::DiscardSetAside => unreachable!("handled before the spool is opened"),
         SpoolCommand::Purge { unknown_destinations: true, .. } => {
             let configured = configured_destinations(config_path)?;
-            let purged = db.purge_unknown_destinations(&configured).map_err(at)?;
+            let purged = spool.purge_unknown_destinations(&configured)?;
             let _ = writeln!(
                 out,
                 "{purged} deliveries to destinations not in {} purged, pending ones included",
@@ -298,7 +407,7 @@ fn spool_file(path: &Path, command: &SpoolCommand, json: bool, config_path: &Pat
         }
         SpoolCommand::Purge { destination, include_dead, before, .. } => {
             let before = before.as_deref().map(|t| parse_time_arg(t, now)).transpose()?.unwrap_or(now);
-            let purged = db.purge(destination.as_deref(), *include_dead, before).map_err(at)?;
+            let purged = spool.purge(destination.as_deref(), *include_dead, before)?;
             let what = if *include_dead { "delivered and dead" } else { "delivered" };
             let _ = writeln!(out, "{purged} {what} deliveries purged; pending deliveries are never purged");
         }

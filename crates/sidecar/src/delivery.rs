@@ -19,11 +19,15 @@ use crate::clock::now_ms;
 use crate::config::{ResolvedDestination, RuntimeConfig};
 use crate::metrics::Metrics;
 use crate::retry::{self, AttemptResult};
-use crate::spool::{DueBatch, DueDelivery, Outcome, Spool, SpoolBackend};
+use crate::spool::{DueBatch, DueDelivery, DueQuery, Outcome, Spool, SpoolBackend};
 
 /// A dispatcher re-reads the spool at least this often, so rows that `spool redeliver` changed from
 /// outside are picked up without a signal.
 const MAX_IDLE: Duration = Duration::from_secs(1);
+
+/// A claimed delivery stays this replica's for its destination's `timeout` plus this: time to record
+/// the outcome after the last byte. Past it (the replica was killed mid-attempt) another takes it over.
+const LEASE_MARGIN: Duration = Duration::from_secs(30);
 
 pub const USER_AGENT: &str = concat!("storerelay/", env!("CARGO_PKG_VERSION"));
 
@@ -121,9 +125,14 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
         let free = destination.concurrency.saturating_sub(in_flight.len());
         if let (Some((_, http)), true, true) = (&client, destination.url.is_some(), free > 0) {
             let now = now_ms();
-            // Rows already in flight come back too (not recorded yet), so ask for enough to fill `free`.
-            let limit = free + in_flight.len();
-            match delivery.spool.due(name.clone(), now, limit).await {
+            let query = DueQuery {
+                destination: name.clone(),
+                now,
+                wanted: free,
+                held: in_flight.len(),
+                lease: destination.timeout + LEASE_MARGIN,
+            };
+            match delivery.spool.due(query).await {
                 Ok(DueBatch { due, next_due_at }) => {
                     let fresh: Vec<DueDelivery> =
                         due.into_iter().filter(|row| !in_flight.contains(&row.notification_id)).take(free).collect();

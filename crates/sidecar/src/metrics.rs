@@ -77,6 +77,7 @@ pub struct Metrics {
     pub secret_file_errors: Family<Destination, Counter>,
     outcome_write_failures: Family<Destination, Counter>,
     spool_expired: Family<Reason, Counter>,
+    spool_left_behind: Family<Destination, Counter>,
     spool_pending: Family<Destination, Gauge>,
     spool_dead: Family<Destination, Gauge>,
     spool_oldest_pending: Family<Destination, SecondsGauge>,
@@ -163,6 +164,12 @@ impl Default for Metrics {
                 &mut registry,
                 "storerelay_spool_expired",
                 "Deliveries dropped past retainDead, by reason (dead, unknown_destination)",
+                Family::default(),
+            ),
+            spool_left_behind: register(
+                &mut registry,
+                "storerelay_spool_left_behind",
+                "Deliveries still pending in this pod's own (SQLite) spool when the sidecar stopped: lost if the pod is deleted",
                 Family::default(),
             ),
             spool_pending: register(
@@ -275,6 +282,11 @@ impl Metrics {
         if deliveries > 0 {
             self.spool_expired.get_or_create(&Reason { reason }).inc_by(deliveries as u64);
         }
+    }
+
+    /// Pending deliveries a stopping sidecar leaves in its pod-local spool.
+    pub fn count_left_behind(&self, destination: &str, deliveries: u64) {
+        self.spool_left_behind.get_or_create(&Destination { destination: destination.to_string() }).inc_by(deliveries);
     }
 
     pub fn count_outcome_write_failure(&self, destination: &str) {

@@ -44,24 +44,7 @@ CREATE TABLE IF NOT EXISTS dedupe (
 ) WITHOUT ROWID;
 ";
 
-/// What went wrong in the spool. The path is added once, at the boundary ([`super::SpoolError`]).
-#[derive(Debug, thiserror::Error)]
-pub enum Failure {
-    #[error(
-        "full ({stored} of {max} bytes in use{}{})",
-        held_by.as_ref().map_or(String::new(), |h| format!("; undelivered notifications hold the most for {h}")),
-        if *set_aside > 0 { format!("; {set_aside} bytes are a damaged spool set aside: copy it out, then `storerelay-sidecar spool discard-set-aside`") } else { String::new() }
-    )]
-    Full { stored: u64, max: u64, held_by: Option<String>, set_aside: u64 },
-    #[error("{0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("schema version {found} is newer than this sidecar understands ({supported})")]
-    SchemaTooNew { found: i64, supported: i64 },
-    #[error("{action}: {source}")]
-    Io { action: &'static str, source: std::io::Error },
-    #[error("the writer has stopped")]
-    WriterStopped,
-}
+pub use super::Failure;
 
 pub type Result<T> = std::result::Result<T, Failure>;
 
@@ -78,6 +61,16 @@ pub enum DeliveryState {
 }
 
 impl DeliveryState {
+    /// The state stored under `name`.
+    pub fn parse(name: &str) -> Option<DeliveryState> {
+        match name {
+            "pending" => Some(DeliveryState::Pending),
+            "delivered" => Some(DeliveryState::Delivered),
+            "dead" => Some(DeliveryState::Dead),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeliveryState::Pending => "pending",
@@ -101,12 +94,9 @@ impl ToSql for DeliveryState {
 
 impl FromSql for DeliveryState {
     fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
-        match value.as_str()? {
-            "pending" => Ok(DeliveryState::Pending),
-            "delivered" => Ok(DeliveryState::Delivered),
-            "dead" => Ok(DeliveryState::Dead),
-            other => Err(FromSqlError::Other(format!("unknown delivery state `{other}`").into())),
-        }
+        let name = value.as_str()?;
+        DeliveryState::parse(name)
+            .ok_or_else(|| FromSqlError::Other(format!("unknown delivery state `{name}`").into()))
     }
 }
 

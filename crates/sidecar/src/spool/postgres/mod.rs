@@ -1,0 +1,554 @@
+//! The shared spool: one queue in PostgreSQL for every replica of a route.
+//!
+//! A pod deleted with work pending loses nothing: the rows are in the database, and the other replicas
+//! (or its replacement) deliver them. Three kinds of connection, each with one job:
+//! - *store* (`maxConnections - 2`): inserts taken in batches, one transaction and one commit per batch
+//!   (group commit, as the SQLite writer does), durable before any reply;
+//! - *claim*: dispatchers take due deliveries with a lease (`FOR UPDATE SKIP LOCKED`, so replicas never
+//!   take the same row at once; a replica killed mid-attempt leaves a lease that runs out and another
+//!   takes the row over) and record outcomes, with `synchronous_commit` off: losing one of those to a
+//!   database crash costs a repeated attempt, never a notification;
+//! - *listen*: `LISTEN` for commits of any replica, so dispatchers wake at once instead of polling.
+//!
+//! Duplicate keys are per queue: Apple's retry reaching another replica finds the first one's row.
+
+mod connect;
+mod schema;
+mod sql;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use storerelay_config::PostgresSpool as Settings;
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
+use tokio_postgres::Client;
+
+
+use super::db::{DeliveryCounts, DeliveryRow, DestinationStats, ListFilter, Outcome};
+use super::{
+    DueBatch, DueQuery, Failure, NewNotification, PrunePolicy, Pruned, Result, SpoolBackend, SpoolError, Stored,
+};
+use crate::clock::now_ms;
+use connect::Target;
+
+/// The `NOTIFY` channel; the payload is the queue whose rows were committed.
+const CHANNEL: &str = "storerelay_spool";
+/// Inserts taken in one transaction at most.
+const MAX_BATCH: usize = 256;
+/// Body bytes taken in one transaction at most.
+const MAX_BATCH_BYTES: u64 = 8 << 20;
+/// Notifications evicted per pass when the queue is full and delivered rows can make room.
+const EVICT_BATCH: i64 = 1_000;
+/// How often the queue's body bytes are read again: other replicas store into it too.
+const BYTES_REFRESH: Duration = Duration::from_secs(5);
+/// Wait before trying a lost connection again.
+const RECONNECT_DELAY: Duration = Duration::from_millis(500);
+
+/// The error text for a driver error: the server's message when it sent one, else the driver's with its
+/// cause (such as "connection refused"). Neither holds the URL.
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        return format!("{}: {} ({})", db.severity(), db.message(), db.code().code());
+    }
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
+    }
+}
+
+enum Op {
+    Insert { notification: NewNotification, reply: oneshot::Sender<Result<Stored>> },
+    Prune { policy: PrunePolicy, reply: oneshot::Sender<Result<Pruned>> },
+}
+
+impl Op {
+    fn body_bytes(&self) -> u64 {
+        match self {
+            Op::Insert { notification, .. } => notification.body.len() as u64,
+            Op::Prune { .. } => 0,
+        }
+    }
+}
+
+struct Shared {
+    queue: String,
+    schema: String,
+    location: String,
+    target: Target,
+    timeout: Duration,
+    max_bytes: AtomicU64,
+    /// The queue's body bytes as last read, plus what this replica stored since.
+    stored_bytes: AtomicU64,
+    /// Bumped after this replica's commits and on every NOTIFY for the queue.
+    inserted: watch::Sender<u64>,
+    /// The claim connection, opened again when it is lost.
+    claims: Mutex<Option<Arc<Client>>>,
+}
+
+impl Shared {
+    fn error(&self, failure: Failure) -> SpoolError {
+        SpoolError::at(&self.location, failure)
+    }
+
+    fn wake(&self) {
+        self.inserted.send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+
+    /// The claim connection, (re)opened if needed.
+    async fn claims(&self) -> Result<Arc<Client>> {
+        let mut slot = self.claims.lock().await;
+        if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(client.clone());
+        }
+        let connect = self.target.connect(&self.schema, false);
+        let client = Arc::new(self.bounded(connect).await?);
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Runs `work` within `spool.postgres.timeout`.
+    async fn bounded<T>(&self, work: impl Future<Output = std::result::Result<T, Failure>>) -> Result<T> {
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(result) => result.map_err(|f| self.error(f)),
+            Err(_) => Err(self.error(Failure::Timeout(self.timeout))),
+        }
+    }
+}
+
+/// A cheap, cloneable handle to the shared spool of one queue.
+#[derive(Clone)]
+pub struct PostgresSpool {
+    ops: mpsc::UnboundedSender<Op>,
+    shared: Arc<Shared>,
+}
+
+impl PostgresSpool {
+    /// Connects, brings the schema up to date, and starts the store workers and the listener. Fails
+    /// when the database cannot be reached in `timeout`: the sidecar does not start without its spool.
+    pub async fn open(settings: &Settings, max_bytes: u64) -> Result<PostgresSpool> {
+        let location = format!("postgres queue {}", settings.queue);
+        let fail = |failure| SpoolError::at(&location, failure);
+        let target = Target::from_settings(settings).map_err(fail)?;
+        let location = format!("postgres queue {} ({})", settings.queue, target.label);
+        let fail = |failure| SpoolError::at(&location, failure);
+        let timeout = settings.timeout.get();
+        let setup = async {
+            let mut client = target.connect(&settings.schema, true).await?;
+            let migrated = schema::migrate(&mut client, &settings.schema).await?;
+            let stored = sql::body_bytes(&client, &settings.queue).await?;
+            Ok::<_, Failure>((client, migrated, stored))
+        };
+        let (first, migrated, stored) = match tokio::time::timeout(timeout.max(Duration::from_secs(30)), setup).await {
+            Ok(result) => result.map_err(fail)?,
+            Err(_) => return Err(fail(Failure::Timeout(timeout))),
+        };
+        tracing::info!(queue = %settings.queue, database = %target.label, schema = %settings.schema,
+            schema_version = migrated.to, "shared spool open");
+
+        let (ops, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            queue: settings.queue.clone(),
+            schema: settings.schema.clone(),
+            location,
+            target,
+            timeout,
+            max_bytes: AtomicU64::new(max_bytes),
+            stored_bytes: AtomicU64::new(stored),
+            inserted: watch::Sender::new(0),
+            claims: Mutex::new(None),
+        });
+        let rx = Arc::new(Mutex::new(rx));
+        let writers = settings.max_connections.saturating_sub(2).max(1);
+        let mut first = Some(first);
+        for _ in 0..writers {
+            tokio::spawn(store_worker(first.take(), rx.clone(), shared.clone()));
+        }
+        tokio::spawn(listen(Arc::downgrade(&shared)));
+        tokio::spawn(refresh_bytes(Arc::downgrade(&shared)));
+        Ok(PostgresSpool { ops, shared })
+    }
+
+    pub fn location(&self) -> &str {
+        &self.shared.location
+    }
+
+    async fn call<T>(&self, op: Op, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
+        let closed = || self.shared.error(Failure::WriterStopped);
+        self.ops.send(op).map_err(|_| closed())?;
+        match tokio::time::timeout(self.shared.timeout, rx).await {
+            Ok(reply) => reply.map_err(|_| closed())?,
+            // The batch may still commit: Apple's retry then finds it as a duplicate.
+            Err(_) => Err(self.shared.error(Failure::Timeout(self.shared.timeout))),
+        }
+    }
+
+    /// Runs a query on the claim connection, within the timeout; a lost connection is reopened next time.
+    async fn on_claims<T, F>(&self, query: impl FnOnce(Arc<Client>) -> F) -> Result<T>
+    where
+        F: Future<Output = std::result::Result<T, Failure>>,
+    {
+        let client = self.shared.claims().await?;
+        self.shared.bounded(query(client)).await
+    }
+}
+
+impl SpoolBackend for PostgresSpool {
+    async fn insert(&self, notification: NewNotification) -> Result<Stored> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Op::Insert { notification, reply }, rx).await
+    }
+
+    async fn record(&self, destination: String, notification_id: i64, outcome: Outcome) -> Result<()> {
+        let queue = self.shared.queue.clone();
+        self.on_claims(|client| async move {
+            sql::record(&client, &queue, &destination, notification_id, now_ms(), &outcome).await
+        })
+        .await
+    }
+
+    async fn due(&self, query: DueQuery) -> Result<DueBatch> {
+        let queue = self.shared.queue.clone();
+        self.on_claims(|client| async move {
+            let lease_until = query.now + query.lease.as_millis() as i64;
+            let claimed =
+                sql::claim(&client, &queue, &query.destination, query.now, query.wanted as i64, lease_until);
+            let next = sql::next_due_after(&client, &queue, &query.destination, query.now);
+            // Both go out on the connection at once (the driver pipelines them).
+            let (due, next_due_at) = futures_util::future::try_join(claimed, next).await?;
+            Ok(DueBatch { due, next_due_at })
+        })
+        .await
+    }
+
+    async fn earliest_due(&self, destinations: Vec<String>) -> Result<Option<i64>> {
+        let queue = self.shared.queue.clone();
+        self.on_claims(|client| async move { sql::earliest_due(&client, &queue, &destinations).await }).await
+    }
+
+    async fn delivery_counts(&self, notification_id: i64) -> Result<DeliveryCounts> {
+        let queue = self.shared.queue.clone();
+        self.on_claims(|client| async move { sql::delivery_counts(&client, &queue, notification_id).await }).await
+    }
+
+    async fn stats(&self) -> Result<Vec<DestinationStats>> {
+        let queue = self.shared.queue.clone();
+        self.on_claims(|client| async move { sql::stats(&*client, &queue).await }).await
+    }
+
+    async fn prune(&self, policy: PrunePolicy) -> Result<Pruned> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Op::Prune { policy, reply }, rx).await
+    }
+
+    fn set_max_bytes(&self, max_bytes: u64) {
+        self.shared.max_bytes.store(max_bytes, Ordering::Relaxed);
+    }
+
+    fn stored_bytes(&self) -> u64 {
+        self.shared.stored_bytes.load(Ordering::Relaxed)
+    }
+
+    fn subscribe_inserts(&self) -> watch::Receiver<u64> {
+        self.shared.inserted.subscribe()
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+}
+
+/// Takes queued operations in batches and runs each batch in one transaction on its own connection.
+async fn store_worker(mut client: Option<Client>, ops: Arc<Mutex<mpsc::UnboundedReceiver<Op>>>, shared: Arc<Shared>) {
+    loop {
+        let batch = {
+            let mut ops = ops.lock().await;
+            let Some(first) = ops.recv().await else { return };
+            let mut bytes = first.body_bytes();
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                match ops.try_recv() {
+                    Ok(op) => {
+                        bytes += op.body_bytes();
+                        batch.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        // Requests that gave up waiting (their timeout answered 503) are not stored after all.
+        let batch: Vec<Op> = batch
+            .into_iter()
+            .filter(|op| match op {
+                Op::Insert { reply, .. } => !reply.is_closed(),
+                Op::Prune { reply, .. } => !reply.is_closed(),
+            })
+            .collect();
+        if batch.is_empty() {
+            continue;
+        }
+        let connection = match client.take().filter(|c| !c.is_closed()) {
+            Some(open) => Ok(open),
+            None => shared.target.connect(&shared.schema, true).await,
+        };
+        match connection {
+            Ok(mut open) => {
+                run_batch(&mut open, batch, &shared).await;
+                client = Some(open);
+            }
+            Err(failure) => {
+                let error = shared.error(failure);
+                tracing::warn!(%error, "cannot reach the spool database; notifications get 503 until it is back");
+                for op in batch {
+                    answer(op, &error);
+                }
+                tokio::time::sleep(RECONNECT_DELAY).await;
+            }
+        }
+    }
+}
+
+fn answer(op: Op, error: &SpoolError) {
+    match op {
+        Op::Insert { reply, .. } => {
+            let _ = reply.send(Err(error.clone()));
+        }
+        Op::Prune { reply, .. } => {
+            let _ = reply.send(Err(error.clone()));
+        }
+    }
+}
+
+/// What one insert of a batch came to before the commit.
+enum Planned {
+    Stored(Stored),
+    Refused(SpoolError),
+}
+
+async fn run_batch(client: &mut Client, batch: Vec<Op>, shared: &Shared) {
+    let mut inserts = Vec::new();
+    let mut prunes = Vec::new();
+    for op in batch {
+        match op {
+            Op::Insert { notification, reply } => inserts.push((notification, reply)),
+            Op::Prune { policy, reply } => prunes.push((policy, reply)),
+        }
+    }
+    if !inserts.is_empty() {
+        let notifications: Vec<&NewNotification> = inserts.iter().map(|(n, _)| n).collect();
+        let outcome = store_all(client, &notifications, shared).await;
+        match outcome {
+            Ok(planned) => {
+                for ((_, reply), planned) in inserts.into_iter().zip(planned) {
+                    let _ = reply.send(match planned {
+                        Planned::Stored(stored) => Ok(stored),
+                        Planned::Refused(error) => Err(error),
+                    });
+                }
+                shared.wake();
+            }
+            Err(failure) => {
+                let error = shared.error(failure);
+                for (_, reply) in inserts {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+    for (policy, reply) in prunes {
+        let _ = reply.send(prune(client, &policy, shared).await.map_err(|f| shared.error(f)));
+    }
+}
+
+/// Stores a batch in one transaction: a repeat (by duplicate key, in the queue or earlier in the batch)
+/// queues the stored copy; the rest are inserted while `maxBytes` allows. Any database error fails the
+/// whole batch, and nothing of it is stored.
+async fn store_all(
+    client: &mut Client,
+    batch: &[&NewNotification],
+    shared: &Shared,
+) -> std::result::Result<Vec<Planned>, Failure> {
+    let queue = shared.queue.as_str();
+    let now = now_ms();
+    let tx = client.transaction().await?;
+    // Keys are taken in sorted order, so two replicas' batches never wait on each other in a cycle.
+    let mut keys: Vec<&str> = batch.iter().filter_map(|n| n.dedupe.as_ref().map(|(k, _)| k.as_str())).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut known: std::collections::HashMap<&str, (Option<i64>, i64)> = std::collections::HashMap::new();
+    let taken = futures_util::future::try_join_all(keys.iter().map(|key| sql::take_key(&tx, queue, key, now))).await?;
+    for (key, found) in keys.iter().zip(taken) {
+        known.insert(key, found);
+    }
+
+    let max = shared.max_bytes.load(Ordering::Relaxed);
+    let mut stored = shared.stored_bytes.load(Ordering::Relaxed);
+    let mut evicted = false;
+    let mut planned = Vec::with_capacity(batch.len());
+    // Keys stored by this batch: a later repeat in it is queued on that row.
+    let mut stored_here: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+    for notification in batch {
+        let key = notification.dedupe.as_ref().map(|(key, since)| (key.as_str(), *since));
+        let repeat_of = key.and_then(|(key, since)| {
+            stored_here.get(key).copied().or_else(|| match known.get(key) {
+                Some((Some(id), first_seen)) if *first_seen >= since => Some(*id),
+                _ => None,
+            })
+        });
+        if let Some(notification_id) = repeat_of {
+            sql::queue_again(&tx, queue, notification_id, &notification.destinations, now).await?;
+            planned.push(Planned::Stored(Stored { notification_id, duplicate: true }));
+            continue;
+        }
+        let size = notification.body.len() as u64;
+        if stored + size > max && !evicted {
+            // Delivered rows are kept only as a convenience: make room with them, on one replica at a time.
+            evicted = true;
+            if sql::try_housekeeping_lock(&tx, queue).await? {
+                sql::prune_delivered(&tx, queue, now + 1, EVICT_BATCH).await?;
+            }
+            stored = sql::body_bytes(&tx, queue).await?;
+        }
+        if stored + size > max {
+            let held_by = sql::largest_holder(&tx, queue)
+                .await?
+                .map(|(destination, count)| format!("`{destination}` ({count} deliveries)"));
+            let full = Failure::Full { stored, max, held_by, set_aside: 0 };
+            planned.push(Planned::Refused(shared.error(full)));
+            continue;
+        }
+        let id = sql::insert(&tx, queue, now, &notification.path, &notification.body, &notification.destinations).await?;
+        stored += size;
+        if let Some((key, _)) = key {
+            sql::set_key(&tx, queue, key, id, now).await?;
+            stored_here.insert(key, id);
+        }
+        planned.push(Planned::Stored(Stored { notification_id: id, duplicate: false }));
+    }
+    sql::notify(&tx, queue).await?;
+    tx.commit().await?;
+    shared.stored_bytes.store(stored, Ordering::Relaxed);
+    Ok(planned)
+}
+
+async fn prune(client: &mut Client, policy: &PrunePolicy, shared: &Shared) -> std::result::Result<Pruned, Failure> {
+    let tx = client.transaction().await?;
+    if !sql::try_housekeeping_lock(&tx, &shared.queue).await? {
+        // Another replica is doing it.
+        return Ok(Pruned::default());
+    }
+    let pruned = sql::prune(&tx, &shared.queue, policy).await?;
+    let stored = sql::body_bytes(&tx, &shared.queue).await?;
+    tx.commit().await?;
+    shared.stored_bytes.store(stored, Ordering::Relaxed);
+    Ok(pruned)
+}
+
+/// Wakes the dispatchers on every commit to the queue by any replica, for as long as the spool is open.
+async fn listen(shared: Weak<Shared>) {
+    loop {
+        let Some(strong) = shared.upgrade() else { return };
+        let target = strong.target.clone();
+        let queue = strong.queue.clone();
+        drop(strong);
+        match target.open().await {
+            Ok((client, mut driver)) => {
+                let statement = format!("LISTEN {CHANNEL}");
+                let listening = client.batch_execute(&statement);
+                // Fused: polled again after it finished, it stays pending instead of panicking.
+                let mut listening = std::pin::pin!(futures_util::FutureExt::fuse(listening));
+                loop {
+                    let message = std::future::poll_fn(|cx| {
+                        // Drive the LISTEN request until it has been sent and answered, then only messages.
+                        let _ = listening.as_mut().poll(cx);
+                        driver.poll_message(cx)
+                    })
+                    .await;
+                    let Some(strong) = shared.upgrade() else { return };
+                    match message {
+                        Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) if n.payload() == queue => strong.wake(),
+                        Some(Ok(_)) => {}
+                        Some(Err(error)) => {
+                            tracing::warn!(error = %describe(&error), "spool listener lost its connection; reconnecting");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                // Rows committed while no one listened are found by the dispatchers' periodic look.
+                if let Some(strong) = shared.upgrade() {
+                    strong.wake();
+                }
+            }
+            Err(failure) => tracing::debug!(error = %failure, "spool listener cannot connect"),
+        }
+        tokio::time::sleep(RECONNECT_DELAY).await;
+    }
+}
+
+/// Reads the queue's body bytes again now and then: other replicas store into it too.
+async fn refresh_bytes(shared: Weak<Shared>) {
+    loop {
+        tokio::time::sleep(BYTES_REFRESH).await;
+        let Some(strong) = shared.upgrade() else { return };
+        let queue = strong.queue.clone();
+        let read = async {
+            let client = strong.claims().await.map_err(|e| Failure::Setup(e.to_string()))?;
+            sql::body_bytes(&*client, &queue).await
+        };
+        if let Ok(Ok(bytes)) = tokio::time::timeout(strong.timeout, read).await {
+            strong.stored_bytes.store(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The `spool` tools against the shared queue: one connection, one command.
+pub struct PostgresTools {
+    client: Client,
+    queue: String,
+    pub location: String,
+}
+
+impl PostgresTools {
+    pub async fn connect(settings: &Settings) -> std::result::Result<PostgresTools, SpoolError> {
+        let location = format!("postgres queue {}", settings.queue);
+        let fail = |failure| SpoolError::at(&location, failure);
+        let target = Target::from_settings(settings).map_err(fail)?;
+        let location = format!("postgres queue {} ({})", settings.queue, target.label);
+        let fail = |failure| SpoolError::at(&location, failure);
+        let mut client = target.connect(&settings.schema, true).await.map_err(fail)?;
+        // The tools may be the first to touch a new database.
+        schema::migrate(&mut client, &settings.schema).await.map_err(fail)?;
+        Ok(PostgresTools { client, queue: settings.queue.clone(), location })
+    }
+
+    fn error(&self, failure: Failure) -> SpoolError {
+        SpoolError::at(&self.location, failure)
+    }
+
+    pub async fn stats(&self) -> Result<Vec<DestinationStats>> {
+        sql::stats(&self.client, &self.queue).await.map_err(|f| self.error(f))
+    }
+    pub async fn notification_count(&self) -> Result<u64> {
+        sql::notification_count(&self.client, &self.queue).await.map_err(|f| self.error(f))
+    }
+    pub async fn body_bytes(&self) -> Result<u64> {
+        sql::body_bytes(&self.client, &self.queue).await.map_err(|f| self.error(f))
+    }
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<DeliveryRow>> {
+        sql::list(&self.client, &self.queue, filter).await.map_err(|f| self.error(f))
+    }
+    pub async fn redeliver(&mut self, destination: &str, dead_only: bool, since: i64, now: i64) -> Result<usize> {
+        let result = sql::redeliver(&mut self.client, &self.queue, destination, dead_only, since, now).await;
+        result.map_err(|f| self.error(f))
+    }
+    pub async fn purge(&mut self, destination: Option<&str>, include_dead: bool, before: i64) -> Result<usize> {
+        let result = sql::purge(&mut self.client, &self.queue, destination, include_dead, before).await;
+        result.map_err(|f| self.error(f))
+    }
+    pub async fn purge_unknown_destinations(&mut self, configured: &[String]) -> Result<usize> {
+        let result = sql::purge_unknown_destinations(&mut self.client, &self.queue, configured).await;
+        result.map_err(|f| self.error(f))
+    }
+}

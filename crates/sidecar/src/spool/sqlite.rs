@@ -1,0 +1,494 @@
+//! The SQLite spool: one file beside the sidecar, for a route with one replica.
+//!
+//! One writer thread owns the SQLite connection. Callers send it operations; it takes whatever has queued
+//! up, runs the lot in one transaction and commits once, so with `sync: full` many concurrent requests
+//! share one fsync (group commit) instead of paying one each. Replies go out only after the commit.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use storerelay_config::SyncMode;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::db::{self, DeliveryCounts, DestinationStats, Failure, OpenReport, Outcome, SetAside, SpoolDb};
+use super::{DueBatch, DueQuery, NewNotification, PrunePolicy, Pruned, Result, SpoolBackend, SpoolError, Stored};
+use crate::clock::now_ms;
+
+/// Operations taken in one transaction at most.
+const MAX_BATCH: usize = 512;
+/// Body bytes taken in one transaction at most, as a share of `maxBytes` and never more than 8 MiB: a
+/// transaction's pages sit in the WAL until the next checkpoint, beside their place in the database,
+/// so this bounds how far the files can pass `maxBytes` for a moment. A single body is always taken.
+fn max_batch_bytes(max_bytes: u64) -> u64 {
+    (max_bytes / 16).clamp(64 << 10, 8 << 20)
+}
+/// Notifications evicted per pass when the spool is full and delivered rows can make room.
+const EVICT_BATCH: usize = 1_000;
+
+type ReadJob = Box<dyn FnOnce(&SpoolDb) + Send>;
+
+enum Op {
+    Insert { notification: NewNotification, reply: oneshot::Sender<Result<Stored>> },
+    Record { destination: String, notification_id: i64, outcome: Outcome, reply: oneshot::Sender<Result<()>> },
+    Prune { policy: PrunePolicy, reply: oneshot::Sender<Result<Pruned>> },
+    Read(ReadJob),
+}
+
+impl Op {
+    fn body_bytes(&self) -> u64 {
+        match self {
+            Op::Insert { notification, .. } => notification.body.len() as u64,
+            _ => 0,
+        }
+    }
+}
+
+struct Shared {
+    path: PathBuf,
+    max_bytes: AtomicU64,
+    /// Database pages in use (`SpoolDb::used_bytes`), as of the last commit.
+    stored_bytes: AtomicU64,
+    /// Damaged copies set aside beside the spool ([`SetAside`]), looked at on open and each prune.
+    set_aside_bytes: AtomicU64,
+    /// Bumped after every commit that added notifications.
+    inserted: watch::Sender<u64>,
+    /// Who holds a full spool, as last looked up: while it stays full every insert is refused, and
+    /// the lookup (an aggregate over all deliveries) must not run for each one.
+    full_holder: std::sync::Mutex<Option<(std::time::Instant, Option<String>)>>,
+}
+
+impl Shared {
+    fn error(&self, failure: Failure) -> SpoolError {
+        SpoolError::new(&self.path, failure)
+    }
+}
+
+/// The SQLite spool: a cheap, cloneable handle to its writer thread.
+#[derive(Clone)]
+pub struct SqliteSpool {
+    ops: mpsc::UnboundedSender<Op>,
+    shared: Arc<Shared>,
+}
+
+impl SqliteSpool {
+    /// Opens the spool (setting aside a corrupt file) and starts its writer thread.
+    pub fn open(path: &Path, sync: SyncMode, max_bytes: u64) -> Result<(SqliteSpool, OpenReport)> {
+        let error = |failure| SpoolError::new(path, failure);
+        let (db, report) = SpoolDb::open_checked(path, sync).map_err(error)?;
+        let stored = db.used_bytes().map_err(error)?;
+        let (ops, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            path: path.to_path_buf(),
+            max_bytes: AtomicU64::new(max_bytes),
+            stored_bytes: AtomicU64::new(stored),
+            set_aside_bytes: AtomicU64::new(report.set_aside.bytes),
+            inserted: watch::Sender::new(0),
+            full_holder: std::sync::Mutex::new(None),
+        });
+        let writer_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer(db, rx, writer_shared))
+            .map_err(|source| error(Failure::Io { action: "cannot start the writer thread", source }))?;
+        Ok((SqliteSpool { ops, shared }, report))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    async fn call<T>(&self, op: Op, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
+        let closed = || self.shared.error(Failure::WriterStopped);
+        self.ops.send(op).map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    /// Runs a query on the writer's connection, between its write batches.
+    async fn read<T: Send + 'static>(
+        &self,
+        query: impl FnOnce(&SpoolDb) -> db::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        let shared = self.shared.clone();
+        let job: ReadJob = Box::new(move |db| {
+            let _ = reply.send(query(db).map_err(|failure| shared.error(failure)));
+        });
+        self.call(Op::Read(job), rx).await
+    }
+}
+
+impl SpoolBackend for SqliteSpool {
+    async fn insert(&self, notification: NewNotification) -> Result<Stored> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Op::Insert { notification, reply }, rx).await
+    }
+
+    async fn record(&self, destination: String, notification_id: i64, outcome: Outcome) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Op::Record { destination, notification_id, outcome, reply }, rx).await
+    }
+
+    async fn due(&self, query: DueQuery) -> Result<DueBatch> {
+        // No leases here: rows being attempted come back until their outcome is recorded.
+        let DueQuery { destination, now, wanted, held, .. } = query;
+        let limit = wanted + held;
+        self.read(move |db| {
+            Ok(DueBatch { due: db.due(&destination, now, limit)?, next_due_at: db.next_due_after(&destination, now)? })
+        })
+        .await
+    }
+
+    async fn earliest_due(&self, destinations: Vec<String>) -> Result<Option<i64>> {
+        self.read(move |db| {
+            let mut earliest: Option<i64> = None;
+            for destination in &destinations {
+                if let Some(at) = db.next_due_after(destination, i64::MIN)? {
+                    earliest = Some(earliest.map_or(at, |e| e.min(at)));
+                }
+            }
+            Ok(earliest)
+        })
+        .await
+    }
+
+    async fn delivery_counts(&self, notification_id: i64) -> Result<DeliveryCounts> {
+        self.read(move |db| db.delivery_counts(notification_id)).await
+    }
+
+    async fn stats(&self) -> Result<Vec<DestinationStats>> {
+        self.read(|db| db.stats()).await
+    }
+
+    async fn prune(&self, policy: PrunePolicy) -> Result<Pruned> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Op::Prune { policy, reply }, rx).await
+    }
+
+    fn set_max_bytes(&self, max_bytes: u64) {
+        self.shared.max_bytes.store(max_bytes, Ordering::Relaxed);
+    }
+
+    fn stored_bytes(&self) -> u64 {
+        self.shared.stored_bytes.load(Ordering::Relaxed) + self.shared.set_aside_bytes.load(Ordering::Relaxed)
+    }
+
+    fn subscribe_inserts(&self) -> watch::Receiver<u64> {
+        self.shared.inserted.subscribe()
+    }
+
+    fn shared(&self) -> bool {
+        false
+    }
+}
+
+/// A reply owed once the batch's fate is known: called with the batch's failure, if any.
+type Owed = Box<dyn FnOnce(Option<&SpoolError>) + Send>;
+
+/// Answers once the commit's fate is known. An operation that was not run (the batch had failed before
+/// it) or that succeeded inside a failed batch gets the batch's error; one that failed on its own (a
+/// full spool) keeps its own.
+fn owe<T: Send + 'static>(reply: oneshot::Sender<Result<T>>, result: Option<Result<T>>) -> Owed {
+    Box::new(move |failure| {
+        let _ = reply.send(match (result, failure) {
+            (Some(Err(own)), _) => Err(own),
+            (Some(Ok(value)), None) => Ok(value),
+            (_, Some(batch)) => Err(batch.clone()),
+            (None, None) => unreachable!("an operation is skipped only after the batch failed"),
+        });
+    })
+}
+
+fn writer(db: SpoolDb, mut ops: mpsc::UnboundedReceiver<Op>, shared: Arc<Shared>) {
+    while let Some(first) = ops.blocking_recv() {
+        let max_bytes = max_batch_bytes(shared.max_bytes.load(Ordering::Relaxed));
+        let mut bytes = first.body_bytes();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && bytes < max_bytes {
+            match ops.try_recv() {
+                Ok(op) => {
+                    bytes += op.body_bytes();
+                    batch.push(op);
+                }
+                Err(_) => break,
+            }
+        }
+        let (reads, writes): (Vec<Op>, Vec<Op>) = batch.into_iter().partition(|op| matches!(op, Op::Read(_)));
+        if !writes.is_empty() {
+            run_writes(&db, writes, &shared);
+        }
+        for op in reads {
+            if let Op::Read(job) = op {
+                job(&db);
+            }
+        }
+    }
+}
+
+/// Runs every write in one transaction. The first SQLite error fails the whole batch (SQLite may have
+/// rolled back already, e.g. on a full disk) and the writes after it are not run; a full spool fails
+/// only the insert that did not fit.
+fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
+    let mut owed: Vec<Owed> = Vec::with_capacity(writes.len());
+    // Only a batch that stores notifications is owed the configured fsync before its replies.
+    let stores = writes.iter().any(|op| matches!(op, Op::Insert { .. }));
+    let mut failure: Option<SpoolError> =
+        db.flush_commits(stores).and_then(|()| db.begin()).err().map(|f| shared.error(f));
+    let mut stored = shared.stored_bytes.load(Ordering::Relaxed);
+    let mut inserted = false;
+    let now = now_ms();
+    for op in writes {
+        let failed = failure.is_some();
+        match op {
+            Op::Insert { notification, reply } => {
+                let result = (!failed).then(|| store(db, shared, &mut stored, now, &notification));
+                match &result {
+                    Some(Ok(_)) => inserted = true,
+                    Some(Err(e)) if !e.is_full() => failure = Some(e.clone()),
+                    _ => {}
+                }
+                owed.push(owe(reply, result));
+            }
+            Op::Record { destination, notification_id, outcome, reply } => {
+                let result = (!failed)
+                    .then(|| db.record(&destination, notification_id, now, &outcome).map_err(|f| shared.error(f)));
+                if let Some(Err(e)) = &result {
+                    failure = Some(e.clone());
+                }
+                owed.push(owe(reply, result));
+            }
+            Op::Prune { policy, reply } => {
+                let result = (!failed).then(|| {
+                    let (dead, unknown_destination) =
+                        db.expire_unfinishable(&policy.configured, policy.unfinishable_before)?;
+                    let delivered = db.prune_delivered(policy.delivered_before, usize::MAX >> 1)?;
+                    db.forget_dedupe_before(policy.dedupe_before)?;
+                    stored = db.used_bytes()?;
+                    // A set-aside copy may have been discarded (`spool discard-set-aside`) meanwhile.
+                    if let Ok(set_aside) = SetAside::find(&shared.path) {
+                        shared.set_aside_bytes.store(set_aside.bytes, Ordering::Relaxed);
+                    }
+                    Ok(Pruned { delivered, dead, unknown_destination })
+                });
+                let result = result.map(|r| r.map_err(|f| shared.error(f)));
+                if let Some(Err(e)) = &result {
+                    failure = Some(e.clone());
+                }
+                owed.push(owe(reply, result));
+            }
+            Op::Read(_) => unreachable!("reads run after the writes"),
+        }
+    }
+    if failure.is_none() {
+        failure = db.commit().err().map(|f| shared.error(f));
+    }
+    match failure {
+        Some(batch) => {
+            db.rollback();
+            // The file may have changed under a failed batch: recount instead of trusting the tally.
+            if let Ok(actual) = db.used_bytes() {
+                shared.stored_bytes.store(actual, Ordering::Relaxed);
+            }
+            for reply in owed {
+                reply(Some(&batch));
+            }
+        }
+        None => {
+            shared.stored_bytes.store(stored, Ordering::Relaxed);
+            if inserted {
+                shared.inserted.send_modify(|generation| *generation += 1);
+            }
+            for reply in owed {
+                reply(None);
+            }
+        }
+    }
+}
+
+/// Stores a notification, or queues the one already stored under its duplicate key.
+fn store(db: &SpoolDb, shared: &Shared, stored: &mut u64, now: i64, notification: &NewNotification) -> Result<Stored> {
+    let mut run = || -> db::Result<Stored> {
+        if let Some((key, since)) = &notification.dedupe {
+            if let Some(notification_id) = db.find_duplicate(key, *since)? {
+                db.queue(notification_id, &notification.destinations, now)?;
+                return Ok(Stored { notification_id, duplicate: true });
+            }
+        }
+        let notification_id = insert_within_capacity(db, shared, stored, now, notification)?;
+        if let Some((key, _)) = &notification.dedupe {
+            db.remember(key, notification_id, now)?;
+        }
+        Ok(Stored { notification_id, duplicate: false })
+    };
+    run().map_err(|failure| shared.error(failure))
+}
+
+/// How long a full spool's holder, once looked up, is reported without looking again.
+const HOLDER_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The destination holding most of a full spool, looked up at most every [`HOLDER_TTL`].
+fn full_holder(db: &SpoolDb, shared: &Shared) -> db::Result<Option<String>> {
+    let mut cached = shared.full_holder.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, holder)) = cached.as_ref().filter(|(at, _)| at.elapsed() < HOLDER_TTL) {
+        return Ok(holder.clone());
+    }
+    let holder = db.largest_holder()?.map(|(destination, count)| format!("`{destination}` ({count} deliveries)"));
+    *cached = Some((std::time::Instant::now(), holder.clone()));
+    Ok(holder)
+}
+
+/// Inserts unless the body would take the spool past `maxBytes`. Before refusing, notifications that
+/// every destination already has are evicted (they are kept only as a convenience); undelivered ones
+/// never are.
+fn insert_within_capacity(
+    db: &SpoolDb,
+    shared: &Shared,
+    stored: &mut u64,
+    now: i64,
+    notification: &NewNotification,
+) -> db::Result<i64> {
+    let set_aside = shared.set_aside_bytes.load(Ordering::Relaxed);
+    let max = shared.max_bytes.load(Ordering::Relaxed).saturating_sub(set_aside);
+    let size = notification.body.len() as u64;
+    while *stored + size > max {
+        let evicted = db.prune_delivered(now + 1, EVICT_BATCH)?;
+        *stored = db.used_bytes()?;
+        if evicted == 0 {
+            break;
+        }
+    }
+    if *stored + size > max {
+        // Rare, and what an operator needs first: whose undelivered work fills it.
+        let held_by = full_holder(db, shared)?;
+        return Err(Failure::Full { stored: *stored + set_aside, max: max + set_aside, held_by, set_aside });
+    }
+    let id = db.insert(now, &notification.path, &notification.body, &notification.destinations)?;
+    *stored = db.used_bytes()?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn new(path: &str, body: Bytes, destinations: &[&str]) -> NewNotification {
+        NewNotification {
+            path: path.into(),
+            body,
+            destinations: destinations.iter().map(|d| d.to_string()).collect(),
+            dedupe: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_repeat_within_the_window_is_queued_once_per_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = SqliteSpool::open(&dir.path().join("s.db"), SyncMode::Normal, 1 << 20).unwrap();
+        let mut first = new("/", Bytes::from_static(b"{\"n\":1}"), &["a"]);
+        first.dedupe = Some(("v2:u1".into(), 0));
+        let stored = spool.insert(first.clone()).await.unwrap();
+        assert!(!stored.duplicate);
+        let mut again = first.clone();
+        again.destinations = vec!["a".into(), "b".into()];
+        let repeat = spool.insert(again).await.unwrap();
+        assert_eq!(repeat, Stored { notification_id: stored.notification_id, duplicate: true });
+        let (count, states) = spool
+            .read(move |db| Ok((db.notification_count()?, db.delivery_counts(stored.notification_id)?)))
+            .await
+            .unwrap();
+        assert_eq!(count, 1, "no second copy of the body");
+        assert_eq!(
+            states,
+            DeliveryCounts { pending: 2, delivered: 0, dead: 0 },
+            "a stays queued once, b (new since) is added"
+        );
+        // Outside the window it is a new notification.
+        let mut later = first;
+        later.dedupe = Some(("v2:u1".into(), now_ms() + 1));
+        assert!(!spool.insert(later).await.unwrap().duplicate);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_inserts_share_commits_and_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = SqliteSpool::open(&dir.path().join("s.db"), SyncMode::Full, 1 << 30).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..500u32 {
+            let spool = spool.clone();
+            tasks.push(tokio::spawn(async move {
+                spool.insert(new("/", Bytes::from(i.to_string()), &["a"])).await.map(|s| s.notification_id)
+            }));
+        }
+        let mut ids = Vec::new();
+        for task in tasks {
+            ids.push(task.await.unwrap().unwrap());
+        }
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 500);
+        let count = spool.read(|db| db.notification_count()).await.unwrap();
+        assert_eq!(count, 500);
+    }
+
+    #[tokio::test]
+    async fn a_full_spool_refuses_but_evicts_delivered_first() {
+        let dir = tempfile::tempdir().unwrap();
+        // An empty spool's own pages take 24 KiB; room for one 16 KiB body and its rows, not two.
+        let max = 52 << 10;
+        let (spool, _) = SqliteSpool::open(&dir.path().join("s.db"), SyncMode::Normal, max).unwrap();
+        let body = |byte: u8| Bytes::from(vec![byte; 16 << 10]);
+        let first = spool.insert(new("/", body(b'a'), &["d"])).await.unwrap().notification_id;
+        let one = spool.stored_bytes();
+        assert!(one >= 40 << 10 && one <= max, "pages in use are counted, not only the body: {one}");
+        let err = spool.insert(new("/", body(b'b'), &["d"])).await.unwrap_err();
+        assert!(
+            matches!(err.failure(), Failure::Full { stored, max: 53248, set_aside: 0, .. } if *stored == one),
+            "{err}"
+        );
+        assert!(err.to_string().contains("the most for `d` (1 deliveries)"), "a full spool names its holder: {err}");
+        spool.record("d".into(), first, Outcome::Delivered { status: 200 }).await.unwrap();
+        // Delivered work makes room; the refused body was never stored.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        spool.insert(new("/", body(b'c'), &["d"])).await.unwrap();
+        assert_eq!(spool.stored_bytes(), one);
+        assert_eq!(spool.read(|db| db.notification_count()).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_copy_set_aside_counts_against_max_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        std::fs::write(dir.path().join("s.db.corrupt-1"), vec![0u8; 40 << 10]).unwrap();
+        let (spool, _) = SqliteSpool::open(&path, SyncMode::Normal, 64 << 10).unwrap();
+        let err = spool.insert(new("/", Bytes::from(vec![b'a'; 16 << 10]), &["d"])).await.unwrap_err();
+        assert!(matches!(err.failure(), Failure::Full { set_aside: 40960, .. }), "{err}");
+        assert!(err.to_string().contains("spool discard-set-aside"), "{err}");
+        // Discarded by the tool, the next housekeeping pass gives the room back.
+        SetAside::discard_all(&path).unwrap();
+        let policy = PrunePolicy { delivered_before: 0, dedupe_before: 0, unfinishable_before: 0, configured: vec![] };
+        spool.prune(policy).await.unwrap();
+        spool.insert(new("/", Bytes::from(vec![b'a'; 16 << 10]), &["d"])).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn stores_are_flushed_as_configured_and_outcomes_without_their_own_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = SqliteSpool::open(&dir.path().join("s.db"), SyncMode::Full, 1 << 20).unwrap();
+        let id = spool.insert(new("/", Bytes::from_static(b"{}"), &["d"])).await.unwrap().notification_id;
+        assert_eq!(spool.read(|db| Ok(db.synchronous())).await.unwrap(), 2, "an insert commits with FULL");
+        spool.record("d".into(), id, Outcome::Delivered { status: 200 }).await.unwrap();
+        assert_eq!(spool.read(|db| Ok(db.synchronous())).await.unwrap(), 1, "an outcome alone commits with NORMAL");
+        spool.insert(new("/", Bytes::from_static(b"{}"), &["d"])).await.unwrap();
+        assert_eq!(spool.read(|db| Ok(db.synchronous())).await.unwrap(), 2, "and the next insert with FULL again");
+    }
+
+    #[tokio::test]
+    async fn inserts_wake_subscribers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = SqliteSpool::open(&dir.path().join("s.db"), SyncMode::Normal, 1 << 20).unwrap();
+        let inserts = spool.subscribe_inserts();
+        spool.insert(new("/", Bytes::from_static(b"{}"), &[])).await.unwrap();
+        assert!(inserts.has_changed().unwrap());
+    }
+}
