@@ -159,7 +159,10 @@ impl PostgresSpool {
             problem("queue", format!("`{}` must be 1-253 letters, digits, `.`, `_`, `/` or `-`", self.queue));
         }
         if !(3..=64).contains(&self.max_connections) {
-            problem("maxConnections", "must be between 3 and 64 (one listens, one claims deliveries, one or more store)".into());
+            problem(
+                "maxConnections",
+                "must be between 3 and 64 (one listens, one claims deliveries, one or more store)".into(),
+            );
         }
         if self.timeout.is_zero() {
             problem("timeout", "must be more than 0s".into());

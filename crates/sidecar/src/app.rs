@@ -201,8 +201,8 @@ async fn drain_until(
         let horizon = now_ms() + deadline.saturating_duration_since(tokio::time::Instant::now()).as_millis() as i64;
         let deliverable: Vec<String> =
             config.borrow().destinations.iter().filter(|d| d.url.is_some()).map(|d| d.name.clone()).collect();
-        let due_soon = !spool.shared()
-            && spool.earliest_due(deliverable).await.ok().flatten().is_some_and(|at| at <= horizon);
+        let due_soon =
+            !spool.shared() && spool.earliest_due(deliverable).await.ok().flatten().is_some_and(|at| at <= horizon);
         if in_flight.load(Ordering::SeqCst) == 0 && !due_soon {
             return;
         }

@@ -179,10 +179,9 @@ pub fn spool(
             if *command == SpoolCommand::DiscardSetAside {
                 return Ok("a shared spool sets nothing aside\n".to_string());
             }
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|source| SpoolError::at("postgres", Failure::Io { action: "cannot start a runtime", source }))?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|source| {
+                SpoolError::at("postgres", Failure::Io { action: "cannot start a runtime", source })
+            })?;
             let tools = runtime.block_on(PostgresTools::connect(settings))?;
             run(&mut Shared { tools, runtime }, command, json, config_path)
         }

@@ -27,7 +27,7 @@ const MAX_IDLE: Duration = Duration::from_secs(1);
 
 /// A claimed delivery stays this replica's for its destination's `timeout` plus this: time to record
 /// the outcome after the last byte. Past it (the replica was killed mid-attempt) another takes it over.
-const LEASE_MARGIN: Duration = Duration::from_secs(30);
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
 pub const USER_AGENT: &str = concat!("storerelay/", env!("CARGO_PKG_VERSION"));
 

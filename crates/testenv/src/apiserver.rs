@@ -27,7 +27,6 @@ pub fn binaries() -> Option<PathBuf> {
     Some(PathBuf::from(String::from_utf8(output.stdout).unwrap().trim()))
 }
 
-
 struct Process {
     name: &'static str,
     child: Child,

@@ -24,7 +24,10 @@ pub fn binaries() -> Option<PathBuf> {
         .max_by_key(|(version, _)| *version)
         .map(|(_, bin)| bin);
     if newest.is_none() {
-        assert!(std::env::var_os("CI").is_none(), "PostgreSQL is needed for the shared-spool tests (apt-get install postgresql)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "PostgreSQL is needed for the shared-spool tests (apt-get install postgresql)"
+        );
         eprintln!("skipping: PostgreSQL is not installed (apt-get install postgresql)");
     }
     newest
@@ -106,7 +109,8 @@ impl Postgres {
     /// Starts the server (again) on the same port and data, and waits until it takes connections.
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log")).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log")).unwrap();
         let child = self
             .command("postgres")
             .arg("-D")

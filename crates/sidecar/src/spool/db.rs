@@ -95,8 +95,7 @@ impl ToSql for DeliveryState {
 impl FromSql for DeliveryState {
     fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
         let name = value.as_str()?;
-        DeliveryState::parse(name)
-            .ok_or_else(|| FromSqlError::Other(format!("unknown delivery state `{name}`").into()))
+        DeliveryState::parse(name).ok_or_else(|| FromSqlError::Other(format!("unknown delivery state `{name}`").into()))
     }
 }
 

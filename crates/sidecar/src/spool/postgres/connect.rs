@@ -10,9 +10,9 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use storerelay_config::{PostgresSpool as Settings, TlsMode, parse_postgres_url};
 use tokio_postgres::config::SslMode;
+use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{AsyncMessage, Client, Config, Connection, NoTls, Socket};
-use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The TLS stream the rustls connector makes (its type is private to the crate).
@@ -32,8 +32,8 @@ pub struct Target {
 
 /// A connection's I/O half, which must be polled (spawned) for the client to work.
 pub enum Driver {
-    Plain(Connection<Socket, NoTlsStream>),
-    Tls(Connection<Socket, RustlsStream>),
+    Plain(Box<Connection<Socket, NoTlsStream>>),
+    Tls(Box<Connection<Socket, RustlsStream>>),
 }
 
 impl Target {
@@ -77,11 +77,11 @@ impl Target {
         Ok(match &self.tls {
             None => {
                 let (client, connection) = self.config.connect(NoTls).await?;
-                (client, Driver::Plain(connection))
+                (client, Driver::Plain(Box::new(connection)))
             }
             Some(tls) => {
                 let (client, connection) = self.config.connect(tls.clone()).await?;
-                (client, Driver::Tls(connection))
+                (client, Driver::Tls(Box::new(connection)))
             }
         })
     }
@@ -102,8 +102,8 @@ impl Driver {
     /// Polls the connection until it closes.
     pub async fn run(self) {
         let result = match self {
-            Driver::Plain(connection) => connection.await,
-            Driver::Tls(connection) => connection.await,
+            Driver::Plain(connection) => (*connection).await,
+            Driver::Tls(connection) => (*connection).await,
         };
         if let Err(error) = result {
             tracing::debug!(error = %super::describe(&error), "spool database connection closed");
@@ -128,7 +128,8 @@ fn client_config(mode: TlsMode, settings: &Settings) -> Result<rustls::ClientCon
     let mut roots = RootCertStore::empty();
     match &settings.root_certificate_file {
         Some(file) => {
-            let setup = |what: String| Failure::Setup(format!("spool.postgres.rootCertificateFile {}: {what}", file.display()));
+            let setup =
+                |what: String| Failure::Setup(format!("spool.postgres.rootCertificateFile {}: {what}", file.display()));
             let pem = std::fs::read(file).map_err(|e| setup(format!("cannot read: {}", e.kind())))?;
             for certificate in CertificateDer::pem_slice_iter(&pem) {
                 let certificate = certificate.map_err(|e| setup(format!("not PEM certificates ({e})")))?;
@@ -151,7 +152,10 @@ fn client_config(mode: TlsMode, settings: &Settings) -> Result<rustls::ClientCon
         TlsMode::VerifyFull | TlsMode::Disable => builder.with_webpki_verifier(webpki).with_no_client_auth(),
         TlsMode::VerifyCa | TlsMode::Require => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Lenient { inner: webpki, check_chain: mode == TlsMode::VerifyCa }))
+            .with_custom_certificate_verifier(Arc::new(Lenient {
+                inner: webpki,
+                check_chain: mode == TlsMode::VerifyCa,
+            }))
             .with_no_client_auth(),
     };
     Ok(config)

@@ -24,7 +24,6 @@ use storerelay_config::PostgresSpool as Settings;
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio_postgres::Client;
 
-
 use super::db::{DeliveryCounts, DeliveryRow, DestinationStats, ListFilter, Outcome};
 use super::{
     DueBatch, DueQuery, Failure, NewNotification, PrunePolicy, Pruned, Result, SpoolBackend, SpoolError, Stored,
@@ -211,8 +210,7 @@ impl SpoolBackend for PostgresSpool {
         let queue = self.shared.queue.clone();
         self.on_claims(|client| async move {
             let lease_until = query.now + query.lease.as_millis() as i64;
-            let claimed =
-                sql::claim(&client, &queue, &query.destination, query.now, query.wanted as i64, lease_until);
+            let claimed = sql::claim(&client, &queue, &query.destination, query.now, query.wanted as i64, lease_until);
             let next = sql::next_due_after(&client, &queue, &query.destination, query.now);
             // Both go out on the connection at once (the driver pipelines them).
             let (due, next_due_at) = futures_util::future::try_join(claimed, next).await?;
@@ -418,7 +416,8 @@ async fn store_all(
             planned.push(Planned::Refused(shared.error(full)));
             continue;
         }
-        let id = sql::insert(&tx, queue, now, &notification.path, &notification.body, &notification.destinations).await?;
+        let id =
+            sql::insert(&tx, queue, now, &notification.path, &notification.body, &notification.destinations).await?;
         stored += size;
         if let Some((key, _)) = key {
             sql::set_key(&tx, queue, key, id, now).await?;
@@ -467,7 +466,9 @@ async fn listen(shared: Weak<Shared>) {
                     .await;
                     let Some(strong) = shared.upgrade() else { return };
                     match message {
-                        Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) if n.payload() == queue => strong.wake(),
+                        Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) if n.payload() == queue => {
+                            strong.wake()
+                        }
                         Some(Ok(_)) => {}
                         Some(Err(error)) => {
                             tracing::warn!(error = %describe(&error), "spool listener lost its connection; reconnecting");

@@ -6,13 +6,16 @@
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient, Row, Transaction};
 
-use super::super::db::{DeliveryCounts, DeliveryRow, DeliveryState, DestinationStats, DueDelivery, ListFilter, Outcome};
+use super::super::db::{
+    DeliveryCounts, DeliveryRow, DeliveryState, DestinationStats, DueDelivery, ListFilter, Outcome,
+};
 use super::super::{Failure, PrunePolicy, Pruned};
 
 type Result<T> = std::result::Result<T, Failure>;
 
 /// Holder of the per-queue housekeeping lock: pruning and eviction run on one replica at a time.
-const HOUSEKEEPING_LOCK: &str = "SELECT pg_try_advisory_xact_lock(hashtextextended('storerelay housekeeping ' || $1, 0))";
+const HOUSEKEEPING_LOCK: &str =
+    "SELECT pg_try_advisory_xact_lock(hashtextextended('storerelay housekeeping ' || $1, 0))";
 
 fn state(row: &Row, index: usize) -> Result<DeliveryState> {
     let name: &str = row.try_get(index)?;
@@ -323,9 +326,10 @@ pub async fn prune(tx: &Transaction<'_>, queue: &str, policy: &PrunePolicy) -> R
     let received_before = "notification_id IN (SELECT id FROM notifications WHERE queue = $1 AND received_at < $2)";
     let cutoff = policy.unfinishable_before;
     let dead = tx
-        .execute(&format!("DELETE FROM deliveries WHERE queue = $1 AND state = 'dead' AND {received_before}"), &[
-            &queue, &cutoff,
-        ])
+        .execute(
+            &format!("DELETE FROM deliveries WHERE queue = $1 AND state = 'dead' AND {received_before}"),
+            &[&queue, &cutoff],
+        )
         .await? as usize;
     let unknown = tx
         .execute(
