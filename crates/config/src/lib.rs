@@ -21,7 +21,10 @@ pub use apple::{
     DedupeConfig, DestinationMatch, Environment, NotificationVersion, RouteFacts, UnknownBodies, VerifyConfig,
     VerifyMode,
 };
-pub use postgres::{PostgresSpool, PostgresTarget, PostgresUrlProblem, TlsMode, parse_postgres_url};
+pub use postgres::{
+    PostgresSpool, PostgresTarget, PostgresUrlProblem, TlsMode, default_postgres_max_connections,
+    default_postgres_schema, default_postgres_timeout, parse_postgres_url,
+};
 pub use units::{ByteSize, Duration};
 
 /// The whole file. Keys are camelCase; unknown keys are errors.

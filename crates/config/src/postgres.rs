@@ -27,26 +27,26 @@ pub struct PostgresSpool {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_certificate_file: Option<PathBuf>,
     /// The schema holding the spool's tables; created if missing.
-    #[serde(default = "default_schema")]
+    #[serde(default = "default_postgres_schema")]
     pub schema: String,
     /// This route's queue: rows of different queues never mix. The operator sets `<namespace>/<route>`.
     pub queue: String,
     /// Connections each sidecar opens: one listens for new rows, one claims deliveries and records
     /// outcomes, the rest store notifications.
-    #[serde(default = "default_max_connections")]
+    #[serde(default = "default_postgres_max_connections")]
     pub max_connections: u32,
     /// How long storing a notification may wait for the database before Apple gets 503 (it retries).
-    #[serde(default = "default_timeout")]
+    #[serde(default = "default_postgres_timeout")]
     pub timeout: Duration,
 }
 
-pub fn default_schema() -> String {
+pub fn default_postgres_schema() -> String {
     "storerelay".to_string()
 }
-fn default_max_connections() -> u32 {
+pub fn default_postgres_max_connections() -> u32 {
     4
 }
-fn default_timeout() -> Duration {
+pub fn default_postgres_timeout() -> Duration {
     Duration::from_secs(5)
 }
 

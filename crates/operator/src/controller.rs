@@ -111,6 +111,7 @@ async fn reconcile_route(route: &NotificationRoute, ctx: &Context) -> Result<Act
         counts: &counts,
         policy,
         restarts_allowed: ctx.restarts_allowed,
+        shared_spool: route.spec.spool.as_ref().is_some_and(|s| s.postgres.is_some()),
     });
     status::carry_transition_times(&mut conditions, &old_conditions);
     let new_status = NotificationRouteStatus {
@@ -223,6 +224,11 @@ async fn check_references(ctx: &Context, route: &NotificationRoute, namespace: &
     for destination in &route.spec.destinations {
         secret_refs
             .extend(destination.url_from.iter().chain(&destination.headers_from).map(|s| s.secret_key_ref.clone()));
+    }
+    let shared_spool = route.spec.spool.as_ref().and_then(|s| s.postgres.as_ref());
+    if let Some(postgres) = shared_spool {
+        secret_refs.push(postgres.url_from.secret_key_ref.clone());
+        secret_refs.extend(postgres.root_certificate_from.iter().filter_map(|r| r.secret_key_ref.clone()));
     }
     if let Some(verify) = &route.spec.verify {
         secret_refs.extend(verify.v1_password_from.iter().map(|s| s.secret_key_ref.clone()));

@@ -203,6 +203,25 @@ pub struct SpoolSpec {
     pub size_limit: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync: Option<SyncMode>,
+    /// One queue in PostgreSQL shared by every selected pod, instead of a SQLite file in each pod's
+    /// emptyDir: a deleted pod loses nothing, and Apple's retries reaching another pod are not
+    /// mirrored twice. The queue is named `<namespace>/<route>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresSpoolSpec>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresSpoolSpec {
+    /// A Secret key holding `postgres://user:password@host:5432/db?sslmode=verify-full`.
+    pub url_from: SecretSource,
+    /// The schema for the spool's tables (created if missing). Default: storerelay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[a-z_][a-z0-9_]{0,62}$"))]
+    pub schema: Option<String>,
+    /// PEM CA certificates the server's certificate must chain to (sslmode=verify-ca/verify-full).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_certificate_from: Option<KeySource>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

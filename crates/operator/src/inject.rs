@@ -14,10 +14,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sha2::{Digest, Sha256};
 
-use crate::crd::{KeyRef, NotificationRoute, NotificationRouteSpec};
+use crate::crd::{KeyRef, KeySource, NotificationRoute, NotificationRouteSpec};
 use crate::render::{
-    APPLE_ROOT_DIR, APPLE_ROOT_FILE, CONFIG_DIR, CONFIG_KEY, SPOOL_DIR, V1_PASSWORD_DIR, V1_PASSWORD_FILE,
-    config_map_name, destination_secret_dir, spool_size,
+    APPLE_ROOT_DIR, APPLE_ROOT_FILE, CONFIG_DIR, CONFIG_KEY, POSTGRES_CA_DIR, POSTGRES_CA_FILE, POSTGRES_DIR,
+    POSTGRES_URL_FILE, SPOOL_DIR, V1_PASSWORD_DIR, V1_PASSWORD_FILE, config_map_name, destination_secret_dir,
+    spool_size,
 };
 
 pub const CONTAINER_NAME: &str = "storerelay";
@@ -130,6 +131,24 @@ fn secret_volume(name: String, reference: &KeyRef, path: &str) -> Volume {
     }
 }
 
+/// A volume with one file from a ConfigMap or Secret key, optional like [`secret_volume`].
+fn key_source_volume(name: String, source: &KeySource, path: &str) -> Volume {
+    match (&source.config_map_key_ref, &source.secret_key_ref) {
+        (Some(reference), _) => Volume {
+            name,
+            config_map: Some(ConfigMapVolumeSource {
+                name: reference.name.clone(),
+                items: Some(vec![KeyToPath { key: reference.key.clone(), path: path.into(), mode: None }]),
+                optional: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        (None, Some(reference)) => secret_volume(name, reference, path),
+        (None, None) => Volume { name, ..Default::default() },
+    }
+}
+
 fn mount(name: &str, path: &str) -> VolumeMount {
     VolumeMount { name: name.to_string(), mount_path: path.to_string(), read_only: Some(true), ..Default::default() }
 }
@@ -147,6 +166,7 @@ pub fn injection(route: &NotificationRoute, options: &InjectOptions) -> Injectio
     storage.add_spool(spec);
     storage.add_verify_files(spec);
     storage.add_destination_secrets(spec);
+    storage.add_shared_spool(spec);
     storage.add_no_token();
 
     let sidecar = spec.sidecar.clone().unwrap_or_default();
@@ -214,24 +234,7 @@ impl Storage {
         let Some(verify) = &spec.verify else { return };
         if let Some(root) = &verify.apple_root {
             let name = format!("{VOLUME_PREFIX}apple-root");
-            let volume = match (&root.config_map_key_ref, &root.secret_key_ref) {
-                (Some(reference), _) => Volume {
-                    name: name.clone(),
-                    config_map: Some(ConfigMapVolumeSource {
-                        name: reference.name.clone(),
-                        items: Some(vec![KeyToPath {
-                            key: reference.key.clone(),
-                            path: APPLE_ROOT_FILE.into(),
-                            mode: None,
-                        }]),
-                        optional: Some(true),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                (None, Some(reference)) => secret_volume(name.clone(), reference, APPLE_ROOT_FILE),
-                (None, None) => Volume { name: name.clone(), ..Default::default() },
-            };
+            let volume = key_source_volume(name.clone(), root, APPLE_ROOT_FILE);
             self.add(volume, mount(&name, APPLE_ROOT_DIR));
         }
         if let Some(source) = &verify.v1_password_from {
@@ -240,6 +243,20 @@ impl Storage {
                 secret_volume(name.clone(), &source.secret_key_ref, V1_PASSWORD_FILE),
                 mount(&name, V1_PASSWORD_DIR),
             );
+        }
+    }
+
+    /// The shared spool's URL Secret and CA certificates, when the route uses PostgreSQL.
+    fn add_shared_spool(&mut self, spec: &NotificationRouteSpec) {
+        let Some(postgres) = spec.spool.as_ref().and_then(|s| s.postgres.as_ref()) else { return };
+        let name = format!("{VOLUME_PREFIX}spool-db");
+        self.add(
+            secret_volume(name.clone(), &postgres.url_from.secret_key_ref, POSTGRES_URL_FILE),
+            mount(&name, POSTGRES_DIR),
+        );
+        if let Some(root) = &postgres.root_certificate_from {
+            let name = format!("{VOLUME_PREFIX}spool-db-ca");
+            self.add(key_source_volume(name.clone(), root, POSTGRES_CA_FILE), mount(&name, POSTGRES_CA_DIR));
         }
     }
 

@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use storerelay_config::{
-    ByteSize, DedupeConfig, Destination, Duration, Limits, Problem, RetryPolicy, SidecarConfig, SpoolConfig, Upstream,
-    VerifyConfig, defaults,
+    ByteSize, DedupeConfig, Destination, Duration, Limits, PostgresSpool, Problem, RetryPolicy, SidecarConfig,
+    SpoolBackendKind, SpoolConfig, Upstream, VerifyConfig, defaults,
 };
 
 use crate::crd::{NotificationRoute, NotificationRouteSpec};
@@ -23,6 +23,12 @@ pub const APPLE_ROOT_FILE: &str = "root.cer";
 pub const V1_PASSWORD_DIR: &str = "/etc/storerelay/secrets/v1";
 pub const V1_PASSWORD_FILE: &str = "password";
 pub use storerelay_config::DEFAULT_SPOOL_SIZE_LIMIT as DEFAULT_SPOOL_SIZE;
+
+/// The shared spool's URL (a Secret) and CA certificates, each a volume of its own.
+pub const POSTGRES_DIR: &str = "/etc/storerelay/spool-db";
+pub const POSTGRES_URL_FILE: &str = "url";
+pub const POSTGRES_CA_DIR: &str = "/etc/storerelay/spool-db-ca";
+pub const POSTGRES_CA_FILE: &str = "ca.crt";
 
 pub fn destination_secret_dir(destination: &str) -> String {
     format!("/etc/storerelay/secrets/{destination}")
@@ -85,6 +91,18 @@ pub fn render(route: &NotificationRoute) -> Result<SidecarConfig, RenderError> {
         v1_password: None,
         v1_password_file: v.v1_password_from.as_ref().map(|_| PathBuf::from(V1_PASSWORD_DIR).join(V1_PASSWORD_FILE)),
     });
+    let shared = spec.spool.as_ref().and_then(|s| s.postgres.as_ref()).map(|p| PostgresSpool {
+        url: None,
+        url_file: Some(PathBuf::from(POSTGRES_DIR).join(POSTGRES_URL_FILE)),
+        root_certificate_file: p
+            .root_certificate_from
+            .as_ref()
+            .map(|_| PathBuf::from(POSTGRES_CA_DIR).join(POSTGRES_CA_FILE)),
+        schema: p.schema.clone().unwrap_or_else(storerelay_config::default_postgres_schema),
+        queue: queue_name(route),
+        max_connections: storerelay_config::default_postgres_max_connections(),
+        timeout: storerelay_config::default_postgres_timeout(),
+    });
     let destinations = spec
         .destinations
         .iter()
@@ -133,8 +151,8 @@ pub fn render(route: &NotificationRoute) -> Result<SidecarConfig, RenderError> {
             sync: spec.spool.as_ref().and_then(|s| s.sync).unwrap_or_default(),
             retain_delivered: defaults::retain_delivered(),
             retain_dead: defaults::retain_unfinishable(),
-            backend: storerelay_config::SpoolBackendKind::Sqlite,
-            postgres: None,
+            backend: if shared.is_some() { SpoolBackendKind::Postgres } else { SpoolBackendKind::Sqlite },
+            postgres: shared,
         },
         limits: Limits::default(),
         shutdown_grace_period: defaults::shutdown_grace_period(),
@@ -146,6 +164,15 @@ pub fn render(route: &NotificationRoute) -> Result<SidecarConfig, RenderError> {
     // The sidecar's own validation, with its keys mapped back to the route's where they differ.
     problems.extend(config.problems().into_iter().map(|p| Problem { key: route_key(&p.key), message: p.message }));
     if problems.is_empty() { Ok(config) } else { Err(RenderError { problems }) }
+}
+
+/// The shared spool's queue for `route`: `<namespace>/<name>`, so routes sharing a database never mix.
+pub fn queue_name(route: &NotificationRoute) -> String {
+    format!(
+        "{}/{}",
+        route.metadata.namespace.as_deref().unwrap_or("default"),
+        route.metadata.name.as_deref().unwrap_or_default()
+    )
 }
 
 fn route_key(sidecar_key: &str) -> String {
@@ -222,6 +249,35 @@ spec:
         assert_eq!(parsed.verify.v1_password_file.as_deref(), Some(Path::new("/etc/storerelay/secrets/v1/password")));
         assert_eq!(parsed.spool.max_bytes, ByteSize(96 << 20), "three quarters of the 128Mi emptyDir");
         assert_eq!(parsed.spool.sync, storerelay_config::SyncMode::Normal);
+    }
+
+    #[test]
+    fn a_shared_spool_is_rendered_as_the_routes_queue_with_its_secret_mounted() {
+        let mut route = route(ROUTE);
+        route.spec.spool = Some(serde_yaml::from_str(
+            "postgres: {urlFrom: {secretKeyRef: {name: spool-db, key: url}}, rootCertificateFrom: {configMapKeyRef: {name: db-ca, key: ca.crt}}}",
+        )
+        .unwrap());
+        let yaml = render_yaml(&route).unwrap();
+        let parsed = storerelay_config::parse(&yaml, Path::new("rendered.yaml")).unwrap();
+        assert_eq!(parsed.spool.backend, SpoolBackendKind::Postgres);
+        let postgres = parsed.spool.postgres.unwrap();
+        assert_eq!(postgres.queue, "shop/payments");
+        assert_eq!(postgres.url, None, "the URL stays in its Secret");
+        assert_eq!(postgres.url_file.as_deref(), Some(Path::new("/etc/storerelay/spool-db/url")));
+        assert_eq!(postgres.root_certificate_file.as_deref(), Some(Path::new("/etc/storerelay/spool-db-ca/ca.crt")));
+        assert_eq!(postgres.schema, "storerelay");
+
+        let injection = crate::inject::injection(&route, &crate::inject::InjectOptions::default());
+        let volume = |name: &str| injection.volumes.iter().find(|v| v.name == name).cloned();
+        let url = volume("storerelay-spool-db").expect("the URL Secret is mounted");
+        let secret = url.secret.unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("spool-db"));
+        assert_eq!(secret.items.unwrap()[0].path, POSTGRES_URL_FILE);
+        let ca = volume("storerelay-spool-db-ca").expect("the CA ConfigMap is mounted");
+        assert_eq!(ca.config_map.unwrap().name, "db-ca");
+        let mounts = injection.container.volume_mounts.unwrap_or_default();
+        assert!(mounts.iter().any(|m| m.name == "storerelay-spool-db" && m.mount_path == POSTGRES_DIR));
     }
 
     #[test]

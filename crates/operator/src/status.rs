@@ -16,6 +16,9 @@ pub const READY: &str = "Ready";
 pub const DEGRADED: &str = "Degraded";
 pub const SECRETS_RESOLVED: &str = "SecretsResolved";
 pub const SELECTOR_CONFLICT: &str = "SelectorConflict";
+pub const SPOOL_SHARED: &str = "SpoolShared";
+/// The `SpoolShared` reason that deserves a warning: several pods, each with its own SQLite spool.
+const POD_LOCAL_WITH_REPLICAS: &str = "PodLocalSpoolWithReplicas";
 
 /// A workload that owns pods, as `Kind/name`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -202,6 +205,8 @@ pub struct Facts<'a> {
     pub policy: RolloutPolicy,
     /// Whether the operator may restart workloads (a chart value); without it RestartWorkloads acts as Manual.
     pub restarts_allowed: bool,
+    /// Whether the route's spool is the shared PostgreSQL queue (`spec.spool.postgres`).
+    pub shared_spool: bool,
 }
 
 fn condition(type_: &str, status: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
@@ -292,7 +297,42 @@ pub fn conditions(facts: &Facts<'_>) -> Vec<Condition> {
             g,
         )
     };
-    vec![ready, degraded, secrets, conflict]
+    vec![ready, degraded, secrets, conflict, spool_shared(facts.shared_spool, counts.matched, g)]
+}
+
+/// Whether what the pods acknowledge survives their deletion, and Apple's retries are recognised on
+/// every pod: only with the shared queue.
+fn spool_shared(shared: bool, pods: i32, g: Option<i64>) -> Condition {
+    const FIX: &str = "set spec.spool.postgres to share one queue (docs/operator.md, \"Choosing a spool\")";
+    if shared {
+        return condition(
+            SPOOL_SHARED,
+            true,
+            "Postgres",
+            "every selected pod uses the shared PostgreSQL queue: a deleted pod's pending notifications are delivered by the others".into(),
+            g,
+        );
+    }
+    if pods > 1 {
+        return condition(
+            SPOOL_SHARED,
+            false,
+            POD_LOCAL_WITH_REPLICAS,
+            format!(
+                "{pods} selected pods each keep their own SQLite spool: Apple's retries that reach another pod are mirrored again (not de-duplicated), and a deleted pod's undelivered notifications are lost with it; {FIX}"
+            ),
+            g,
+        );
+    }
+    condition(
+        SPOOL_SHARED,
+        false,
+        "PodLocalSpool",
+        format!(
+            "the spool is a SQLite file in the pod's emptyDir: what is pending when the pod is deleted is lost; {FIX}"
+        ),
+        g,
+    )
 }
 
 /// Keeps `lastTransitionTime` of conditions whose status did not change, as Kubernetes expects.
@@ -316,7 +356,7 @@ pub fn is_warning(condition: &Condition) -> bool {
     matches!(
         (condition.type_.as_str(), condition.status.as_str()),
         (READY, "False") | (DEGRADED, "True") | (SECRETS_RESOLVED, "False") | (SELECTOR_CONFLICT, "True")
-    )
+    ) || (condition.type_ == SPOOL_SHARED && condition.reason == POD_LOCAL_WITH_REPLICAS)
 }
 
 #[cfg(test)]
@@ -407,6 +447,7 @@ mod tests {
             counts: &counts,
             policy: RolloutPolicy::Manual,
             restarts_allowed: false,
+            shared_spool: false,
         };
         let conditions = conditions(&facts);
         let ready = &conditions[0];
@@ -442,5 +483,34 @@ mod tests {
         assert!(!config_map_not_ours(&route));
         route.status = Some(crate::crd::NotificationRouteStatus { conditions: blocked, ..Default::default() });
         assert!(config_map_not_ours(&route));
+    }
+
+    #[test]
+    fn several_pods_on_pod_local_spools_are_warned_about_and_a_shared_queue_is_not() {
+        let spool = |shared: bool, matched: i32| {
+            let counts = PodCounts { matched, injected: matched, ..Default::default() };
+            let facts = Facts {
+                generation: Some(1),
+                render_error: None,
+                config_map: None,
+                secrets: &SecretsCheck::Resolved,
+                counts: &counts,
+                policy: RolloutPolicy::Manual,
+                restarts_allowed: false,
+                shared_spool: shared,
+            };
+            conditions(&facts).into_iter().find(|c| c.type_ == SPOOL_SHARED).unwrap()
+        };
+        let replicas = spool(false, 3);
+        assert_eq!((replicas.status.as_str(), replicas.reason.as_str()), ("False", "PodLocalSpoolWithReplicas"));
+        assert!(replicas.message.contains("3 selected pods") && replicas.message.contains("not de-duplicated"));
+        assert!(replicas.message.contains("spec.spool.postgres"), "says what to do: {}", replicas.message);
+        assert!(is_warning(&replicas));
+        let single = spool(false, 1);
+        assert_eq!((single.status.as_str(), single.reason.as_str()), ("False", "PodLocalSpool"));
+        assert!(!is_warning(&single), "one pod on SQLite is the documented default, not a warning");
+        let shared = spool(true, 3);
+        assert_eq!((shared.status.as_str(), shared.reason.as_str()), ("True", "Postgres"));
+        assert!(!is_warning(&shared));
     }
 }
