@@ -10,13 +10,10 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use storerelay_config::{PostgresSpool as Settings, TlsMode, parse_postgres_url};
 use tokio_postgres::config::SslMode;
-use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{AsyncMessage, Client, Config, Connection, NoTls, Socket};
-use tokio_postgres_rustls::MakeRustlsConnect;
 
-/// The TLS stream the rustls connector makes (its type is private to the crate).
-type RustlsStream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
+use super::tls::{MakeRustls, TlsStream};
 
 use super::super::Failure;
 
@@ -25,7 +22,7 @@ use super::super::Failure;
 #[derive(Clone)]
 pub struct Target {
     config: Config,
-    tls: Option<MakeRustlsConnect>,
+    tls: Option<MakeRustls>,
     /// `host/database` for logs.
     pub label: String,
 }
@@ -33,7 +30,7 @@ pub struct Target {
 /// A connection's I/O half, which must be polled (spawned) for the client to work.
 pub enum Driver {
     Plain(Box<Connection<Socket, NoTlsStream>>),
-    Tls(Box<Connection<Socket, RustlsStream>>),
+    Tls(Box<Connection<Socket, TlsStream<Socket>>>),
 }
 
 impl Target {
@@ -65,7 +62,7 @@ impl Target {
             }
             mode => {
                 config.ssl_mode(SslMode::Require);
-                Some(MakeRustlsConnect::new(client_config(mode, settings)?))
+                Some(MakeRustls::new(client_config(mode, settings)?))
             }
         };
         let database = config.get_dbname().unwrap_or("postgres").to_string();

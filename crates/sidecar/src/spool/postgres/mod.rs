@@ -15,6 +15,7 @@
 mod connect;
 mod schema;
 mod sql;
+mod tls;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
