@@ -296,3 +296,64 @@ async fn a_sqlite_sidecar_that_stops_with_work_pending_says_what_it_leaves_behin
         log.lines().find(|l| l.contains("LOST if it is deleted")).unwrap_or_else(|| panic!("no warning:\n{log}"));
     assert!(line.contains(r#""by_destination":"rc=3""#) && line.contains(r#""pending":3"#), "{line}");
 }
+
+/// A CA and a server certificate for `localhost` and 127.0.0.1 it signed: (CA PEM, chain PEM, key PEM).
+fn tls_chain() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    let key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca.pem(), server.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_reaches_the_database_over_tls_and_refuses_a_certificate_of_another_ca() {
+    let Some(mut pg) = server() else { return };
+    let (ca, chain, key) = tls_chain();
+    pg.enable_tls(&chain, &key);
+    let revenuecat = StandIn::start().await;
+    let start = |ca_pem: String| {
+        let dir = tempfile::tempdir().unwrap();
+        // The password only ever lives in the Secret file (trust authentication ignores it here).
+        let url = format!("postgres://storerelay:pw-NEVER-PRINTED@localhost:{}/postgres?sslmode=verify-full", pg.port);
+        std::fs::write(dir.path().join("url"), url).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca_pem).unwrap();
+        let spool = format!(
+            "backend: postgres\npostgres:\n  urlFile: {}\n  rootCertificateFile: {}\n  queue: tls\n  maxConnections: 3",
+            dir.path().join("url").display(),
+            dir.path().join("ca.pem").display()
+        );
+        let sidecar = Sidecar::prepare(
+            dir.path().to_path_buf(),
+            &format!("destinations:\n{}", destination("rc", &revenuecat)),
+            &spool,
+        );
+        (dir, sidecar)
+    };
+    let (_dir, mut trusted) = start(ca);
+    trusted.spawn();
+    trusted.wait_ready(Duration::from_secs(20)).await;
+    assert_eq!(trusted.post(v2("over-tls")).await.status(), 200);
+    revenuecat.wait_for(1, Duration::from_secs(20)).await;
+    let encrypted = pg.psql(
+        "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'storerelay-sidecar'",
+    );
+    assert_eq!(encrypted, "t", "every spool connection is TLS");
+
+    let (other_ca, _, _) = tls_chain();
+    let (_other_dir, mut untrusted) = start(other_ca);
+    untrusted.spawn();
+    assert_ne!(untrusted.wait_exit(Duration::from_secs(20)).await, Some(0), "a server the CA did not sign is refused");
+    let log = untrusted.log();
+    assert!(log.to_lowercase().contains("certificate"), "the refusal says why: {log}");
+    for output in [trusted.log(), log] {
+        assert!(!output.contains("pw-NEVER-PRINTED"), "the URL's password leaked: {output}");
+    }
+}

@@ -60,6 +60,8 @@ pub struct Postgres {
     pub port: u16,
     user: Option<(u32, u32)>,
     child: Option<Child>,
+    /// Server settings added by [`Postgres::enable_tls`].
+    extra: Vec<String>,
 }
 
 impl Postgres {
@@ -71,7 +73,8 @@ impl Postgres {
         if let Some((uid, gid)) = user {
             chown(dir.path(), uid, gid);
         }
-        let mut server = Postgres { bin: bin.to_path_buf(), port: crate::free_port(), dir, user, child: None };
+        let mut server =
+            Postgres { bin: bin.to_path_buf(), port: crate::free_port(), dir, user, child: None, extra: Vec::new() };
         let data = server.data();
         let initdb = server
             .command("initdb")
@@ -119,6 +122,7 @@ impl Postgres {
             .arg(self.dir.path())
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200", "-c", "fsync=on"])
             .args(["-c", "synchronous_commit=on", "-c", "shared_buffers=64MB"])
+            .args(&self.extra)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -139,6 +143,30 @@ impl Postgres {
             assert!(Instant::now() < deadline, "PostgreSQL did not start within 30s:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Restarts the server with TLS on (plain connections still work), serving this certificate chain
+    /// and key (PEM).
+    pub fn enable_tls(&mut self, certificate_chain: &str, key: &str) {
+        let (crt, pem) = (self.dir.path().join("server.crt"), self.dir.path().join("server.key"));
+        std::fs::write(&crt, certificate_chain).unwrap();
+        std::fs::write(&pem, key).unwrap();
+        // The server refuses a key file others can read.
+        std::fs::set_permissions(&pem, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        if let Some((uid, gid)) = self.user {
+            chown(&crt, uid, gid);
+            chown(&pem, uid, gid);
+        }
+        self.extra = vec![
+            "-c".into(),
+            "ssl=on".into(),
+            "-c".into(),
+            format!("ssl_cert_file={}", crt.display()),
+            "-c".into(),
+            format!("ssl_key_file={}", pem.display()),
+        ];
+        self.stop();
+        self.resume();
     }
 
     /// Stops the server the way an outage does: every connection is cut at once (an immediate
