@@ -25,6 +25,8 @@ test:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	# The sidecar alone, as its image builds it (without the config crate's `schema` feature).
+	$(CARGO) clippy -p storerelay-sidecar --bin storerelay-sidecar -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

@@ -4,13 +4,13 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{Duration, Problem};
 
 /// Apple's environments, as V2 notifications name them (V1's `PROD` is `Production`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum Environment {
     Production,
     Sandbox,
@@ -47,14 +47,16 @@ impl fmt::Display for Environment {
 }
 
 /// The notification format: V1 (plain JSON, deprecated but still sent) or V2 (`signedPayload`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum NotificationVersion {
     V1,
     V2,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum VerifyMode {
     /// Nothing is checked.
@@ -66,7 +68,8 @@ pub enum VerifyMode {
     Enforce,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VerifyConfig {
     #[serde(default)]
@@ -115,7 +118,8 @@ impl VerifyConfig {
 }
 
 /// What to do with a JSON body that is neither a V1 nor a V2 notification.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum UnknownBodies {
     /// Store and mirror it like any other (to destinations without a `match`).
@@ -125,7 +129,8 @@ pub enum UnknownBodies {
     Reject,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DedupeConfig {
     /// How long a notification's key (V2 `notificationUUID`, V1 body SHA-256) is remembered. Longer
@@ -146,7 +151,8 @@ fn default_dedupe_window() -> Duration {
 
 /// Which notifications a destination gets. Every list that is set must contain the notification's
 /// value; empty lists match everything.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DestinationMatch {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

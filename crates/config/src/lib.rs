@@ -14,7 +14,6 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use apple::{
@@ -28,16 +27,17 @@ pub use postgres::{
 pub use units::{ByteSize, Duration};
 
 /// The whole file. Keys are camelCase; unknown keys are errors.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SidecarConfig {
     /// Where Apple's POSTs arrive.
     #[serde(default = "defaults::listen")]
-    #[schemars(with = "String")]
+    #[cfg_attr(feature = "schema", schemars(with = "String"))]
     pub listen: SocketAddr,
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     #[serde(default = "defaults::admin")]
-    #[schemars(with = "String")]
+    #[cfg_attr(feature = "schema", schemars(with = "String"))]
     pub admin: SocketAddr,
     /// Request paths that accept notifications (POST only). Other paths get 404, other methods 405.
     #[serde(default = "defaults::paths")]
@@ -72,7 +72,8 @@ pub struct SidecarConfig {
     pub destinations: Vec<Destination>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Upstream {
     /// Base URL of the app, `http://127.0.0.1:8080`; the request's path and query are appended.
@@ -81,7 +82,8 @@ pub struct Upstream {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum AckMode {
     /// Apple gets the app's answer (the body is spooled first).
@@ -102,7 +104,8 @@ impl fmt::Display for AckMode {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SpoolConfig {
     /// `sqlite` (a file beside the sidecar: one replica) or `postgres` (one queue shared by every
@@ -149,7 +152,8 @@ impl Default for SpoolConfig {
 }
 
 /// Where the spool lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum SpoolBackendKind {
     #[default]
@@ -166,7 +170,8 @@ impl fmt::Display for SpoolBackendKind {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum SyncMode {
     #[default]
@@ -174,7 +179,8 @@ pub enum SyncMode {
     Normal,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Limits {
     /// Larger bodies get 413; nothing past the limit is read.
@@ -208,7 +214,8 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Destination {
     /// Lowercase letters, digits and `-`; used in metrics, logs and spool tools.
@@ -238,7 +245,8 @@ pub struct Destination {
     pub filter: DestinationMatch,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryPolicy {
     #[serde(default = "defaults::initial_backoff")]
@@ -662,7 +670,14 @@ pub fn load(file: &Path) -> Result<SidecarConfig, ConfigError> {
     parse(&text, file)
 }
 
-/// The JSON Schema of the config file (for editors and for the operator's docs).
+/// The JSON Schema of the config file as committed in `schema.json` (what `storerelay-sidecar schema`
+/// prints). The schema is generated from these types by [`json_schema`] (feature `schema`, which the
+/// sidecar's binary does without: the generator's code is a tenth of a megabyte it never needs at run
+/// time); a test keeps the file equal to it.
+pub const JSON_SCHEMA: &str = include_str!("../schema.json");
+
+/// The JSON Schema of the config file, generated from the types (for editors and the operator's docs).
+#[cfg(feature = "schema")]
 pub fn json_schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(SidecarConfig)).unwrap_or_default()
 }

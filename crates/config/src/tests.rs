@@ -276,3 +276,16 @@ fn the_postgres_spool_is_checked_key_by_key_and_its_password_never_printed() {
     .unwrap();
     assert!(files.secret_files().contains(&Path::new("/s/url")) && files.secret_files().contains(&Path::new("/s/ca")));
 }
+
+#[test]
+fn the_committed_schema_is_the_generated_one() {
+    let generated = format!("{:#}\n", json_schema());
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema.json");
+    if std::env::var_os("STORERELAY_BLESS").is_some() {
+        std::fs::write(&committed, &generated).unwrap();
+    }
+    assert!(
+        JSON_SCHEMA == generated,
+        "crates/config/schema.json is stale: run `STORERELAY_BLESS=1 cargo test -p storerelay-config`"
+    );
+}

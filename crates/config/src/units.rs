@@ -4,10 +4,12 @@
 //! both print back in the shortest exact form so that `check` and the operator's rendered ConfigMaps
 //! look like something a person wrote.
 
+#[cfg(feature = "schema")]
 use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
+#[cfg(feature = "schema")]
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -105,6 +107,7 @@ impl<'de> Deserialize<'de> for Duration {
     }
 }
 
+#[cfg(feature = "schema")]
 impl JsonSchema for Duration {
     fn schema_name() -> Cow<'static, str> {
         "Duration".into()
@@ -196,6 +199,7 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+#[cfg(feature = "schema")]
 impl JsonSchema for ByteSize {
     fn schema_name() -> Cow<'static, str> {
         "ByteSize".into()

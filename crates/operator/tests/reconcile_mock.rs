@@ -210,9 +210,14 @@ async fn renders_the_config_map_counts_pods_and_writes_status_and_events() {
     assert!(condition("Ready")["message"].as_str().unwrap().contains("restart Deployment/payments"));
     assert_eq!(condition("SecretsResolved")["status"], "True");
     assert_eq!(condition("SelectorConflict")["status"], "False");
+    // Three pods, each with its own SQLite spool: said, with what to do.
+    assert_eq!(condition("SpoolShared")["status"], "False");
+    assert_eq!(condition("SpoolShared")["reason"], "PodLocalSpoolWithReplicas");
+    assert!(condition("SpoolShared")["message"].as_str().unwrap().contains("spec.spool.postgres"));
 
     let events = find(&calls, Method::POST, "/apis/events.k8s.io/v1/namespaces/shop/events");
-    assert_eq!(events.len(), 4, "one Event per new condition");
+    assert_eq!(events.len(), 5, "one Event per new condition");
+    assert!(events.iter().any(|e| e.body["reason"] == "PodLocalSpoolWithReplicas" && e.body["type"] == "Warning"));
     assert!(events.iter().any(|e| e.body["reason"] == "PodsMissingSidecar" && e.body["type"] == "Warning"));
     assert!(
         find(&calls, Method::PATCH, "/apis/apps/v1/namespaces/shop/deployments/payments").is_empty(),

@@ -50,7 +50,7 @@ fn main() -> ExitCode {
     let printed = match cli.command.unwrap_or(Command::Run) {
         Command::Run => return run(&config),
         Command::Check => cli::check(&config),
-        Command::Schema => Ok(format!("{:#}\n", storerelay_config::json_schema())),
+        Command::Schema => Ok(storerelay_config::JSON_SCHEMA.to_string()),
         Command::Inspect => {
             let mut body = Vec::new();
             if let Err(error) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut body) {
