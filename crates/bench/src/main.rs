@@ -1,12 +1,13 @@
 //! `make bench` / `make bench-quick`: one run that measures, on this machine and side by side,
 //! going straight to a stand-in app, going through storerelay-sidecar, through the Express + axios
 //! forwarder most teams write (bench/forwarder.js), and through nginx's `mirror`; then the sidecar's own
-//! spool numbers and the webhook's admission latency. Everything listens on 127.0.0.1; every load is
+//! spool numbers (SQLite and PostgreSQL side by side) and the webhook's admission latency. Everything listens on 127.0.0.1; every load is
 //! bounded in count and time. Results: target/bench/results.json and docs/benchmarks.md.
 
 mod load;
 mod operator;
 mod procs;
+mod spool;
 mod standin;
 
 use std::path::{Path, PathBuf};
@@ -71,6 +72,7 @@ enum Cmd {
 enum Section {
     Proxies,
     Sidecar,
+    Spool,
     Webhook,
     Operator,
 }
@@ -96,7 +98,7 @@ fn main() {
         }
         Cmd::Run { quick, sidecar, operator, out, report, only } => {
             let sections = if only.is_empty() {
-                vec![Section::Proxies, Section::Sidecar, Section::Webhook, Section::Operator]
+                vec![Section::Proxies, Section::Sidecar, Section::Spool, Section::Webhook, Section::Operator]
             } else {
                 only.clone()
             };
@@ -244,7 +246,15 @@ async fn run(quick: bool, sidecar: &Path, operator: &Path, sections: &[Section])
         }
     };
     let work = tempfile::tempdir().expect("temp dir");
-    let mut results = json!({"machine": procs::machine(), "quick": quick, "proxies": {}, "sidecar": {}, "webhook": {}, "operator": {}});
+    let mut results = json!({"machine": procs::machine(), "quick": quick, "proxies": {}, "sidecar": {}, "spool": {}, "webhook": {}, "operator": {}});
+    // A real PostgreSQL from the machine's packages for the shared-spool rows, when it is installed.
+    let postgres = [Section::Proxies, Section::Spool]
+        .iter()
+        .any(|s| sections.contains(s))
+        .then(storerelay_testenv::postgres::binaries)
+        .flatten()
+        .map(|bin| storerelay_testenv::postgres::Postgres::start(&bin));
+    let postgres_url = postgres.as_ref().map(|p| p.url());
 
     let app_port = free_port();
     let destination_port = free_port();
@@ -259,8 +269,12 @@ async fn run(quick: bool, sidecar: &Path, operator: &Path, sections: &[Section])
         let body_file = work.path().join("body.json");
         std::fs::write(&body_file, &body).expect("body");
         let mut rows = serde_json::Map::new();
-        for target in ["direct", "storerelay-sidecar", "node-express-axios", "nginx-mirror"] {
-            let Some(mut server) = start_target(target, work.path(), sidecar, app_port, &destination_url).await else {
+        for target in
+            ["direct", "storerelay-sidecar", "storerelay-sidecar-postgres", "node-express-axios", "nginx-mirror"]
+        {
+            let started =
+                start_target(target, work.path(), sidecar, app_port, &destination_url, postgres_url.as_deref());
+            let Some(mut server) = started.await else {
                 rows.insert(target.into(), json!({"skipped": "not installed"}));
                 continue;
             };
@@ -296,6 +310,13 @@ async fn run(quick: bool, sidecar: &Path, operator: &Path, sections: &[Section])
         eprintln!("bench: the sidecar alone");
         results["sidecar"] = sidecar_only(sidecar, work.path(), &timing, &destination_url, destination_port).await;
     }
+    if sections.contains(&Section::Spool) {
+        let small = work.path().join("spool-small.json");
+        std::fs::write(&small, bodies().pop().expect("small body").1).expect("body");
+        results["spool"] =
+            spool::compare(sidecar, work.path(), &small, timing.saturation, postgres_url.as_deref(), quick).await;
+    }
+    drop(postgres);
     if sections.contains(&Section::Webhook) {
         eprintln!("bench: the webhook");
         results["webhook"] = operator::webhook(timing.webhook_reviews).await;
@@ -321,29 +342,53 @@ impl Target {
     }
 }
 
-fn sidecar_config(dir: &Path, port: u16, admin: u16, extra: &str, sync: &str) -> PathBuf {
+/// Where a benchmarked sidecar spools.
+pub enum SpoolKind {
+    /// A SQLite file with this `sync`.
+    Sqlite(&'static str),
+    /// A queue of its own (named after its port) in the database at this URL.
+    Postgres(String),
+}
+
+pub fn sidecar_config(dir: &Path, port: u16, admin: u16, extra: &str, spool: &SpoolKind) -> PathBuf {
     let path = dir.join(format!("sidecar-{port}.yaml"));
-    let spool = dir.join(format!("spool-{port}.db"));
+    let file = dir.join(format!("spool-{port}.db"));
+    let spool = match spool {
+        SpoolKind::Sqlite(sync) => format!("{{path: {}, sync: {sync}, maxBytes: 4Gi}}", file.display()),
+        SpoolKind::Postgres(url) => format!(
+            "{{backend: postgres, maxBytes: 4Gi, postgres: {{url: \"{url}\", queue: bench/{port}, maxConnections: 6}}}}"
+        ),
+    };
     let text = format!(
         // Duplicate suppression off: the load repeats one body, which must count as distinct notifications.
-        "listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nspool: {{path: {}, sync: {sync}, maxBytes: 4Gi}}\nlimits: {{maxConcurrentRequests: 4096, maxBufferedBytes: 1Gi}}\ndedupe: {{window: 0s}}\n{extra}",
-        spool.display()
+        "listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nspool: {spool}\nlimits: {{maxConcurrentRequests: 4096, maxBufferedBytes: 1Gi}}\ndedupe: {{window: 0s}}\n{extra}",
     );
     std::fs::write(&path, text).expect("config");
     path
 }
 
-async fn start_target(name: &str, dir: &Path, sidecar: &Path, app_port: u16, destination_url: &str) -> Option<Target> {
+async fn start_target(
+    name: &str,
+    dir: &Path,
+    sidecar: &Path,
+    app_port: u16,
+    destination_url: &str,
+    postgres_url: Option<&str>,
+) -> Option<Target> {
     let port = free_port();
     let process = match name {
         // The baseline: a stand-in app of its own, so its process can be measured like the others.
         "direct" => Proc::spawn("app", &bench_binary(), &["app".into(), port.to_string()], &[]),
-        "storerelay-sidecar" => {
+        "storerelay-sidecar" | "storerelay-sidecar-postgres" => {
             let admin = free_port();
             let extra = format!(
                 "upstream: {{url: \"http://127.0.0.1:{app_port}\"}}\nack: upstream\ndestinations:\n  - {{name: revenuecat, url: \"{destination_url}\", concurrency: 16}}\n"
             );
-            let config = sidecar_config(dir, port, admin, &extra, "full");
+            let spool = match name {
+                "storerelay-sidecar" => SpoolKind::Sqlite("full"),
+                _ => SpoolKind::Postgres(postgres_url?.to_string()),
+            };
+            let config = sidecar_config(dir, port, admin, &extra, &spool);
             Proc::spawn(
                 "sidecar",
                 sidecar,
@@ -413,7 +458,7 @@ async fn sidecar_only(
     let mut out = json!({});
     for sync in ["full", "normal"] {
         let (port, admin) = (free_port(), free_port());
-        let config = sidecar_config(dir, port, admin, "ack: spooled\n", sync);
+        let config = sidecar_config(dir, port, admin, "ack: spooled\n", &SpoolKind::Sqlite(sync));
         let mut process = Proc::spawn(
             "sidecar",
             sidecar,
@@ -434,7 +479,7 @@ async fn sidecar_only(
 
     // A backlog: notifications stored while no destination was configured, then given to one.
     let (port, admin) = (free_port(), free_port());
-    let config = sidecar_config(dir, port, admin, "ack: spooled\n", "normal");
+    let config = sidecar_config(dir, port, admin, "ack: spooled\n", &SpoolKind::Sqlite("normal"));
     let mut filler = Proc::spawn(
         "sidecar",
         sidecar,
@@ -457,7 +502,7 @@ async fn sidecar_only(
     eprintln!("bench: draining {filled}");
     let before = standin::count(destination_port).await;
     let extra = format!("destinations:\n  - {{name: revenuecat, url: \"{destination_url}\", concurrency: 32}}\n");
-    let config = sidecar_config(dir, port, admin, &format!("ack: spooled\n{extra}"), "normal");
+    let config = sidecar_config(dir, port, admin, &format!("ack: spooled\n{extra}"), &SpoolKind::Sqlite("normal"));
     let started = Instant::now();
     let process = Proc::spawn(
         "sidecar",
@@ -487,7 +532,8 @@ async fn sidecar_only(
     let image_binary = Path::new(".cache/images/storerelay-sidecar");
     if image_binary.exists() {
         let (port, admin) = (free_port(), free_port());
-        let config = sidecar_config(dir, port, admin, "ack: spooled\n", "full");
+        out["static_binary_bytes"] = json!(std::fs::metadata(image_binary).map(|m| m.len()).unwrap_or(0));
+        let config = sidecar_config(dir, port, admin, "ack: spooled\n", &SpoolKind::Sqlite("full"));
         let mut process = Proc::spawn(
             "sidecar (static)",
             image_binary,
@@ -549,6 +595,14 @@ fn render(results: &Value) -> String {
             (Some(a), Some(b)) => format!("{:+.3} ms", a - b),
             _ => "-".into(),
         };
+        let postgres_added = match (rows["storerelay-sidecar-postgres"]["p99_ms"].as_f64(), sidecar["p99_ms"].as_f64())
+        {
+            (Some(a), Some(b)) => format!("{:+.3} ms", a - b),
+            _ => "-".into(),
+        };
+        md.push_str(&format!(
+            "\nWith `backend: postgres` (a local PostgreSQL from the machine's packages, `synchronous_commit=on`): p99 added over the SQLite sidecar {postgres_added}.\n"
+        ));
         md.push_str(&format!(
             "\nRatios: sidecar/direct throughput {}, sidecar/node throughput {}, sidecar/nginx throughput {}; sidecar/node idle RSS {}; p99 added over direct {}, p50 added {}.\n\n",
             ratio("throughput_rps", "direct"),
@@ -591,6 +645,7 @@ fn render(results: &Value) -> String {
         "| image, static binary on scratch (MiB) | {} |\n\n",
         s["image_bytes"].as_f64().map_or("not built (make images)".into(), |b| format!("{:.2}", b / 1048576.0))
     ));
+    md.push_str(&spool_backends(&results["spool"]));
     let w = &results["webhook"];
     md.push_str(&format!(
         "## The webhook\n\n{} AdmissionReviews over HTTPS, 50 at a time, against a cache of {} routes: p50 {} ms, p99 {} ms, {} reviews/s, {} errors.\n",
@@ -598,6 +653,32 @@ fn render(results: &Value) -> String {
     ));
     md.push_str(&operator_memory(&results["operator"]));
     md.push_str(&goals(results));
+    md
+}
+
+fn spool_backends(s: &Value) -> String {
+    let f = |v: &Value, digits: usize| v.as_f64().map_or("-".to_string(), |x| format!("{x:.digits$}"));
+    let mut md = String::from(
+        "## Spool backends\n\nThe same sidecar with `ack: spooled` on each backend: spooled ingest at saturation (wrk, small body; SQLite `sync: full`, PostgreSQL on this machine with `fsync` and `synchronous_commit` on; the sidecar's CPU only, not the database's), and ack-to-destination: numbered notifications at 200/s, from each 200 to its arrival at a destination stand-in in the benchmark's own process.\n\n| backend | spooled ingest (req/s) | sidecar CPU s / 10k | ack-to-destination p50 ms | p99 ms | delivered |\n|---|---|---|---|---|---|\n",
+    );
+    for name in ["sqlite", "postgres"] {
+        let row = &s[name];
+        if row.is_null() {
+            md.push_str(&format!("| {name} | {} | | | | |\n", s["postgres"].as_str().unwrap_or("not run")));
+            continue;
+        }
+        let latency = &row["ack_to_destination"];
+        md.push_str(&format!(
+            "| {name} | {} | {} | {} | {} | {} of {} |\n",
+            f(&row["spooled_ingest_rps"], 0),
+            f(&row["sidecar_cpu_seconds_per_10k"], 2),
+            f(&latency["p50_ms"], 2),
+            f(&latency["p99_ms"], 2),
+            latency["arrived"],
+            latency["acknowledged"],
+        ));
+    }
+    md.push('\n');
     md
 }
 
@@ -700,6 +781,47 @@ fn goals(results: &Value) -> String {
         ("backlog drain (notifications/s)", value(&sidecar["drain_rps"]), true, 2_000.0, "≥ 2,000"),
         ("ready with the backlog pending (ms)", value(&sidecar["ready_ms_with_backlog"]), false, 100.0, "≤ 100"),
         ("stripped binary (MiB)", value(&sidecar["binary_bytes"]).map(|b| b / 1048576.0), false, 6.0, "≤ 6"),
+        (
+            "image's static binary, both backends (MiB)",
+            value(&sidecar["static_binary_bytes"]).map(|b| b / 1048576.0),
+            false,
+            7.0,
+            "≤ 7",
+        ),
+        (
+            "spooled ingest, postgres, synchronous_commit=on (req/s)",
+            value(&results["spool"]["postgres"]["spooled_ingest_rps"]),
+            true,
+            5_000.0,
+            "≥ 5,000",
+        ),
+        (
+            "p99 added by postgres over the SQLite sidecar at 1,000 req/s, small (ms)",
+            minus(
+                value(&small["storerelay-sidecar-postgres"]["p99_ms"]),
+                value(&small["storerelay-sidecar"]["p99_ms"]),
+            ),
+            false,
+            3.0,
+            "≤ 3",
+        ),
+        (
+            "p99 added by postgres over the SQLite sidecar at 1,000 req/s, V2 ~20 KB (ms)",
+            minus(
+                value(&large["storerelay-sidecar-postgres"]["p99_ms"]),
+                value(&large["storerelay-sidecar"]["p99_ms"]),
+            ),
+            false,
+            3.0,
+            "≤ 3",
+        ),
+        (
+            "ack-to-destination p50, postgres (ms)",
+            value(&results["spool"]["postgres"]["ack_to_destination"]["p50_ms"]),
+            false,
+            5.0,
+            "≤ 5",
+        ),
         ("webhook p99 (ms)", value(&results["webhook"]["p99_ms"]), false, 5.0, "≤ 5"),
     ];
     let mut md = String::from(
