@@ -17,8 +17,11 @@ mod schema;
 mod sql;
 mod tls;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+
+use futures_util::future::try_join_all;
 use std::time::Duration;
 
 use storerelay_config::PostgresSpool as Settings;
@@ -57,6 +60,18 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
     }
 }
 
+/// A connection and the statements prepared on it.
+struct Session {
+    client: Client,
+    prepared: sql::Prepared,
+}
+
+impl Session {
+    fn new(client: Client) -> Session {
+        Session { client, prepared: sql::Prepared::default() }
+    }
+}
+
 enum Op {
     Insert { notification: NewNotification, reply: oneshot::Sender<Result<Stored>> },
     Prune { policy: PrunePolicy, reply: oneshot::Sender<Result<Pruned>> },
@@ -83,7 +98,7 @@ struct Shared {
     /// Bumped after this replica's commits and on every NOTIFY for the queue.
     inserted: watch::Sender<u64>,
     /// The claim connection, opened again when it is lost.
-    claims: Mutex<Option<Arc<Client>>>,
+    claims: Mutex<Option<Arc<Session>>>,
 }
 
 impl Shared {
@@ -96,15 +111,15 @@ impl Shared {
     }
 
     /// The claim connection, (re)opened if needed.
-    async fn claims(&self) -> Result<Arc<Client>> {
+    async fn claims(&self) -> Result<Arc<Session>> {
         let mut slot = self.claims.lock().await;
-        if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(client.clone());
+        if let Some(session) = slot.as_ref().filter(|s| !s.client.is_closed()) {
+            return Ok(session.clone());
         }
         let connect = self.target.connect(&self.schema, false);
-        let client = Arc::new(self.bounded(connect).await?);
-        *slot = Some(client.clone());
-        Ok(client)
+        let session = Arc::new(Session::new(self.bounded(connect).await?));
+        *slot = Some(session.clone());
+        Ok(session)
     }
 
     /// Runs `work` within `spool.postgres.timeout`.
@@ -160,7 +175,7 @@ impl PostgresSpool {
         });
         let rx = Arc::new(Mutex::new(rx));
         let writers = settings.max_connections.saturating_sub(2).max(1);
-        let mut first = Some(first);
+        let mut first = Some(Session::new(first));
         for _ in 0..writers {
             tokio::spawn(store_worker(first.take(), rx.clone(), shared.clone()));
         }
@@ -184,7 +199,7 @@ impl PostgresSpool {
     }
 
     /// Runs a query on the claim connection, within the timeout; a lost connection is reopened next time.
-    async fn on_claims<T, F>(&self, query: impl FnOnce(Arc<Client>) -> F) -> Result<T>
+    async fn on_claims<T, F>(&self, query: impl FnOnce(Arc<Session>) -> F) -> Result<T>
     where
         F: Future<Output = std::result::Result<T, Failure>>,
     {
@@ -201,18 +216,21 @@ impl SpoolBackend for PostgresSpool {
 
     async fn record(&self, destination: String, notification_id: i64, outcome: Outcome) -> Result<()> {
         let queue = self.shared.queue.clone();
-        self.on_claims(|client| async move {
-            sql::record(&client, &queue, &destination, notification_id, now_ms(), &outcome).await
+        self.on_claims(|session| async move {
+            sql::record(&session.client, &session.prepared, &queue, &destination, notification_id, now_ms(), &outcome)
+                .await
         })
         .await
     }
 
     async fn due(&self, query: DueQuery) -> Result<DueBatch> {
         let queue = self.shared.queue.clone();
-        self.on_claims(|client| async move {
+        self.on_claims(|session| async move {
             let lease_until = query.now + query.lease.as_millis() as i64;
-            let claimed = sql::claim(&client, &queue, &query.destination, query.now, query.wanted as i64, lease_until);
-            let next = sql::next_due_after(&client, &queue, &query.destination, query.now);
+            let (client, prepared) = (&session.client, &session.prepared);
+            let wanted = query.wanted as i64;
+            let claimed = sql::claim(client, prepared, &queue, &query.destination, query.now, wanted, lease_until);
+            let next = sql::next_due_after(client, prepared, &queue, &query.destination, query.now);
             // Both go out on the connection at once (the driver pipelines them).
             let (due, next_due_at) = futures_util::future::try_join(claimed, next).await?;
             Ok(DueBatch { due, next_due_at })
@@ -222,17 +240,18 @@ impl SpoolBackend for PostgresSpool {
 
     async fn earliest_due(&self, destinations: Vec<String>) -> Result<Option<i64>> {
         let queue = self.shared.queue.clone();
-        self.on_claims(|client| async move { sql::earliest_due(&client, &queue, &destinations).await }).await
+        self.on_claims(|session| async move { sql::earliest_due(&session.client, &queue, &destinations).await }).await
     }
 
     async fn delivery_counts(&self, notification_id: i64) -> Result<DeliveryCounts> {
         let queue = self.shared.queue.clone();
-        self.on_claims(|client| async move { sql::delivery_counts(&client, &queue, notification_id).await }).await
+        self.on_claims(|session| async move { sql::delivery_counts(&session.client, &queue, notification_id).await })
+            .await
     }
 
     async fn stats(&self) -> Result<Vec<DestinationStats>> {
         let queue = self.shared.queue.clone();
-        self.on_claims(|client| async move { sql::stats(&*client, &queue).await }).await
+        self.on_claims(|session| async move { sql::stats(&session.client, &queue).await }).await
     }
 
     async fn prune(&self, policy: PrunePolicy) -> Result<Pruned> {
@@ -258,7 +277,7 @@ impl SpoolBackend for PostgresSpool {
 }
 
 /// Takes queued operations in batches and runs each batch in one transaction on its own connection.
-async fn store_worker(mut client: Option<Client>, ops: Arc<Mutex<mpsc::UnboundedReceiver<Op>>>, shared: Arc<Shared>) {
+async fn store_worker(mut session: Option<Session>, ops: Arc<Mutex<mpsc::UnboundedReceiver<Op>>>, shared: Arc<Shared>) {
     loop {
         let batch = {
             let mut ops = ops.lock().await;
@@ -287,14 +306,14 @@ async fn store_worker(mut client: Option<Client>, ops: Arc<Mutex<mpsc::Unbounded
         if batch.is_empty() {
             continue;
         }
-        let connection = match client.take().filter(|c| !c.is_closed()) {
+        let connection = match session.take().filter(|s| !s.client.is_closed()) {
             Some(open) => Ok(open),
-            None => shared.target.connect(&shared.schema, true).await,
+            None => shared.target.connect(&shared.schema, true).await.map(Session::new),
         };
         match connection {
             Ok(mut open) => {
                 run_batch(&mut open, batch, &shared).await;
-                client = Some(open);
+                session = Some(open);
             }
             Err(failure) => {
                 let error = shared.error(failure);
@@ -325,7 +344,7 @@ enum Planned {
     Refused(SpoolError),
 }
 
-async fn run_batch(client: &mut Client, batch: Vec<Op>, shared: &Shared) {
+async fn run_batch(session: &mut Session, batch: Vec<Op>, shared: &Shared) {
     let mut inserts = Vec::new();
     let mut prunes = Vec::new();
     for op in batch {
@@ -336,7 +355,7 @@ async fn run_batch(client: &mut Client, batch: Vec<Op>, shared: &Shared) {
     }
     if !inserts.is_empty() {
         let notifications: Vec<&NewNotification> = inserts.iter().map(|(n, _)| n).collect();
-        let outcome = store_all(client, &notifications, shared).await;
+        let outcome = store_all(session, &notifications, shared).await;
         match outcome {
             Ok(planned) => {
                 for ((_, reply), planned) in inserts.into_iter().zip(planned) {
@@ -356,49 +375,56 @@ async fn run_batch(client: &mut Client, batch: Vec<Op>, shared: &Shared) {
         }
     }
     for (policy, reply) in prunes {
-        let _ = reply.send(prune(client, &policy, shared).await.map_err(|f| shared.error(f)));
+        let _ = reply.send(prune(&mut session.client, &policy, shared).await.map_err(|f| shared.error(f)));
     }
 }
 
+/// What becomes of one notification of a batch.
+enum Step {
+    /// A repeat of a stored notification: queue it for the destinations that lack it.
+    Repeat(i64),
+    /// A repeat of the batch's notification at this index.
+    RepeatOfBatch(usize),
+    Insert,
+    Refused(SpoolError),
+}
+
 /// Stores a batch in one transaction: a repeat (by duplicate key, in the queue or earlier in the batch)
-/// queues the stored copy; the rest are inserted while `maxBytes` allows. Any database error fails the
-/// whole batch, and nothing of it is stored.
+/// queues the stored copy; the rest are inserted while `maxBytes` allows. The statements of each stage
+/// go out together (the driver pipelines them), so a batch costs a few round trips and one commit
+/// however many notifications it holds. Any database error fails the whole batch: nothing of it is stored.
 async fn store_all(
-    client: &mut Client,
+    session: &mut Session,
     batch: &[&NewNotification],
     shared: &Shared,
 ) -> std::result::Result<Vec<Planned>, Failure> {
     let queue = shared.queue.as_str();
     let now = now_ms();
-    let tx = client.transaction().await?;
+    let prepared = &session.prepared;
+    let tx = session.client.transaction().await?;
     // Keys are taken in sorted order, so two replicas' batches never wait on each other in a cycle.
     let mut keys: Vec<&str> = batch.iter().filter_map(|n| n.dedupe.as_ref().map(|(k, _)| k.as_str())).collect();
     keys.sort_unstable();
     keys.dedup();
-    let mut known: std::collections::HashMap<&str, (Option<i64>, i64)> = std::collections::HashMap::new();
-    let taken = futures_util::future::try_join_all(keys.iter().map(|key| sql::take_key(&tx, queue, key, now))).await?;
-    for (key, found) in keys.iter().zip(taken) {
-        known.insert(key, found);
-    }
+    let taken = try_join_all(keys.iter().map(|key| sql::take_key(&tx, prepared, queue, key, now))).await?;
+    let known: HashMap<&str, (Option<i64>, i64)> = keys.iter().copied().zip(taken).collect();
 
     let max = shared.max_bytes.load(Ordering::Relaxed);
     let mut stored = shared.stored_bytes.load(Ordering::Relaxed);
     let mut evicted = false;
-    let mut planned = Vec::with_capacity(batch.len());
-    // Keys stored by this batch: a later repeat in it is queued on that row.
-    let mut stored_here: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
-    for notification in batch {
+    let mut owners: HashMap<&str, usize> = HashMap::new();
+    let mut steps = Vec::with_capacity(batch.len());
+    for (index, notification) in batch.iter().enumerate() {
         let key = notification.dedupe.as_ref().map(|(key, since)| (key.as_str(), *since));
-        let repeat_of = key.and_then(|(key, since)| {
-            stored_here.get(key).copied().or_else(|| match known.get(key) {
-                Some((Some(id), first_seen)) if *first_seen >= since => Some(*id),
-                _ => None,
-            })
-        });
-        if let Some(notification_id) = repeat_of {
-            sql::queue_again(&tx, queue, notification_id, &notification.destinations, now).await?;
-            planned.push(Planned::Stored(Stored { notification_id, duplicate: true }));
-            continue;
+        if let Some((key, since)) = key {
+            if let Some(owner) = owners.get(key) {
+                steps.push(Step::RepeatOfBatch(*owner));
+                continue;
+            }
+            if let Some((Some(id), _)) = known.get(key).filter(|(_, first_seen)| *first_seen >= since) {
+                steps.push(Step::Repeat(*id));
+                continue;
+            }
         }
         let size = notification.body.len() as u64;
         if stored + size > max && !evicted {
@@ -407,26 +433,64 @@ async fn store_all(
             if sql::try_housekeeping_lock(&tx, queue).await? {
                 sql::prune_delivered(&tx, queue, now + 1, EVICT_BATCH).await?;
             }
-            stored = sql::body_bytes(&tx, queue).await?;
+            let planned: u64 = steps
+                .iter()
+                .zip(batch)
+                .filter(|(step, _)| matches!(step, Step::Insert))
+                .map(|(_, n)| n.body.len() as u64)
+                .sum();
+            stored = sql::body_bytes(&tx, queue).await? + planned;
         }
         if stored + size > max {
             let held_by = sql::largest_holder(&tx, queue)
                 .await?
                 .map(|(destination, count)| format!("`{destination}` ({count} deliveries)"));
-            let full = Failure::Full { stored, max, held_by, set_aside: 0 };
-            planned.push(Planned::Refused(shared.error(full)));
+            steps.push(Step::Refused(shared.error(Failure::Full { stored, max, held_by, set_aside: 0 })));
             continue;
         }
-        let id =
-            sql::insert(&tx, queue, now, &notification.path, &notification.body, &notification.destinations).await?;
         stored += size;
         if let Some((key, _)) = key {
-            sql::set_key(&tx, queue, key, id, now).await?;
-            stored_here.insert(key, id);
+            owners.insert(key, index);
         }
-        planned.push(Planned::Stored(Stored { notification_id: id, duplicate: false }));
+        steps.push(Step::Insert);
     }
-    sql::notify(&tx, queue).await?;
+
+    let inserts = steps.iter().zip(batch).enumerate().filter(|(_, (step, _))| matches!(step, Step::Insert));
+    let transaction = &tx;
+    let ids: HashMap<usize, i64> = try_join_all(inserts.map(|(index, (_, n))| async move {
+        let id = sql::insert(transaction, prepared, queue, now, &n.path, &n.body, &n.destinations).await?;
+        Ok::<_, Failure>((index, id))
+    }))
+    .await?
+    .into_iter()
+    .collect();
+    let mut planned = Vec::with_capacity(batch.len());
+    let mut follow_ups = Vec::new();
+    for (index, (step, notification)) in steps.into_iter().zip(batch).enumerate() {
+        let (notification_id, duplicate) = match step {
+            Step::Refused(error) => {
+                planned.push(Planned::Refused(error));
+                continue;
+            }
+            Step::Insert => (ids[&index], false),
+            Step::Repeat(id) => (id, true),
+            Step::RepeatOfBatch(owner) => (ids[&owner], true),
+        };
+        let tx = &tx;
+        if duplicate {
+            let destinations = &notification.destinations;
+            follow_ups.push(Box::pin(async move {
+                sql::queue_again(tx, prepared, queue, notification_id, destinations, now).await
+            })
+                as std::pin::Pin<Box<dyn Future<Output = std::result::Result<(), Failure>> + Send + '_>>);
+        } else if let Some((key, _)) = &notification.dedupe {
+            follow_ups
+                .push(Box::pin(async move { sql::set_key(tx, prepared, queue, key, notification_id, now).await }));
+        }
+        planned.push(Planned::Stored(Stored { notification_id, duplicate }));
+    }
+    follow_ups.push(Box::pin(sql::notify(&tx, prepared, queue)));
+    try_join_all(follow_ups).await?;
     tx.commit().await?;
     shared.stored_bytes.store(stored, Ordering::Relaxed);
     Ok(planned)
@@ -496,8 +560,8 @@ async fn refresh_bytes(shared: Weak<Shared>) {
         let Some(strong) = shared.upgrade() else { return };
         let queue = strong.queue.clone();
         let read = async {
-            let client = strong.claims().await.map_err(|e| Failure::Setup(e.to_string()))?;
-            sql::body_bytes(&*client, &queue).await
+            let session = strong.claims().await.map_err(|e| Failure::Setup(e.to_string()))?;
+            sql::body_bytes(&session.client, &queue).await
         };
         if let Ok(Ok(bytes)) = tokio::time::timeout(strong.timeout, read).await {
             strong.stored_bytes.store(bytes, Ordering::Relaxed);

@@ -3,8 +3,10 @@
 //! Every statement is confined to one queue (`$1`): routes sharing a database never see each other's
 //! rows. The connection's search path names the schema.
 
+use std::collections::HashMap;
+
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, GenericClient, Row, Transaction};
+use tokio_postgres::{Client, GenericClient, Row, Statement, Transaction};
 
 use super::super::db::{
     DeliveryCounts, DeliveryRow, DeliveryState, DestinationStats, DueDelivery, ListFilter, Outcome,
@@ -12,6 +14,22 @@ use super::super::db::{
 use super::super::{Failure, PrunePolicy, Pruned};
 
 type Result<T> = std::result::Result<T, Failure>;
+
+/// The hot statements of one connection, prepared on first use: the server parses and plans each once,
+/// and a call is one round trip (a query given as text is prepared again on every call: two).
+#[derive(Default)]
+pub struct Prepared(std::sync::Mutex<HashMap<&'static str, Statement>>);
+
+impl Prepared {
+    async fn get(&self, client: &impl GenericClient, sql: &'static str) -> Result<Statement> {
+        if let Some(statement) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = client.prepare(sql).await?;
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(sql, statement.clone());
+        Ok(statement)
+    }
+}
 
 /// Holder of the per-queue housekeeping lock: pruning and eviction run on one replica at a time.
 const HOUSEKEEPING_LOCK: &str =
@@ -25,15 +43,14 @@ fn state(row: &Row, index: usize) -> Result<DeliveryState> {
 /// Rows of deliveries due now, claimed for `lease_until`: other replicas skip them until then.
 pub async fn claim(
     client: &Client,
+    prepared: &Prepared,
     queue: &str,
     destination: &str,
     now: i64,
     limit: i64,
     lease_until: i64,
 ) -> Result<Vec<DueDelivery>> {
-    let rows = client
-        .query(
-            "WITH c AS (
+    const CLAIM: &str = "WITH c AS (
                  SELECT notification_id FROM deliveries
                  WHERE queue = $1 AND destination = $2 AND state = 'pending' AND next_attempt_at <= $3
                    AND COALESCE(lease_until, 0) <= $3
@@ -43,10 +60,9 @@ pub async fn claim(
              FROM c, notifications n
              WHERE d.queue = $1 AND d.destination = $2 AND d.notification_id = c.notification_id
                AND n.id = c.notification_id
-             RETURNING d.notification_id, n.received_at, d.attempts, n.body, d.next_attempt_at",
-            &[&queue, &destination, &now, &limit, &lease_until],
-        )
-        .await?;
+             RETURNING d.notification_id, n.received_at, d.attempts, n.body, d.next_attempt_at";
+    let statement = prepared.get(client, CLAIM).await?;
+    let rows = client.query(&statement, &[&queue, &destination, &now, &limit, &lease_until]).await?;
     let mut due: Vec<(i64, DueDelivery)> = rows
         .iter()
         .map(|row| {
@@ -69,15 +85,18 @@ pub async fn claim(
 
 /// When the next pending delivery of `destination` after `now` may be attempted (its schedule, or the
 /// end of another replica's lease on it).
-pub async fn next_due_after(client: &Client, queue: &str, destination: &str, now: i64) -> Result<Option<i64>> {
-    let row = client
-        .query_one(
-            "SELECT MIN(GREATEST(next_attempt_at, COALESCE(lease_until, 0))) FROM deliveries
-             WHERE queue = $1 AND destination = $2 AND state = 'pending'
-               AND GREATEST(next_attempt_at, COALESCE(lease_until, 0)) > $3",
-            &[&queue, &destination, &now],
-        )
-        .await?;
+pub async fn next_due_after(
+    client: &Client,
+    prepared: &Prepared,
+    queue: &str,
+    destination: &str,
+    now: i64,
+) -> Result<Option<i64>> {
+    const NEXT: &str = "SELECT MIN(GREATEST(next_attempt_at, COALESCE(lease_until, 0))) FROM deliveries
+         WHERE queue = $1 AND destination = $2 AND state = 'pending'
+           AND GREATEST(next_attempt_at, COALESCE(lease_until, 0)) > $3";
+    let statement = prepared.get(client, NEXT).await?;
+    let row = client.query_one(&statement, &[&queue, &destination, &now]).await?;
     Ok(row.try_get(0)?)
 }
 
@@ -95,6 +114,7 @@ pub async fn earliest_due(client: &Client, queue: &str, destinations: &[String])
 /// Records an attempt and gives its lease up. Only a pending row changes, as in SQLite.
 pub async fn record(
     client: &Client,
+    prepared: &Prepared,
     queue: &str,
     destination: &str,
     notification_id: i64,
@@ -109,14 +129,13 @@ pub async fn record(
         Outcome::Dead { status, error } => (DeliveryState::Dead, now, Some(now), *status, Some(error.as_str())),
     };
     let status = status.map(i32::from);
-    client
-        .execute(
-            "UPDATE deliveries SET state = $4, attempts = attempts + 1, next_attempt_at = $5, finished_at = $6,
-                    last_status = $7, last_error = $8, lease_until = NULL
-             WHERE queue = $1 AND destination = $2 AND notification_id = $3 AND state = 'pending'",
-            &[&queue, &destination, &notification_id, &state.as_str(), &next_attempt_at, &finished_at, &status, &error],
-        )
-        .await?;
+    const RECORD: &str = "UPDATE deliveries SET state = $4, attempts = attempts + 1, next_attempt_at = $5,
+            finished_at = $6, last_status = $7, last_error = $8, lease_until = NULL
+         WHERE queue = $1 AND destination = $2 AND notification_id = $3 AND state = 'pending'";
+    let statement = prepared.get(client, RECORD).await?;
+    let params: [&(dyn ToSql + Sync); 8] =
+        [&queue, &destination, &notification_id, &state.as_str(), &next_attempt_at, &finished_at, &status, &error];
+    client.execute(&statement, &params).await?;
     Ok(())
 }
 
@@ -358,71 +377,78 @@ pub async fn largest_holder(tx: &Transaction<'_>, queue: &str) -> Result<Option<
 
 /// Locks the duplicate key for this transaction (a concurrent replica with the same key waits for our
 /// commit) and returns the notification it names and when it was first seen, if it existed.
-pub async fn take_key(tx: &Transaction<'_>, queue: &str, key: &str, now: i64) -> Result<(Option<i64>, i64)> {
-    let row = tx
-        .query_one(
-            "INSERT INTO dedupe (queue, key, notification_id, first_seen) VALUES ($1, $2, NULL, $3)
-             ON CONFLICT (queue, key) DO UPDATE SET first_seen = dedupe.first_seen
-             RETURNING notification_id, first_seen",
-            &[&queue, &key, &now],
-        )
-        .await?;
+pub async fn take_key(
+    tx: &Transaction<'_>,
+    prepared: &Prepared,
+    queue: &str,
+    key: &str,
+    now: i64,
+) -> Result<(Option<i64>, i64)> {
+    const TAKE: &str = "INSERT INTO dedupe (queue, key, notification_id, first_seen) VALUES ($1, $2, NULL, $3)
+         ON CONFLICT (queue, key) DO UPDATE SET first_seen = dedupe.first_seen
+         RETURNING notification_id, first_seen";
+    let statement = prepared.get(tx, TAKE).await?;
+    let row = tx.query_one(&statement, &[&queue, &key, &now]).await?;
     Ok((row.try_get(0)?, row.try_get(1)?))
 }
 
-pub async fn set_key(tx: &Transaction<'_>, queue: &str, key: &str, notification_id: i64, now: i64) -> Result<()> {
-    tx.execute(
-        "UPDATE dedupe SET notification_id = $3, first_seen = $4 WHERE queue = $1 AND key = $2",
-        &[&queue, &key, &notification_id, &now],
-    )
-    .await?;
+pub async fn set_key(
+    tx: &Transaction<'_>,
+    prepared: &Prepared,
+    queue: &str,
+    key: &str,
+    notification_id: i64,
+    now: i64,
+) -> Result<()> {
+    const SET: &str = "UPDATE dedupe SET notification_id = $3, first_seen = $4 WHERE queue = $1 AND key = $2";
+    let statement = prepared.get(tx, SET).await?;
+    tx.execute(&statement, &[&queue, &key, &notification_id, &now]).await?;
     Ok(())
 }
 
 /// Stores a body with a pending delivery per destination; returns its id.
 pub async fn insert(
     tx: &Transaction<'_>,
+    prepared: &Prepared,
     queue: &str,
     now: i64,
     path: &str,
     body: &[u8],
     destinations: &[String],
 ) -> Result<i64> {
-    let row = tx
-        .query_one(
-            "WITH n AS (INSERT INTO notifications (queue, received_at, path, body) VALUES ($1, $2, $3, $4) RETURNING id),
-                  d AS (INSERT INTO deliveries (queue, destination, notification_id, state, next_attempt_at)
-                        SELECT $1, destination, n.id, 'pending', $2 FROM n, unnest($5::text[]) AS destination)
-             SELECT id FROM n",
-            &[&queue, &now, &path, &body, &destinations],
-        )
-        .await?;
+    const INSERT: &str = "WITH n AS (INSERT INTO notifications (queue, received_at, path, body)
+                        VALUES ($1, $2, $3, $4) RETURNING id),
+              d AS (INSERT INTO deliveries (queue, destination, notification_id, state, next_attempt_at)
+                    SELECT $1, destination, n.id, 'pending', $2 FROM n, unnest($5::text[]) AS destination)
+         SELECT id FROM n";
+    let statement = prepared.get(tx, INSERT).await?;
+    let row = tx.query_one(&statement, &[&queue, &now, &path, &body, &destinations]).await?;
     Ok(row.try_get(0)?)
 }
 
 /// Makes sure each destination has the stored notification pending or delivered, as `SpoolDb::queue`.
 pub async fn queue_again(
     tx: &Transaction<'_>,
+    prepared: &Prepared,
     queue: &str,
     notification_id: i64,
     destinations: &[String],
     now: i64,
 ) -> Result<()> {
-    let params: [&(dyn ToSql + Sync); 4] = [&queue, &notification_id, &now, &destinations];
-    tx.execute(
-        "INSERT INTO deliveries (queue, destination, notification_id, state, next_attempt_at)
+    const QUEUE: &str = "INSERT INTO deliveries (queue, destination, notification_id, state, next_attempt_at)
          SELECT $1, destination, $2, 'pending', $3 FROM unnest($4::text[]) AS destination
          ON CONFLICT (queue, destination, notification_id) DO UPDATE
            SET state = 'pending', attempts = 0, next_attempt_at = $3, finished_at = NULL, lease_until = NULL
-           WHERE deliveries.state = 'dead'",
-        &params,
-    )
-    .await?;
+           WHERE deliveries.state = 'dead'";
+    let statement = prepared.get(tx, QUEUE).await?;
+    let params: [&(dyn ToSql + Sync); 4] = [&queue, &notification_id, &now, &destinations];
+    tx.execute(&statement, &params).await?;
     Ok(())
 }
 
 /// Wakes every replica's dispatchers for the queue once this transaction commits.
-pub async fn notify(tx: &Transaction<'_>, queue: &str) -> Result<()> {
-    tx.execute("SELECT pg_notify($1, $2)", &[&super::CHANNEL, &queue]).await?;
+pub async fn notify(tx: &Transaction<'_>, prepared: &Prepared, queue: &str) -> Result<()> {
+    let statement = prepared.get(tx, "SELECT pg_notify($1, $2)").await?;
+    tx.execute(&statement, &[&super::CHANNEL, &queue]).await?;
     Ok(())
 }
