@@ -107,7 +107,10 @@ pub enum SpoolCommand {
 pub fn check(config_path: &Path) -> Result<String, CommandError> {
     let file = storerelay_config::load(config_path)?;
     let resolved = config::resolve(file.clone(), None, &Metrics::default());
-    let problems = resolved.problems();
+    let mut problems = resolved.problems();
+    if let Some(settings) = file.spool.postgres.as_ref().filter(|_| file.spool.backend == SpoolBackendKind::Postgres) {
+        problems.extend(crate::spool::check_postgres_settings(settings).err());
+    }
     if !problems.is_empty() {
         return Err(CommandError::Problems { file: config_path.to_path_buf(), problems });
     }

@@ -45,6 +45,43 @@ fn check_fails_on_an_unreadable_secret_file() {
 }
 
 #[test]
+fn check_reads_the_shared_spools_url_file_without_printing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    let url_file = dir.path().join("url");
+    let run = |url: Option<&str>| {
+        match url {
+            Some(url) => std::fs::write(&url_file, url).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(&url_file);
+            }
+        }
+        let text = format!(
+            "spool:\n  backend: postgres\n  postgres: {{urlFile: {}, queue: shop/payments}}\n",
+            url_file.display()
+        );
+        std::fs::write(&config, text).unwrap();
+        Command::new(binary()).args(["check", "--config"]).arg(&config).output().unwrap()
+    };
+    let good = run(Some("postgres://relay:S3CRET-PW@db:5432/app?sslmode=verify-full"));
+    assert!(good.status.success(), "{good:?}");
+    let printed = String::from_utf8(good.stdout).unwrap();
+    assert!(printed.contains("backend: postgres") && printed.contains("queue: shop/payments"), "{printed}");
+    assert!(!printed.contains("S3CRET-PW"), "{printed}");
+
+    let prefer = run(Some("postgres://relay:S3CRET-PW@db:5432/app?sslmode=prefer"));
+    assert_eq!(prefer.status.code(), Some(1));
+    let err = String::from_utf8(prefer.stderr).unwrap();
+    assert!(err.contains("spool.postgres.urlFile") && err.contains("sslmode `prefer`"), "{err}");
+    assert!(!err.contains("S3CRET-PW"), "{err}");
+
+    let missing = run(None);
+    assert_eq!(missing.status.code(), Some(1));
+    let err = String::from_utf8(missing.stderr).unwrap();
+    assert!(err.contains("spool.postgres.urlFile") && err.contains("cannot read"), "{err}");
+}
+
+#[test]
 fn start_fails_clearly_when_the_port_is_taken() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();

@@ -21,7 +21,7 @@ pub use db::{
     DeliveryCounts, DeliveryRow, DeliveryState, DestinationStats, DueDelivery, ListFilter, OpenReport, Outcome,
     SetAside, SpoolDb, WAL_SIZE_LIMIT,
 };
-pub use postgres::{PostgresSpool, PostgresTools};
+pub use postgres::{PostgresSpool, PostgresTools, check_settings as check_postgres_settings};
 pub use sqlite::SqliteSpool;
 
 /// What went wrong in the spool. Where is added once, at the boundary ([`SpoolError`]).

@@ -131,6 +131,12 @@ impl Shared {
     }
 }
 
+/// What `check` can tell without connecting: the URL file can be read and holds a usable URL, the CA
+/// file holds certificates. The message names the key and the file, never the URL.
+pub fn check_settings(settings: &Settings) -> std::result::Result<(), String> {
+    Target::from_settings(settings).map(|_| ()).map_err(|failure| failure.to_string())
+}
+
 /// A cheap, cloneable handle to the shared spool of one queue.
 #[derive(Clone)]
 pub struct PostgresSpool {
