@@ -357,3 +357,44 @@ async fn verify_full_reaches_the_database_over_tls_and_refuses_a_certificate_of_
         assert!(!output.contains("pw-NEVER-PRINTED"), "the URL's password leaked: {output}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_of_the_shared_queue_are_seen_and_redelivered_from_any_replica() {
+    let Some(pg) = server() else { return };
+    let revenuecat = StandIn::start().await;
+    revenuecat.set_default(Behavior::Status(400));
+    let extra = format!("destinations:\n{}", destination("rc", &revenuecat));
+    let spool = shared_spool(&pg, "shop/payments");
+    let (first, second) = (Sidecar::start(&extra, &spool).await, Sidecar::start(&extra, &spool).await);
+    for n in 0..4 {
+        assert_eq!(first.post(v2(&format!("dead-{n}"))).await.status(), 200);
+    }
+    wait_until("four dead letters", Duration::from_secs(20), || {
+        let dead = second.spool_tool(&["--json", "dead"]);
+        String::from_utf8_lossy(&dead.stdout).lines().count() == 4
+    })
+    .await;
+    // Seen from the other replica, with why, and counted in its gauges too.
+    let dead = String::from_utf8(second.spool_tool(&["dead"]).stdout).unwrap();
+    assert!(dead.contains("HTTP 400"), "{dead}");
+    assert_eq!(second.metric("storerelay_spool_dead{destination=\"rc\"}").await, 4.0);
+
+    revenuecat.set_default(Behavior::Status(200));
+    let redeliver = second.spool_tool(&["redeliver", "--destination", "rc", "--dead"]);
+    assert!(String::from_utf8_lossy(&redeliver.stdout).starts_with("4 deliveries"), "{redeliver:?}");
+    wait_until("redelivered", Duration::from_secs(20), || {
+        revenuecat.received().iter().filter(|r| r.body.starts_with(b"{\"signedPayload\"")).count() >= 8
+    })
+    .await;
+    wait_until("recorded as delivered", Duration::from_secs(10), || {
+        let stats = second.spool_tool(&["--json", "stats"]);
+        let value: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap_or_default();
+        value["destinations"][0]["delivered"] == 4 && value["destinations"][0]["dead"] == 0
+    })
+    .await;
+    let purge = first.spool_tool(&["purge"]);
+    assert!(String::from_utf8_lossy(&purge.stdout).starts_with("4 delivered deliveries purged"), "{purge:?}");
+    let stats = first.spool_tool(&["--json", "stats"]);
+    let value: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(value["notifications"], 0, "nothing left to keep: {value}");
+}
