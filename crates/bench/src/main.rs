@@ -495,7 +495,8 @@ async fn sidecar_only(
     let redeliver = Command::new(sidecar)
         .args(["spool", "--spool"])
         .arg(&spool)
-        .args(["redeliver", "--destination", "revenuecat"])
+        // --force: the destination is added to the config afterwards (what --force is for).
+        .args(["redeliver", "--destination", "revenuecat", "--force"])
         .output()
         .expect("spool redeliver");
     assert!(redeliver.status.success(), "spool redeliver failed");
