@@ -35,8 +35,9 @@ pub fn binaries() -> Option<PathBuf> {
 
 /// The uid and gid to run the server as: ours, or the `postgres` account's when we are root.
 fn server_user() -> Option<(u32, u32)> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc_geteuid() } != 0 {
+    // /proc/self belongs to the process's effective user.
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("/proc/self")) == 0;
+    if !root {
         return None;
     }
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
@@ -47,11 +48,6 @@ fn server_user() -> Option<(u32, u32)> {
         .or_else(|| passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.first() == Some(&"nobody")))
         .expect("a `postgres` or `nobody` account to run PostgreSQL as");
     Some((entry[2].parse().expect("uid"), entry[3].parse().expect("gid")))
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 pub struct Postgres {

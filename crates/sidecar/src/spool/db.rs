@@ -115,6 +115,38 @@ pub struct DeliveryCounts {
     pub dead: u32,
 }
 
+impl DeliveryCounts {
+    /// Sets the count of one state (from a `GROUP BY state` row).
+    pub fn set(&mut self, state: DeliveryState, count: u32) {
+        match state {
+            DeliveryState::Pending => self.pending = count,
+            DeliveryState::Delivered => self.delivered = count,
+            DeliveryState::Dead => self.dead = count,
+        }
+    }
+}
+
+/// Folds `(destination, state, count, oldest received_at)` rows, ordered by destination, into one entry
+/// per destination: what both backends' `stats` query returns.
+pub fn fold_stats(rows: impl IntoIterator<Item = (String, DeliveryState, u64, Option<i64>)>) -> Vec<DestinationStats> {
+    let mut out: Vec<DestinationStats> = Vec::new();
+    for (destination, state, count, oldest) in rows {
+        if out.last().is_none_or(|s| s.destination != destination) {
+            out.push(DestinationStats { destination, ..Default::default() });
+        }
+        let Some(entry) = out.last_mut() else { continue };
+        match state {
+            DeliveryState::Pending => {
+                entry.pending = count;
+                entry.oldest_pending_received_at = oldest;
+            }
+            DeliveryState::Delivered => entry.delivered = count,
+            DeliveryState::Dead => entry.dead = count,
+        }
+    }
+    out
+}
+
 /// A delivery that is due now, with the body to send.
 #[derive(Debug, Clone)]
 pub struct DueDelivery {
@@ -472,11 +504,7 @@ impl SpoolDb {
             stmt.query_map(params![notification_id], |r| Ok((r.get::<_, DeliveryState>(0)?, r.get::<_, u32>(1)?)))?;
         for row in rows {
             let (state, count) = row?;
-            match state {
-                DeliveryState::Pending => counts.pending = count,
-                DeliveryState::Delivered => counts.delivered = count,
-                DeliveryState::Dead => counts.dead = count,
-            }
+            counts.set(state, count);
         }
         Ok(counts)
     }
@@ -495,25 +523,7 @@ impl SpoolDb {
                 r.get::<_, Option<i64>>(3)?,
             ))
         })?;
-        let mut out: Vec<DestinationStats> = Vec::new();
-        for row in rows {
-            let (destination, state, count, oldest) = row?;
-            if out.last().is_none_or(|s| s.destination != destination) {
-                out.push(DestinationStats { destination: destination.clone(), ..Default::default() });
-            }
-            let Some(entry) = out.last_mut() else {
-                continue;
-            };
-            match state {
-                DeliveryState::Pending => {
-                    entry.pending = count;
-                    entry.oldest_pending_received_at = oldest;
-                }
-                DeliveryState::Delivered => entry.delivered = count,
-                DeliveryState::Dead => entry.dead = count,
-            }
-        }
-        Ok(out)
+        Ok(fold_stats(rows.collect::<rusqlite::Result<Vec<_>>>()?))
     }
 
     pub fn notification_count(&self) -> Result<u64> {

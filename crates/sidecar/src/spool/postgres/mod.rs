@@ -131,6 +131,14 @@ impl Shared {
     }
 }
 
+/// How to reach the queue's database, and how errors name the queue: `postgres queue <queue> (<host/db>)`.
+fn target_of(settings: &Settings) -> Result<(Target, String)> {
+    let target = Target::from_settings(settings)
+        .map_err(|failure| SpoolError::at(&format!("postgres queue {}", settings.queue), failure))?;
+    let location = format!("postgres queue {} ({})", settings.queue, target.label);
+    Ok((target, location))
+}
+
 /// What `check` can tell without connecting: the URL file can be read and holds a usable URL, the CA
 /// file holds certificates. The message names the key and the file, never the URL.
 pub fn check_settings(settings: &Settings) -> std::result::Result<(), String> {
@@ -148,10 +156,7 @@ impl PostgresSpool {
     /// Connects, brings the schema up to date, and starts the store workers and the listener. Fails
     /// when the database cannot be reached in `timeout`: the sidecar does not start without its spool.
     pub async fn open(settings: &Settings, max_bytes: u64) -> Result<PostgresSpool> {
-        let location = format!("postgres queue {}", settings.queue);
-        let fail = |failure| SpoolError::at(&location, failure);
-        let target = Target::from_settings(settings).map_err(fail)?;
-        let location = format!("postgres queue {} ({})", settings.queue, target.label);
+        let (target, location) = target_of(settings)?;
         let fail = |failure| SpoolError::at(&location, failure);
         let timeout = settings.timeout.get();
         let setup = async {
@@ -584,10 +589,7 @@ pub struct PostgresTools {
 
 impl PostgresTools {
     pub async fn connect(settings: &Settings) -> std::result::Result<PostgresTools, SpoolError> {
-        let location = format!("postgres queue {}", settings.queue);
-        let fail = |failure| SpoolError::at(&location, failure);
-        let target = Target::from_settings(settings).map_err(fail)?;
-        let location = format!("postgres queue {} ({})", settings.queue, target.label);
+        let (target, location) = target_of(settings)?;
         let fail = |failure| SpoolError::at(&location, failure);
         let mut client = target.connect(&settings.schema, true).await.map_err(fail)?;
         // The tools may be the first to touch a new database.

@@ -9,7 +9,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient, Row, Statement, Transaction};
 
 use super::super::db::{
-    DeliveryCounts, DeliveryRow, DeliveryState, DestinationStats, DueDelivery, ListFilter, Outcome,
+    DeliveryCounts, DeliveryRow, DeliveryState, DestinationStats, DueDelivery, ListFilter, Outcome, fold_stats,
 };
 use super::super::{Failure, PrunePolicy, Pruned};
 
@@ -149,12 +149,7 @@ pub async fn delivery_counts(client: &Client, queue: &str, notification_id: i64)
     let mut counts = DeliveryCounts::default();
     for row in rows {
         let count: i64 = row.try_get(1)?;
-        let count = count as u32;
-        match state(&row, 0)? {
-            DeliveryState::Pending => counts.pending = count,
-            DeliveryState::Delivered => counts.delivered = count,
-            DeliveryState::Dead => counts.dead = count,
-        }
+        counts.set(state(&row, 0)?, count.max(0) as u32);
     }
     Ok(counts)
 }
@@ -168,25 +163,14 @@ pub async fn stats(client: &impl GenericClient, queue: &str) -> Result<Vec<Desti
             &[&queue],
         )
         .await?;
-    let mut out: Vec<DestinationStats> = Vec::new();
-    for row in rows {
-        let destination: String = row.try_get(0)?;
-        let count: i64 = row.try_get(2)?;
-        let oldest: Option<i64> = row.try_get(3)?;
-        if out.last().is_none_or(|s| s.destination != destination) {
-            out.push(DestinationStats { destination, ..Default::default() });
-        }
-        let Some(entry) = out.last_mut() else { continue };
-        match state(&row, 1)? {
-            DeliveryState::Pending => {
-                entry.pending = count as u64;
-                entry.oldest_pending_received_at = oldest;
-            }
-            DeliveryState::Delivered => entry.delivered = count as u64,
-            DeliveryState::Dead => entry.dead = count as u64,
-        }
-    }
-    Ok(out)
+    let rows = rows
+        .iter()
+        .map(|row| {
+            let count: i64 = row.try_get(2)?;
+            Ok((row.try_get(0)?, state(row, 1)?, count.max(0) as u64, row.try_get(3)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(fold_stats(rows))
 }
 
 /// Body bytes the queue holds: what `spool.maxBytes` limits. `octet_length` reads a stored value's
@@ -204,7 +188,7 @@ pub async fn notification_count(client: &impl GenericClient, queue: &str) -> Res
 }
 
 pub async fn list(client: &impl GenericClient, queue: &str, filter: &ListFilter) -> Result<Vec<DeliveryRow>> {
-    let state = filter.state.map(DeliveryState::as_str);
+    let wanted_state = filter.state.map(DeliveryState::as_str);
     let limit = i64::from(filter.limit);
     let rows = client
         .query(
@@ -213,7 +197,7 @@ pub async fn list(client: &impl GenericClient, queue: &str, filter: &ListFilter)
              FROM deliveries d JOIN notifications n ON n.id = d.notification_id
              WHERE d.queue = $1 AND ($2::text IS NULL OR d.destination = $2) AND ($3::text IS NULL OR d.state = $3)
              ORDER BY d.notification_id, d.destination LIMIT $4",
-            &[&queue, &filter.destination, &state, &limit],
+            &[&queue, &filter.destination, &wanted_state, &limit],
         )
         .await?;
     rows.iter()
@@ -224,7 +208,7 @@ pub async fn list(client: &impl GenericClient, queue: &str, filter: &ListFilter)
             Ok(DeliveryRow {
                 notification_id: row.try_get(0)?,
                 destination: row.try_get(1)?,
-                state: state_of(row)?,
+                state: state(row, 2)?,
                 attempts: attempts.max(0) as u32,
                 received_at: row.try_get(4)?,
                 next_attempt_at: row.try_get(5)?,
@@ -235,10 +219,6 @@ pub async fn list(client: &impl GenericClient, queue: &str, filter: &ListFilter)
             })
         })
         .collect()
-}
-
-fn state_of(row: &Row) -> Result<DeliveryState> {
-    state(row, 2)
 }
 
 /// As `SpoolDb::redeliver`, for the queue.
