@@ -3,8 +3,10 @@
 //! stops, and its data is deleted, when the `Cluster` drops — also when a test fails.
 
 use crate::free_port;
+use crate::process::{Process, spawn};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
@@ -27,10 +29,36 @@ pub fn binaries() -> Option<PathBuf> {
     Some(PathBuf::from(String::from_utf8(output.stdout).unwrap().trim()))
 }
 
-struct Process {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
+pub(crate) fn write(path: &Path, contents: &str) {
+    std::fs::write(path, contents).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// How the API server is set up. The default is the operator's tier: loopback, a free port, no nodes.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Where it listens and what it advertises (the `kubernetes` Service's endpoint).
+    pub address: IpAddr,
+    /// Where it listens, if not only on `address` (`0.0.0.0`: also the ClusterIP a test puts on `lo`).
+    pub bind: Option<IpAddr>,
+    /// Its port; `None` picks a free one.
+    pub port: Option<u16>,
+    /// More addresses its serving certificate names (the `kubernetes` Service's ClusterIP, say).
+    pub extra_addresses: Vec<IpAddr>,
+    /// A kubelet will register: the Node authorizer, NodeRestriction and ServiceAccount admission, a client
+    /// certificate for it (`kubelet.crt`) and a serving one (`kubelet-serving.crt`) for this node.
+    pub node: Option<NodeIdentity>,
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeIdentity {
+    pub name: String,
+    pub ip: IpAddr,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions { address: IpAddr::from([127, 0, 0, 1]), bind: None, port: None, extra_addresses: Vec::new(), node: None }
+    }
 }
 
 pub struct Cluster {
@@ -41,25 +69,12 @@ pub struct Cluster {
     processes: Vec<Process>,
 }
 
-fn write(path: &Path, contents: &str) {
-    std::fs::write(path, contents).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-}
-
-fn spawn(name: &'static str, binary: &Path, args: &[String], dir: &Path) -> Process {
-    let log = dir.join(format!("{name}.log"));
-    let file = std::fs::File::create(&log).unwrap();
-    let child = Command::new(binary)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {name}: {e}"));
-    Process { name, child, log }
-}
-
 impl Cluster {
     pub fn start(bin: &Path) -> Cluster {
+        Cluster::start_with(bin, &ClusterOptions::default())
+    }
+
+    pub fn start_with(bin: &Path, options: &ClusterOptions) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().to_path_buf();
         let path = |name: &str| base.join(name);
@@ -71,24 +86,35 @@ impl Cluster {
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let issuer = Issuer::from_params(&ca_params, &ca_key);
-        let issue = |cn: &str, org: Option<&str>, server: bool| {
+        let issue = |cn: &str, org: Option<&str>, names: Vec<SanType>| {
             let key = KeyPair::generate().unwrap();
             let mut params = CertificateParams::default();
             params.distinguished_name.push(DnType::CommonName, cn);
             if let Some(org) = org {
                 params.distinguished_name.push(DnType::OrganizationName, org);
             }
-            if server {
-                params.subject_alt_names = vec![
-                    SanType::IpAddress("127.0.0.1".parse().unwrap()),
-                    SanType::DnsName("localhost".try_into().unwrap()),
-                ];
-            }
+            params.subject_alt_names = names;
             let cert = params.signed_by(&key, &issuer).unwrap();
             (cert.pem(), key.serialize_pem())
         };
-        let (server_cert, server_key) = issue("kube-apiserver", None, true);
-        let (admin_cert, admin_key) = issue("storerelay-admin", Some("system:masters"), false);
+        let mut server_names: Vec<SanType> = ["localhost", "kubernetes.default.svc"]
+            .into_iter()
+            .map(|name| SanType::DnsName(name.try_into().unwrap()))
+            .collect();
+        let mut addresses = vec![IpAddr::from([127, 0, 0, 1]), options.address];
+        addresses.extend(&options.extra_addresses);
+        addresses.dedup();
+        server_names.extend(addresses.into_iter().map(SanType::IpAddress));
+        let (server_cert, server_key) = issue("kube-apiserver", None, server_names);
+        let (admin_cert, admin_key) = issue("storerelay-admin", Some("system:masters"), Vec::new());
+        if let Some(node) = &options.node {
+            let (cert, key) = issue(&format!("system:node:{}", node.name), Some("system:nodes"), Vec::new());
+            write(&path("kubelet.crt"), &cert);
+            write(&path("kubelet.key"), &key);
+            let (cert, key) = issue(&node.name, None, vec![SanType::IpAddress(node.ip)]);
+            write(&path("kubelet-serving.crt"), &cert);
+            write(&path("kubelet-serving.key"), &key);
+        }
         let service_account_key = KeyPair::generate().unwrap();
         write(&path("ca.crt"), &ca.pem());
         write(&path("server.crt"), &server_cert);
@@ -98,7 +124,8 @@ impl Cluster {
         write(&path("sa.key"), &service_account_key.serialize_pem());
         write(&path("sa.pub"), &service_account_key.public_key_pem());
 
-        let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
+        let (etcd_port, peer_port) = (free_port(), free_port());
+        let api_port = options.port.unwrap_or_else(free_port);
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let etcd = spawn(
@@ -119,7 +146,7 @@ impl Cluster {
         );
         let mut cluster = Cluster {
             kubeconfig: path("kubeconfig"),
-            server: format!("https://127.0.0.1:{api_port}"),
+            server: format!("https://{}", std::net::SocketAddr::new(options.address, api_port)),
             ca_pem: ca.pem(),
             dir,
             processes: vec![etcd],
@@ -129,26 +156,7 @@ impl Cluster {
         let apiserver = spawn(
             "kube-apiserver",
             &bin.join("kube-apiserver"),
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                format!("--secure-port={api_port}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--tls-cert-file={}", path("server.crt").display()),
-                format!("--tls-private-key-file={}", path("server.key").display()),
-                format!("--client-ca-file={}", path("ca.crt").display()),
-                format!("--service-account-key-file={}", path("sa.pub").display()),
-                format!("--service-account-signing-key-file={}", path("sa.key").display()),
-                "--service-account-issuer=https://kubernetes.default.svc".into(),
-                "--service-cluster-ip-range=10.96.0.0/24".into(),
-                "--authorization-mode=RBAC".into(),
-                "--enable-admission-plugins=MutatingAdmissionWebhook,ValidatingAdmissionWebhook".into(),
-                // No controller-manager creates the `default` ServiceAccounts.
-                "--disable-admission-plugins=ServiceAccount".into(),
-                "--allow-privileged=false".into(),
-                "--profiling=false".into(),
-                "--v=1".into(),
-            ],
+            &apiserver_args(options, &etcd_url, api_port, &path),
             cluster.dir.path(),
         );
         cluster.processes.push(apiserver);
@@ -164,7 +172,8 @@ impl Cluster {
         cluster
     }
 
-    fn http(&self) -> reqwest::blocking::Client {
+    /// A client of the API server with the admin's certificate.
+    pub fn http(&self) -> reqwest::blocking::Client {
         let identity = format!(
             "{}{}",
             std::fs::read_to_string(self.dir.path().join("admin.crt")).unwrap(),
@@ -187,13 +196,7 @@ impl Cluster {
                 return;
             }
             for process in &mut self.processes {
-                if let Ok(Some(status)) = process.child.try_wait() {
-                    panic!(
-                        "{} exited ({status}):\n{}",
-                        process.name,
-                        std::fs::read_to_string(&process.log).unwrap_or_default()
-                    );
-                }
+                process.assert_running();
             }
             assert!(Instant::now() < deadline, "{url} not ready within {within:?}:\n{}", self.logs());
             std::thread::sleep(Duration::from_millis(200));
@@ -201,15 +204,7 @@ impl Cluster {
     }
 
     pub fn logs(&self) -> String {
-        self.processes
-            .iter()
-            .map(|p| {
-                let text = std::fs::read_to_string(&p.log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(40).collect();
-                format!("--- {} ---\n{}", p.name, tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.processes.iter().map(|p| p.tail(40)).collect::<Vec<_>>().join("\n")
     }
 
     /// A kube client with the admin's credentials.
@@ -236,6 +231,45 @@ impl Cluster {
         drop(child.stdin.take());
         child.wait_with_output().unwrap()
     }
+}
+
+fn apiserver_args(options: &ClusterOptions, etcd_url: &str, port: u16, path: &dyn Fn(&str) -> PathBuf) -> Vec<String> {
+    let file = |flag: &str, name: &str| format!("--{flag}={}", path(name).display());
+    let mut args = vec![
+        format!("--etcd-servers={etcd_url}"),
+        format!("--secure-port={port}"),
+        format!("--bind-address={}", options.bind.unwrap_or(options.address)),
+        format!("--advertise-address={}", options.address),
+        file("tls-cert-file", "server.crt"),
+        file("tls-private-key-file", "server.key"),
+        file("client-ca-file", "ca.crt"),
+        file("service-account-key-file", "sa.pub"),
+        file("service-account-signing-key-file", "sa.key"),
+        "--service-account-issuer=https://kubernetes.default.svc".into(),
+        "--service-cluster-ip-range=10.96.0.0/24".into(),
+        "--allow-privileged=false".into(),
+        "--profiling=false".into(),
+        "--v=1".into(),
+    ];
+    if options.node.is_some() {
+        args.extend([
+            "--authorization-mode=Node,RBAC".into(),
+            "--enable-admission-plugins=NodeRestriction,MutatingAdmissionWebhook,ValidatingAdmissionWebhook".into(),
+            // There is no kube-proxy: the API server calls webhooks at their endpoints' pod IPs.
+            "--enable-aggregator-routing=true".into(),
+            file("kubelet-client-certificate", "admin.crt"),
+            file("kubelet-client-key", "admin.key"),
+            file("kubelet-certificate-authority", "ca.crt"),
+        ]);
+    } else {
+        args.extend([
+            "--authorization-mode=RBAC".into(),
+            "--enable-admission-plugins=MutatingAdmissionWebhook,ValidatingAdmissionWebhook".into(),
+            // No controller-manager creates the `default` ServiceAccounts.
+            "--disable-admission-plugins=ServiceAccount".into(),
+        ]);
+    }
+    args
 }
 
 impl Drop for Cluster {

@@ -4,7 +4,11 @@
 
 #[cfg(feature = "apiserver")]
 mod apiserver;
+#[cfg(feature = "node")]
+pub mod node;
 pub mod postgres;
+#[cfg(feature = "apiserver")]
+mod process;
 
 #[cfg(feature = "apiserver")]
 pub use apiserver::*;

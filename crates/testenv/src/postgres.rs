@@ -167,6 +167,18 @@ impl Postgres {
 
     /// Stops the server the way an outage does: every connection is cut at once (an immediate
     /// shutdown; committed work survives, as after a crash).
+    /// Also listens on `address` and lets clients from `cidr` in (trust, as on loopback): for pods, in
+    /// the real-node tier's own network namespace. Restarts the server.
+    pub fn allow_network(&mut self, address: &str, cidr: &str) {
+        let hba = self.data().join("pg_hba.conf");
+        let mut rules = std::fs::read_to_string(&hba).unwrap();
+        rules.push_str(&format!("host all all {cidr} trust\n"));
+        std::fs::write(&hba, rules).unwrap();
+        self.extra.extend(["-c".into(), format!("listen_addresses=127.0.0.1,{address}")]);
+        self.stop();
+        self.resume();
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // SIGQUIT: immediate shutdown.
