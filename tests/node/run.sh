@@ -98,5 +98,5 @@ unshare --net --mount --pid --fork --mount-proc --propagation private \
     --pause-image localhost/storerelay-test/pause:1 --app-image localhost/storerelay-test/app:1 \
     --sidecar-image "localhost/storerelay/storerelay-sidecar:$version" \
     --operator-image "localhost/storerelay/storerelay-operator:$version" \
-    "${archives[@]}" || status=$?
+    "${archives[@]}" "$@" || status=$?
 exit "$status"

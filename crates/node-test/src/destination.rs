@@ -40,6 +40,12 @@ impl Destination {
         self.state.down.store(down, Ordering::SeqCst);
     }
 
+    /// Every body received so far, at any path (accepted ones only).
+    pub fn all_bodies(&self) -> Vec<Vec<u8>> {
+        let received = self.state.received.lock().unwrap_or_else(|e| e.into_inner());
+        received.iter().map(|(_, body)| body.clone()).collect()
+    }
+
     /// Every body received at `path` so far (accepted ones only).
     pub fn bodies(&self, path: &str) -> Vec<Vec<u8>> {
         let received = self.state.received.lock().unwrap_or_else(|e| e.into_inner());

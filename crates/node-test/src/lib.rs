@@ -37,6 +37,8 @@ pub struct Options {
     pub operator_image: String,
     pub cgroup_root: String,
     pub node_ip: IpAddr,
+    /// Run only these scenarios (by number) after the first two, which the others build on; empty: all.
+    pub only: Vec<u32>,
 }
 
 /// Everything the scenarios share.
@@ -84,7 +86,10 @@ async fn run_scenarios(options: Options) -> Result<()> {
         ("7 RestartWorkloads", |w| Box::pin(scenarios::restart_workloads(w))),
     ];
     let mut rows = vec![("setup: cluster, node, images".to_string(), setup, Ok("node Ready".to_string()))];
-    for (title, scenario) in scenarios {
+    for (number, (title, scenario)) in (1..).zip(scenarios) {
+        if number > 2 && !world.options.only.is_empty() && !world.options.only.contains(&number) {
+            continue;
+        }
         let started = Instant::now();
         let outcome = scenario(&world).await;
         let failed = outcome.is_err();
@@ -97,6 +102,7 @@ async fn run_scenarios(options: Options) -> Result<()> {
     if failed {
         eprintln!("{}", world.node.logs());
         eprintln!("{}", world.cluster.logs());
+        eprintln!("{}", scenarios::diagnostics(&world).await);
     }
     print_summary(&rows);
     let passed = rows.iter().filter(|(_, _, o)| o.is_ok()).count() - 1;

@@ -33,6 +33,9 @@ struct Args {
     cgroup_root: String,
     #[arg(long, default_value = "10.200.0.1")]
     node_ip: IpAddr,
+    /// Only these scenarios (comma-separated numbers) after 1 and 2, which the others build on.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<u32>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -51,6 +54,7 @@ fn main() -> std::process::ExitCode {
         operator_image: args.operator_image,
         cgroup_root: args.cgroup_root,
         node_ip: args.node_ip,
+        only: args.only,
     };
     match storerelay_node_test::run(options) {
         Ok(()) => std::process::ExitCode::SUCCESS,

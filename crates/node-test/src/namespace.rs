@@ -16,8 +16,10 @@ pub fn check_isolated() -> Result<()> {
     if std::process::id() != 1 {
         bail!("run me through tests/node/run.sh: I must be the first process of my own PID, mount and network namespaces");
     }
-    let links = std::fs::read_dir("/sys/class/net").context("list network links")?.count();
-    if links > 1 {
+    // Not /sys/class/net: sysfs shows the network namespace of whoever mounted it.
+    let output = Command::new("ip").args(["-o", "link", "show"]).output().context("run ip link")?;
+    let links = String::from_utf8_lossy(&output.stdout).lines().count();
+    if links != 1 {
         bail!("this network namespace has {links} links; expected only lo (run through tests/node/run.sh)");
     }
     Ok(())

@@ -294,15 +294,12 @@ pub async fn backlog_across_rollout(w: &World) -> Result<String> {
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: spool-db, namespace: {NAMESPACE}}}\nstringData: {{url: \"{database}\"}}\n"
     ))
     .await?;
-    patch_route(
-        &w.client,
-        NAMESPACE,
-        ROUTE,
+    // Manual rollout policy: the spool is an injection-time field, the pods restart when we say so.
+    change_and_restart(
+        w,
         serde_json::json!({"spec": {"spool": {"postgres": {"urlFrom": {"secretKeyRef": {"name": "spool-db", "key": "url"}}}}}}),
     )
     .await?;
-    // Manual rollout policy: the spool is an injection-time field, the pods restart when we say so.
-    restart_and_wait(w).await?;
     let status = route_status(&w.client, NAMESPACE, ROUTE).await?;
     ensure!(condition(&status, "SpoolShared").as_deref() == Some("True"), "SpoolShared is not True: {status}");
 
@@ -312,7 +309,7 @@ pub async fn backlog_across_rollout(w: &World) -> Result<String> {
     w.destination.set_down(false);
     let destination = w.destination.clone();
     eventually("all 200 delivered after the rollout", Duration::from_secs(120), || {
-        let got = destination.bodies("/v1/second");
+        let got = destination.all_bodies();
         let shared = &shared;
         async move {
             let missing = shared.iter().filter(|b| !got.contains(b)).count();
@@ -321,13 +318,12 @@ pub async fn backlog_across_rollout(w: &World) -> Result<String> {
         }
     })
     .await?;
-    let got = w.destination.bodies("/v1/second");
+    let got = w.destination.all_bodies();
     let duplicates = shared.iter().map(|b| got.iter().filter(|g| *g == b).count().saturating_sub(1)).sum::<usize>();
     let postgres_took = started.elapsed();
 
     // Back to each pod's own SQLite file.
-    patch_route(&w.client, NAMESPACE, ROUTE, serde_json::json!({"spec": {"spool": null}})).await?;
-    restart_and_wait(w).await?;
+    change_and_restart(w, serde_json::json!({"spec": {"spool": null}})).await?;
     let local = post_backlog(w, "sqlite").await?;
     let old = pods(&w.client, NAMESPACE, SELECTOR).await?;
     let mut logs = Vec::new();
@@ -355,13 +351,39 @@ pub async fn backlog_across_rollout(w: &World) -> Result<String> {
     ensure!(left_behind == local.len() as u64, "the old pods reported {left_behind} left behind, {} were pending", local.len());
     w.destination.set_down(false);
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let got = w.destination.bodies("/v1/second");
+    let got = w.destination.all_bodies();
     let recovered = local.iter().filter(|b| got.contains(b)).count();
     ensure!(recovered == 0, "{recovered} of a deleted pod's SQLite backlog arrived; the docs say it is lost");
     Ok(format!(
         "PostgreSQL: 200/200 delivered after the rollout ({duplicates} duplicates, {:.0}s); SQLite: old pods logged {left_behind} left behind",
         postgres_took.as_secs_f64()
     ))
+}
+
+/// Changes an injection-time field of the route and restarts the Deployment the way a user following the
+/// docs would: once the route's status shows the operator saw the change. Every new pod must carry the new
+/// revision.
+async fn change_and_restart(w: &World, patch: serde_json::Value) -> Result<()> {
+    patch_route(&w.client, NAMESPACE, ROUTE, patch).await?;
+    let generation = crate::cluster::routes(&w.client, NAMESPACE).get(ROUTE).await?.metadata.generation;
+    let revision = eventually("the operator observing the route change", Duration::from_secs(60), || async {
+        let status = route_status(&w.client, NAMESPACE, ROUTE).await?;
+        let observed = status["observedGeneration"].as_i64();
+        Ok((observed.is_some() && observed >= generation).then(|| status["revision"].as_str().unwrap_or_default().to_string()))
+    })
+    .await?;
+    // Every operator replica's webhook answers from its own watch of the routes; give them a moment.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pods = restart_and_wait(w).await?;
+    for pod in &pods {
+        let injected = pod.metadata.annotations.as_ref().and_then(|a| a.get("storerelay.dev/injected")).cloned();
+        ensure!(
+            injected.as_deref().is_some_and(|v| v.ends_with(&format!("@{revision}"))),
+            "pod {} carries {injected:?}, not the route's revision {revision}",
+            name(pod)
+        );
+    }
+    Ok(())
 }
 
 async fn restart_and_wait(w: &World) -> Result<Vec<Pod>> {
@@ -547,4 +569,27 @@ fn hex(bytes: &[u8]) -> String {
 fn split_image(image: &str) -> Result<(String, String)> {
     let (repository, tag) = image.rsplit_once(':').ok_or_else(|| anyhow!("image {image} has no tag"))?;
     Ok((repository.to_string(), tag.to_string()))
+}
+
+/// What to look at when a scenario failed: the route's status, each pod's containers and the end of its
+/// sidecar's log, and the shared queue's deliveries by state.
+pub async fn diagnostics(w: &World) -> String {
+    let mut out = String::from("--- diagnostics ---\n");
+    if let Ok(status) = route_status(&w.client, NAMESPACE, ROUTE).await {
+        out.push_str(&format!("route status: {status}\n"));
+    }
+    let api = Api::<Pod>::namespaced(w.client.clone(), NAMESPACE);
+    for pod in pods(&w.client, NAMESPACE, SELECTOR).await.unwrap_or_default() {
+        out.push_str(&format!("{}\n", describe(std::slice::from_ref(&pod))));
+        let params = LogParams { container: Some(SIDECAR.into()), tail_lines: Some(40), ..Default::default() };
+        match api.logs(&name(&pod), &params).await {
+            Ok(log) => out.push_str(&log),
+            Err(error) => out.push_str(&format!("(no log: {error})\n")),
+        }
+    }
+    out.push_str(&w.postgres.psql(
+        "SELECT queue, destination, state, count(*), max(attempts), min(next_attempt_at), max(lease_until) \
+         FROM storerelay.deliveries GROUP BY 1, 2, 3",
+    ));
+    out
 }

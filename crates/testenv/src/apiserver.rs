@@ -260,6 +260,8 @@ fn apiserver_args(options: &ClusterOptions, etcd_url: &str, port: u16, path: &dy
             file("kubelet-client-certificate", "admin.crt"),
             file("kubelet-client-key", "admin.key"),
             file("kubelet-certificate-authority", "ca.crt"),
+            // No DNS here: reach the kubelet (logs, exec) at the node's address.
+            "--kubelet-preferred-address-types=InternalIP".into(),
         ]);
     } else {
         args.extend([
