@@ -2,7 +2,7 @@
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: build release test lint fmt demo crds manifests images bench bench-quick bench-prepare clean
+.PHONY: build release test test-node lint fmt demo crds manifests images bench bench-quick bench-prepare clean
 
 build:
 	$(CARGO) build --workspace --all-targets
@@ -21,6 +21,13 @@ test:
 	$(CARGO) build -p storerelay-operator --bin storerelayctl
 	STORERELAYCTL=$(abspath $(TARGET_DIR))/debug/storerelayctl tests/chart/run.sh
 	tests/images/smoke.sh
+	tests/node/run.sh
+
+# The real-node tier: etcd, kube-apiserver, scheduler, controller-manager, containerd and a kubelet in the
+# test's own namespaces; the chart installed with the locally built images, pods that really run
+# (docs/operator.md, "Testing on a real node"). Skips itself when a prerequisite is missing, unless CI=true.
+test-node:
+	tests/node/run.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

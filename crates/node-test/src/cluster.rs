@@ -136,7 +136,11 @@ pub fn describe(pods: &[Pod]) -> String {
                 "{} {} {}",
                 name(pod),
                 status.phase.unwrap_or_default(),
-                if containers.is_empty() { serde_json::to_string(&status.conditions).unwrap_or_default() } else { containers.join(" ") }
+                if containers.is_empty() {
+                    serde_json::to_string(&status.conditions).unwrap_or_default()
+                } else {
+                    containers.join(" ")
+                }
             )
         })
         .collect::<Vec<_>>()

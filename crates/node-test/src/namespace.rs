@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 /// and mounts of the namespace it runs in.
 pub fn check_isolated() -> Result<()> {
     if std::process::id() != 1 {
-        bail!("run me through tests/node/run.sh: I must be the first process of my own PID, mount and network namespaces");
+        bail!(
+            "run me through tests/node/run.sh: I must be the first process of my own PID, mount and network namespaces"
+        );
     }
     // Not /sys/class/net: sysfs shows the network namespace of whoever mounted it.
     let output = Command::new("ip").args(["-o", "link", "show"]).output().context("run ip link")?;

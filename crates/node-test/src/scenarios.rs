@@ -1,11 +1,11 @@
 //! The scenarios of the real-node tier, in order; each builds on the state the previous one left (the
 //! chart installed, the route and Deployment in place). Each returns a short line for the summary.
 
+use crate::World;
 use crate::cluster::{
     apply, condition, describe, eventually, get_text, name, patch_route, pod_ip, pods, ready_pods, restart_deployment,
     rollout_complete, route_status, sample,
 };
-use crate::World;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use futures::{AsyncBufReadExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -71,9 +71,11 @@ pub async fn helm_install(w: &World) -> Result<String> {
     let webhooks = Api::<MutatingWebhookConfiguration>::all(w.client.clone());
     eventually("the webhook's caBundle", Duration::from_secs(60), || async {
         let configurations = webhooks.list(&Default::default()).await?;
-        let published = configurations.items.iter().flat_map(|c| c.webhooks.iter().flatten()).any(|hook| {
-            hook.client_config.ca_bundle.as_ref().is_some_and(|b| !b.0.is_empty())
-        });
+        let published = configurations
+            .items
+            .iter()
+            .flat_map(|c| c.webhooks.iter().flatten())
+            .any(|hook| hook.client_config.ca_bundle.as_ref().is_some_and(|b| !b.0.is_empty()));
         Ok(published.then_some(()))
     })
     .await?;
@@ -84,8 +86,10 @@ pub async fn helm_install(w: &World) -> Result<String> {
 /// sidecar, started before the app, probes passing, pods Ready.
 pub async fn deploy_app(w: &World) -> Result<String> {
     let url = w.destination.url(w.options.node_ip, "/v1/first");
-    apply(&w.client, &format!(
-        r#"apiVersion: v1
+    apply(
+        &w.client,
+        &format!(
+            r#"apiVersion: v1
 kind: Namespace
 metadata:
   name: {NAMESPACE}
@@ -111,15 +115,18 @@ spec:
       retry: {{initialBackoff: 200ms, maxBackoff: 1s}}
   rollout: {{policy: Manual}}
 "#
-    ))
+        ),
+    )
     .await?;
     // Pods created before the webhook selects the namespace would start without the sidecar.
     let webhooks = Api::<MutatingWebhookConfiguration>::all(w.client.clone());
     eventually("the webhook selecting the route's namespace", Duration::from_secs(60), || async {
         let configurations = webhooks.list(&Default::default()).await?;
-        let selects = configurations.items.iter().flat_map(|c| c.webhooks.iter().flatten()).any(|hook| {
-            serde_json::to_string(&hook.namespace_selector).unwrap_or_default().contains(NAMESPACE)
-        });
+        let selects = configurations
+            .items
+            .iter()
+            .flat_map(|c| c.webhooks.iter().flatten())
+            .any(|hook| serde_json::to_string(&hook.namespace_selector).unwrap_or_default().contains(NAMESPACE));
         Ok(selects.then_some(()))
     })
     .await?;
@@ -143,8 +150,12 @@ spec:
             .ok_or_else(|| anyhow!("no sidecar status"))?;
         ensure!(sidecar_status.ready && sidecar_status.started == Some(true), "sidecar not started and ready");
         ensure!(sidecar_status.restart_count == 0, "the sidecar restarted: {}", describe(&pods));
-        let app_status =
-            status.container_statuses.iter().flatten().find(|c| c.name == APP).ok_or_else(|| anyhow!("no app status"))?;
+        let app_status = status
+            .container_statuses
+            .iter()
+            .flatten()
+            .find(|c| c.name == APP)
+            .ok_or_else(|| anyhow!("no app status"))?;
         let started = |s: &k8s_openapi::api::core::v1::ContainerStatus| {
             s.state.as_ref().and_then(|s| s.running.as_ref()).and_then(|r| r.started_at.clone()).map(|t| t.0)
         };
@@ -348,7 +359,11 @@ pub async fn backlog_across_rollout(w: &World) -> Result<String> {
         ensure!(line.contains("revenuecat="), "the line names no destination: {line}");
         left_behind += pending;
     }
-    ensure!(left_behind == local.len() as u64, "the old pods reported {left_behind} left behind, {} were pending", local.len());
+    ensure!(
+        left_behind == local.len() as u64,
+        "the old pods reported {left_behind} left behind, {} were pending",
+        local.len()
+    );
     w.destination.set_down(false);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let got = w.destination.all_bodies();
@@ -369,7 +384,8 @@ async fn change_and_restart(w: &World, patch: serde_json::Value) -> Result<()> {
     let revision = eventually("the operator observing the route change", Duration::from_secs(60), || async {
         let status = route_status(&w.client, NAMESPACE, ROUTE).await?;
         let observed = status["observedGeneration"].as_i64();
-        Ok((observed.is_some() && observed >= generation).then(|| status["revision"].as_str().unwrap_or_default().to_string()))
+        Ok((observed.is_some() && observed >= generation)
+            .then(|| status["revision"].as_str().unwrap_or_default().to_string()))
     })
     .await?;
     // Every operator replica's webhook answers from its own watch of the routes; give them a moment.
@@ -441,13 +457,21 @@ pub async fn pod_deletion(w: &World) -> Result<String> {
             .find(|c| c.name == name)
             .and_then(|c| c.state.as_ref()?.terminated.clone())
     };
-    let app = terminated(APP).ok_or_else(|| anyhow!("the app's termination was not reported: {}", describe(&[pod.clone()])))?;
-    let sidecar = terminated(SIDECAR).ok_or_else(|| anyhow!("the sidecar's termination was not reported: {}", describe(&[pod.clone()])))?;
+    let app = terminated(APP)
+        .ok_or_else(|| anyhow!("the app's termination was not reported: {}", describe(&[pod.clone()])))?;
+    let sidecar = terminated(SIDECAR)
+        .ok_or_else(|| anyhow!("the sidecar's termination was not reported: {}", describe(&[pod.clone()])))?;
     ensure!(app.exit_code == 0, "the app exited {} (3: the sidecar was gone before the app finished)", app.exit_code);
     ensure!(sidecar.exit_code == 0, "the sidecar exited {}", sidecar.exit_code);
     let (app_done, sidecar_done) = (app.finished_at.map(|t| t.0), sidecar.finished_at.map(|t| t.0));
-    ensure!(app_done.is_some() && app_done <= sidecar_done, "the app finished at {app_done:?}, the sidecar at {sidecar_done:?}");
-    ensure!(took < Duration::from_secs(GRACE_SECONDS as u64), "termination took {took:?}, over the {GRACE_SECONDS}s grace");
+    ensure!(
+        app_done.is_some() && app_done <= sidecar_done,
+        "the app finished at {app_done:?}, the sidecar at {sidecar_done:?}"
+    );
+    ensure!(
+        took < Duration::from_secs(GRACE_SECONDS as u64),
+        "termination took {took:?}, over the {GRACE_SECONDS}s grace"
+    );
     ready_pods(&w.client, NAMESPACE, SELECTOR, 2, Duration::from_secs(120)).await?;
     Ok(format!("app then sidecar, both exit 0, gone in {:.1}s (grace {GRACE_SECONDS}s)", took.as_secs_f64()))
 }
@@ -476,7 +500,8 @@ pub async fn restart_workloads(w: &World) -> Result<String> {
     let deployments = Api::<Deployment>::namespaced(w.client.clone(), NAMESPACE);
     eventually("the operator restarting the Deployment", Duration::from_secs(60), || async {
         let deployment = deployments.get(DEPLOYMENT).await?;
-        let annotations = deployment.spec.and_then(|s| s.template.metadata).and_then(|m| m.annotations).unwrap_or_default();
+        let annotations =
+            deployment.spec.and_then(|s| s.template.metadata).and_then(|m| m.annotations).unwrap_or_default();
         Ok(annotations.contains_key("storerelay.dev/restartedAt").then_some(()))
     })
     .await?;
@@ -535,8 +560,14 @@ spec:
 
 async fn post(w: &World, ip: &str, body: Vec<u8>) -> Result<()> {
     let url = format!("http://{ip}:{LISTEN_PORT}/apple/notifications");
-    let response =
-        w.http.post(&url).header("content-type", "application/json").body(body).send().await.with_context(|| format!("POST {url}"))?;
+    let response = w
+        .http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
     let status = response.status();
     ensure!(status.is_success(), "POST {url}: {status}: {}", response.text().await.unwrap_or_default());
     Ok(())

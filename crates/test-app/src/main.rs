@@ -107,7 +107,11 @@ fn serve(stream: TcpStream, received: &Mutex<Vec<Vec<u8>>>) -> std::io::Result<(
                 continue;
             }
         };
-        write!(stream, "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{answer}", answer.len())?;
+        write!(
+            stream,
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{answer}",
+            answer.len()
+        )?;
         if close {
             return Ok(());
         }

@@ -57,7 +57,13 @@ pub struct NodeIdentity {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { address: IpAddr::from([127, 0, 0, 1]), bind: None, port: None, extra_addresses: Vec::new(), node: None }
+        ClusterOptions {
+            address: IpAddr::from([127, 0, 0, 1]),
+            bind: None,
+            port: None,
+            extra_addresses: Vec::new(),
+            node: None,
+        }
     }
 }
 

@@ -62,8 +62,7 @@ impl Node {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         create_cgroup_root(&options.cgroup_root);
-        let mut node =
-            Node {
+        let mut node = Node {
             socket: dir.join("containerd.sock"),
             dir,
             name: options.name.clone(),
@@ -256,8 +255,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         let url = format!("{}/api/v1/nodes/{}", cluster.server, self.name);
         let deadline = Instant::now() + within;
         loop {
-            let node: Option<serde_json::Value> =
-                client.get(&url).send().ok().filter(|r| r.status().is_success()).and_then(|r| r.text().ok()).and_then(|t| serde_json::from_str(&t).ok());
+            let node: Option<serde_json::Value> = client
+                .get(&url)
+                .send()
+                .ok()
+                .filter(|r| r.status().is_success())
+                .and_then(|r| r.text().ok())
+                .and_then(|t| serde_json::from_str(&t).ok());
             if node.as_ref().is_some_and(is_ready_and_untainted) {
                 return;
             }
