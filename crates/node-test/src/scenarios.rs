@@ -28,7 +28,8 @@ const DELIVERED: &str = r#"storerelay_deliveries_total{destination="revenuecat",
 const RELOADED: &str = r#"storerelay_config_reloads_total{result="success"}"#;
 const LEFT_BEHIND: &str = "deliveries pending in this pod's own spool";
 
-/// 1. `helm install` of the chart with the locally built images; the operator runs as the chart's pods.
+/// Scenario 1. `helm install` of the chart with the locally built images; the operator runs as the chart's
+/// pods.
 pub async fn helm_install(w: &World) -> Result<String> {
     let (operator_repository, operator_tag) = split_image(&w.options.operator_image)?;
     let (sidecar_repository, sidecar_tag) = split_image(&w.options.sidecar_image)?;
@@ -82,7 +83,7 @@ pub async fn helm_install(w: &World) -> Result<String> {
     Ok(format!("operator running as {} pods of the chart; webhook CA published", operators.len()))
 }
 
-/// 2. A restricted namespace, a route and a two-replica Deployment: the sidecar injected as a native
+/// Scenario 2. A restricted namespace, a route and a two-replica Deployment: the sidecar injected as a native
 /// sidecar, started before the app, probes passing, pods Ready.
 pub async fn deploy_app(w: &World) -> Result<String> {
     let url = w.destination.url(w.options.node_ip, "/v1/first");
@@ -165,11 +166,11 @@ spec:
             "the sidecar started at {sidecar_started:?}, the app at {app_started:?}"
         );
     }
-    Ok(format!("2 pods Ready in a restricted namespace; native sidecar started first in each"))
+    Ok("2 pods Ready in a restricted namespace; native sidecar started first in each".to_string())
 }
 
-/// 3. V1 and V2 notifications to each pod: the app gets them, the destination byte-identical copies, the
-/// sidecars count them delivered, the route counts 2 matched and 2 injected.
+/// Scenario 3. V1 and V2 notifications to each pod: the app gets them, the destination byte-identical copies,
+/// the sidecars count them delivered, the route counts 2 matched and 2 injected.
 pub async fn notifications(w: &World) -> Result<String> {
     let pods = ready_pods(&w.client, NAMESPACE, SELECTOR, 2, Duration::from_secs(30)).await?;
     let mut sent = Vec::new();
@@ -221,8 +222,8 @@ pub async fn notifications(w: &World) -> Result<String> {
     ))
 }
 
-/// 4. A rotated destination Secret reaches the running pods (the next notification goes to the new URL);
-/// new retry settings reach them through the ConfigMap and the sidecar reloads; no restart.
+/// Scenario 4. A rotated destination Secret reaches the running pods (the next notification goes to the new
+/// URL); new retry settings reach them through the ConfigMap and the sidecar reloads; no restart.
 pub async fn rotation(w: &World) -> Result<String> {
     let before = ready_pods(&w.client, NAMESPACE, SELECTOR, 2, Duration::from_secs(30)).await?;
     let started = Instant::now();
@@ -297,8 +298,8 @@ async fn reloads(w: &World, pods: &[Pod]) -> Result<Vec<f64>> {
     Ok(counts)
 }
 
-/// 5. A backlog of 200 across a rollout: with the shared PostgreSQL spool every one is delivered by the
-/// new pods; with the SQLite spool each old pod says what it left behind (and it is not delivered).
+/// Scenario 5. A backlog of 200 across a rollout: with the shared PostgreSQL spool every one is delivered by
+/// the new pods; with the SQLite spool each old pod says what it left behind (and it is not delivered).
 pub async fn backlog_across_rollout(w: &World) -> Result<String> {
     let database = format!("postgres://storerelay@{}:{}/postgres?sslmode=disable", w.options.node_ip, w.postgres.port);
     apply(&w.client, &format!(
@@ -422,8 +423,8 @@ async fn post_backlog(w: &World, tag: &str) -> Result<Vec<Vec<u8>>> {
     Ok(bodies)
 }
 
-/// 6. A deleted pod: the app gets SIGTERM first, the sidecar outlives it, both exit 0 within the grace
-/// period.
+/// Scenario 6. A deleted pod: the app gets SIGTERM first, the sidecar outlives it, both exit 0 within the
+/// grace period.
 pub async fn pod_deletion(w: &World) -> Result<String> {
     let pods = ready_pods(&w.client, NAMESPACE, SELECTOR, 2, Duration::from_secs(30)).await?;
     let victim = name(&pods[0]);
@@ -458,9 +459,10 @@ pub async fn pod_deletion(w: &World) -> Result<String> {
             .and_then(|c| c.state.as_ref()?.terminated.clone())
     };
     let app = terminated(APP)
-        .ok_or_else(|| anyhow!("the app's termination was not reported: {}", describe(&[pod.clone()])))?;
-    let sidecar = terminated(SIDECAR)
-        .ok_or_else(|| anyhow!("the sidecar's termination was not reported: {}", describe(&[pod.clone()])))?;
+        .ok_or_else(|| anyhow!("the app's termination was not reported: {}", describe(std::slice::from_ref(&pod))))?;
+    let sidecar = terminated(SIDECAR).ok_or_else(|| {
+        anyhow!("the sidecar's termination was not reported: {}", describe(std::slice::from_ref(&pod)))
+    })?;
     ensure!(app.exit_code == 0, "the app exited {} (3: the sidecar was gone before the app finished)", app.exit_code);
     ensure!(sidecar.exit_code == 0, "the sidecar exited {}", sidecar.exit_code);
     let (app_done, sidecar_done) = (app.finished_at.map(|t| t.0), sidecar.finished_at.map(|t| t.0));
@@ -476,8 +478,8 @@ pub async fn pod_deletion(w: &World) -> Result<String> {
     Ok(format!("app then sidecar, both exit 0, gone in {:.1}s (grace {GRACE_SECONDS}s)", took.as_secs_f64()))
 }
 
-/// 7. `rollout.policy: RestartWorkloads`: an injection-time change restarts the Deployment; the new pods
-/// carry the new revision and `Outdated` returns to 0.
+/// Scenario 7. `rollout.policy: RestartWorkloads`: an injection-time change restarts the Deployment; the new
+/// pods carry the new revision and `Outdated` returns to 0.
 pub async fn restart_workloads(w: &World) -> Result<String> {
     let before = route_status(&w.client, NAMESPACE, ROUTE).await?["revision"].clone();
     let started = Instant::now();
