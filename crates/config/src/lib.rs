@@ -6,6 +6,7 @@
 //! `urlFile` / `headersFile` are read by the sidecar at run time, not here.
 
 mod apple;
+mod apple_api;
 mod postgres;
 mod units;
 
@@ -20,6 +21,7 @@ pub use apple::{
     DedupeConfig, DestinationMatch, Environment, NotificationVersion, RouteFacts, UnknownBodies, VerifyConfig,
     VerifyMode,
 };
+pub use apple_api::{ApiEnvironment, AppStoreServerApi};
 pub use postgres::{
     PostgresSpool, PostgresTarget, PostgresUrlProblem, TlsMode, default_postgres_max_connections,
     default_postgres_schema, default_postgres_timeout, parse_postgres_url,
@@ -70,6 +72,9 @@ pub struct SidecarConfig {
     /// Where every notification is mirrored to, each independently.
     #[serde(default)]
     pub destinations: Vec<Destination>,
+    /// Apple's App Store Server API, for `storerelay-sidecar apple ...` (notification history).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_store_server_api: Option<AppStoreServerApi>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -381,6 +386,7 @@ impl SidecarConfig {
                     .flat_map(|p| [p.url_file.as_deref(), p.root_certificate_file.as_deref()])
                     .flatten(),
             )
+            .chain(self.app_store_server_api.iter().map(|api| api.private_key_file.as_path()))
             .collect()
     }
 
@@ -523,6 +529,9 @@ impl SidecarConfig {
         self.verify.problems(&mut out);
         if let Some(postgres) = &self.spool.postgres {
             postgres.problems(&mut out);
+        }
+        if let Some(api) = &self.app_store_server_api {
+            api.problems(&mut out);
         }
         out
     }

@@ -289,3 +289,36 @@ fn the_committed_schema_is_the_generated_one() {
         "crates/config/schema.json is stale: run `STORERELAY_BLESS=1 cargo test -p storerelay-config`"
     );
 }
+
+#[test]
+fn app_store_server_api_names_each_bad_key_and_never_reads_the_key() {
+    let good = parse(
+        "appStoreServerApi:\n  keyId: 2X9R4HXF34\n  issuerId: 57246542-96fe-1a63-e053-0824d011072a\n  bundleId: com.example.app\n  privateKeyFile: /etc/storerelay/secrets/apple-api/SubscriptionKey.p8\n  environment: Sandbox\n",
+        file(),
+    )
+    .unwrap();
+    let api = good.app_store_server_api.as_ref().unwrap();
+    assert_eq!(api.timeout, Duration::from_secs(10));
+    assert_eq!(api.environment.history_retention(), std::time::Duration::from_secs(30 * 86400));
+    assert!(good.problems().is_empty(), "{:?}", good.problems());
+    assert!(good.secret_files().contains(&Path::new("/etc/storerelay/secrets/apple-api/SubscriptionKey.p8")));
+
+    let bad = parse(
+        "appStoreServerApi:\n  keyId: 'not a key'\n  issuerId: issuer\n  bundleId: ''\n  privateKeyFile: ''\n  environment: Production\n  baseUrl: ftp://proxy.invalid/\n  timeout: 0s\n",
+        file(),
+    )
+    .unwrap_err();
+    let ConfigError::Invalid { problems, .. } = bad else { panic!("not a validation error: {bad}") };
+    let keys: Vec<String> = problems.into_iter().map(|p| p.key).collect();
+    for key in ["keyId", "issuerId", "bundleId", "privateKeyFile", "baseUrl", "timeout"] {
+        assert!(keys.contains(&format!("appStoreServerApi.{key}")), "{key} not reported: {keys:?}");
+    }
+
+    let xcode = parse(
+        "appStoreServerApi: {keyId: A, issuerId: b, bundleId: c, privateKeyFile: /k, environment: Xcode}\n",
+        file(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(xcode.contains("appStoreServerApi") && xcode.contains("Xcode"), "{xcode}");
+}

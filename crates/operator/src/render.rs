@@ -160,6 +160,7 @@ pub fn render(route: &NotificationRoute) -> Result<SidecarConfig, RenderError> {
         unknown_bodies: spec.unknown_bodies.unwrap_or_default(),
         dedupe: DedupeConfig::default(),
         destinations,
+        app_store_server_api: None,
     };
     // The sidecar's own validation, with its keys mapped back to the route's where they differ.
     problems.extend(config.problems().into_iter().map(|p| Problem { key: route_key(&p.key), message: p.message }));

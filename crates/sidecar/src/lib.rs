@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod app;
 pub mod apple;
+pub mod apple_api;
 pub mod cli;
 pub mod clock;
 pub mod config;

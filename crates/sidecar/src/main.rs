@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use storerelay_sidecar::cli::{self, SpoolCommand};
+use storerelay_sidecar::cli::{self, AppleCommand, SpoolCommand};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +42,14 @@ enum Command {
         #[command(subcommand)]
         action: SpoolCommand,
     },
+    /// Ask Apple's App Store Server API (needs `appStoreServerApi` in the config).
+    Apple {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: AppleCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,6 +67,7 @@ fn main() -> ExitCode {
             cli::inspect(&body, cli.config.as_deref())
         }
         Command::Spool { spool, json, action } => cli::spool(spool.as_deref(), &action, json, &config),
+        Command::Apple { json, action } => cli::apple(&action, json, &config),
     };
     match printed {
         Ok(text) => {

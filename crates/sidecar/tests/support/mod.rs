@@ -2,6 +2,7 @@
 //! real HTTP servers on loopback that record what they receive and misbehave on cue.
 #![allow(dead_code)]
 
+pub mod app_store_api;
 pub mod apple;
 
 use std::collections::VecDeque;

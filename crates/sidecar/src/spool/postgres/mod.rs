@@ -604,6 +604,10 @@ impl PostgresTools {
     pub async fn stats(&self) -> Result<Vec<DestinationStats>> {
         sql::stats(&self.client, &self.queue).await.map_err(|f| self.error(f))
     }
+    pub async fn seen(&self, keys: &[String], since: i64) -> Result<std::collections::HashSet<String>> {
+        let seen = sql::seen(&self.client, &self.queue, keys, since).await.map_err(|f| self.error(f))?;
+        Ok(seen.into_iter().collect())
+    }
     pub async fn notification_count(&self) -> Result<u64> {
         sql::notification_count(&self.client, &self.queue).await.map_err(|f| self.error(f))
     }

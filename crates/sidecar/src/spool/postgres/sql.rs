@@ -187,6 +187,17 @@ pub async fn notification_count(client: &impl GenericClient, queue: &str) -> Res
     Ok(row.try_get::<_, i64>(0)?.max(0) as u64)
 }
 
+/// Which of `keys` the queue's duplicate keys hold, first seen since `since`.
+pub async fn seen(client: &impl GenericClient, queue: &str, keys: &[String], since: i64) -> Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT key FROM dedupe WHERE queue = $1 AND key = ANY($2) AND first_seen >= $3",
+            &[&queue, &keys, &since],
+        )
+        .await?;
+    rows.iter().map(|row| Ok(row.try_get::<_, String>(0)?)).collect()
+}
+
 pub async fn list(client: &impl GenericClient, queue: &str, filter: &ListFilter) -> Result<Vec<DeliveryRow>> {
     let wanted_state = filter.state.map(DeliveryState::as_str);
     let limit = i64::from(filter.limit);

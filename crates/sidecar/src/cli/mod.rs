@@ -1,10 +1,14 @@
-//! The commands besides `run`: `check`, `inspect` and `spool ...`. Each returns the text to print.
+//! The commands besides `run`: `check`, `inspect`, `spool ...` and `apple ...` ([`apple`]). Each returns
+//! the text to print.
 //!
 //! The spool commands open the same SQLite file as a running sidecar (WAL lets them read while it
 //! writes, and SQLite's lock makes their few writes wait their turn), or the shared PostgreSQL queue
 //! its config names. Bodies are never printed: V1
 //! bodies carry the app's shared secret.
 
+mod apple;
+
+use std::collections::HashSet;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
@@ -16,6 +20,8 @@ use crate::metrics::Metrics;
 use crate::spool::{
     DeliveryRow, DeliveryState, DestinationStats, Failure, ListFilter, PostgresTools, SetAside, SpoolDb, SpoolError,
 };
+
+pub use apple::{AppleCommand, apple};
 
 /// The default config path when neither `--config` nor `STORERELAY_CONFIG` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/storerelay/config.yaml";
@@ -43,6 +49,17 @@ pub enum CommandError {
         if configured.is_empty() { "none".to_string() } else { configured.join(", ") }
     )]
     UnknownDestination { destination: String, file: PathBuf, configured: Vec<String> },
+    #[error(
+        "{}: no `appStoreServerApi:` section; the apple commands call Apple's App Store Server API with an In-App Purchase key (README, \"Closing the loop with Apple\")",
+        file.display()
+    )]
+    NoAppleApi { file: PathBuf },
+    #[error(transparent)]
+    AppleApi(#[from] crate::apple_api::ApiError),
+    #[error("{0}")]
+    Window(String),
+    #[error("cannot start a runtime: {0}")]
+    Runtime(String),
 }
 
 /// `spool ...`: look at and repair a spool, beside a running sidecar or not.
@@ -177,18 +194,30 @@ pub fn spool(
         Some(path) => return spool_file(path, command, json, config_path),
         None => storerelay_config::load(config_path)?,
     };
-    match (file.spool.backend, &file.spool.postgres) {
-        (SpoolBackendKind::Postgres, Some(settings)) => {
-            if *command == SpoolCommand::DiscardSetAside {
-                return Ok("a shared spool sets nothing aside\n".to_string());
+    if file.spool.backend == SpoolBackendKind::Postgres && *command == SpoolCommand::DiscardSetAside {
+        return Ok("a shared spool sets nothing aside\n".to_string());
+    }
+    match file.spool.postgres.as_ref().filter(|_| file.spool.backend == SpoolBackendKind::Postgres) {
+        Some(settings) => run(&mut Shared::connect(settings)?, command, json, config_path),
+        None => spool_file(&file.spool.path, command, json, config_path),
+    }
+}
+
+/// Runs `action` on the spool the config file names, whichever backend holds it.
+fn with_spool<R>(
+    file: &storerelay_config::SidecarConfig,
+    action: impl FnOnce(&mut dyn Tools) -> Result<R, CommandError>,
+) -> Result<R, CommandError> {
+    match file.spool.postgres.as_ref().filter(|_| file.spool.backend == SpoolBackendKind::Postgres) {
+        Some(settings) => action(&mut Shared::connect(settings)?),
+        None => {
+            let path = &file.spool.path;
+            if !path.exists() {
+                return Err(CommandError::NoSpool(path.clone()));
             }
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|source| {
-                SpoolError::at("postgres", Failure::Io { action: "cannot start a runtime", source })
-            })?;
-            let tools = runtime.block_on(PostgresTools::connect(settings))?;
-            run(&mut Shared { tools, runtime }, command, json, config_path)
+            let db = SpoolDb::open(path, SyncMode::Full).map_err(|failure| SpoolError::new(path, failure))?;
+            action(&mut File { db, path })
         }
-        _ => spool_file(&file.spool.path, command, json, config_path),
     }
 }
 
@@ -222,6 +251,8 @@ trait Tools {
     fn redeliver(&mut self, destination: &str, dead_only: bool, since: i64, now: i64) -> Result<usize, SpoolError>;
     fn purge(&mut self, destination: Option<&str>, include_dead: bool, before: i64) -> Result<usize, SpoolError>;
     fn purge_unknown_destinations(&mut self, configured: &[String]) -> Result<usize, SpoolError>;
+    /// Which of these duplicate keys the spool has seen since `since` (unix ms).
+    fn seen(&mut self, keys: &[String], since: i64) -> Result<HashSet<String>, SpoolError>;
 }
 
 /// A SQLite spool file.
@@ -266,12 +297,32 @@ impl Tools for File<'_> {
     fn purge_unknown_destinations(&mut self, configured: &[String]) -> Result<usize, SpoolError> {
         self.db.purge_unknown_destinations(configured).map_err(|f| self.at(f))
     }
+    fn seen(&mut self, keys: &[String], since: i64) -> Result<HashSet<String>, SpoolError> {
+        let mut seen = HashSet::new();
+        for key in keys {
+            if self.db.seen(key, since).map_err(|f| self.at(f))? {
+                seen.insert(key.clone());
+            }
+        }
+        Ok(seen)
+    }
 }
 
 /// A queue of the shared PostgreSQL spool.
 struct Shared {
     tools: PostgresTools,
     runtime: tokio::runtime::Runtime,
+}
+
+impl Shared {
+    fn connect(settings: &storerelay_config::PostgresSpool) -> Result<Shared, SpoolError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| SpoolError::at("postgres", Failure::Io { action: "cannot start a runtime", source }))?;
+        let tools = runtime.block_on(PostgresTools::connect(settings))?;
+        Ok(Shared { tools, runtime })
+    }
 }
 
 impl Tools for Shared {
@@ -301,6 +352,9 @@ impl Tools for Shared {
     }
     fn purge_unknown_destinations(&mut self, configured: &[String]) -> Result<usize, SpoolError> {
         self.runtime.block_on(self.tools.purge_unknown_destinations(configured))
+    }
+    fn seen(&mut self, keys: &[String], since: i64) -> Result<HashSet<String>, SpoolError> {
+        self.runtime.block_on(self.tools.seen(keys, since))
     }
 }
 

@@ -1,0 +1,95 @@
+//! `appStoreServerApi`: how the sidecar calls Apple's App Store Server API (notification history, test
+//! notifications). The private key stays in its file: the config names the file, never the key.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Duration, Problem, check_http_url};
+
+/// The App Store Server API credentials and where to reach it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AppStoreServerApi {
+    /// The in-app purchase key's id, from App Store Connect (Users and Access, Integrations).
+    pub key_id: String,
+    /// The issuer id shown above the keys in App Store Connect.
+    pub issuer_id: String,
+    /// The app whose notifications are asked for.
+    pub bundle_id: String,
+    /// The key's `.p8` file (a mounted Secret). Read when a request is signed; never printed.
+    pub private_key_file: PathBuf,
+    /// `Production` or `Sandbox`: which of Apple's hosts, and which history.
+    pub environment: ApiEnvironment,
+    /// Another base URL instead of Apple's host for `environment` (an egress proxy, a test server); the
+    /// API's paths are appended to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// Total time for one request.
+    #[serde(default = "default_timeout")]
+    pub timeout: Duration,
+}
+
+/// The environments the App Store Server API serves (Xcode and local testing have none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub enum ApiEnvironment {
+    Production,
+    Sandbox,
+}
+
+impl ApiEnvironment {
+    /// How far back Apple keeps notification history: 180 days in production, 30 in the sandbox.
+    pub fn history_retention(self) -> std::time::Duration {
+        let days = match self {
+            ApiEnvironment::Production => 180,
+            ApiEnvironment::Sandbox => 30,
+        };
+        std::time::Duration::from_secs(days * 24 * 3600)
+    }
+}
+
+impl fmt::Display for ApiEnvironment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ApiEnvironment::Production => "Production",
+            ApiEnvironment::Sandbox => "Sandbox",
+        })
+    }
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl AppStoreServerApi {
+    pub(crate) fn problems(&self, out: &mut Vec<Problem>) {
+        let mut problem = |key: &str, message: String| {
+            out.push(Problem { key: format!("appStoreServerApi.{key}"), message });
+        };
+        // Key ids are ten upper-case letters and digits; issuer ids are UUIDs. Only the shape is checked
+        // here (a wrong value is Apple's 401, reported when it happens).
+        if self.key_id.is_empty() || !self.key_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            problem("keyId", "must be the key's id from App Store Connect (letters and digits)".into());
+        }
+        if self.issuer_id.is_empty() || !self.issuer_id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+            problem("issuerId", "must be the issuer id from App Store Connect (a UUID)".into());
+        }
+        if self.bundle_id.trim().is_empty() {
+            problem("bundleId", "must not be empty".into());
+        }
+        if self.private_key_file.as_os_str().is_empty() {
+            problem("privateKeyFile", "must name the key's .p8 file".into());
+        }
+        if let Some(url) = &self.base_url {
+            if let Err(url_problem) = check_http_url(url, false) {
+                problem("baseUrl", url_problem.to_string());
+            }
+        }
+        if self.timeout.is_zero() {
+            problem("timeout", "must be more than 0s".into());
+        }
+    }
+}

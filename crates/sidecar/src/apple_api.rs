@@ -1,0 +1,355 @@
+//! Apple's App Store Server API: the notification history, so what Apple sent can be set against what
+//! the spool holds.
+//!
+//! `app-store-server-library` builds each request and signs its ES256 JWT with the in-app purchase key;
+//! [`HttpTransport`] sends it on the sidecar's own reqwest (one TLS stack), to `baseUrl` when one is set,
+//! paced to Apple's rate limits, waiting out a `429`'s `Retry-After`. The key and the tokens never
+//! appear in an error, a log line or printed output: errors say which request, Apple's status and code,
+//! and what to check.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use app_store_server_library::api_client::transport::{Transport, TransportError};
+use app_store_server_library::app_store_server_api_client::{AppStoreServerApiClient, AppStoreServerApiClientError};
+use app_store_server_library::crypto::CryptoProvider;
+use app_store_server_library::models::app_store_environment::Environment as LibraryEnvironment;
+use app_store_server_library::models::notification_history_request::NotificationHistoryRequest;
+use app_store_server_library::models::send_attempt_item::SendAttemptItem;
+use storerelay_config::{ApiEnvironment, AppStoreServerApi};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::apple::{self, Notification};
+use crate::retry::parse_retry_after;
+
+/// The most history pages one listing reads (20 notifications each): a bound, not a limit Apple sets.
+const MAX_HISTORY_PAGES: usize = 10_000;
+/// How often a request answered `429` is sent again before the `429` is the answer.
+const MAX_RATE_LIMITED_RETRIES: u32 = 5;
+/// The longest `Retry-After` waited out; a longer one is reported instead.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// Why a call to Apple's API failed. Never carries the key, a token, or a response body.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("appStoreServerApi.privateKeyFile {}: cannot read it: {kind}", path.display())]
+    KeyUnreadable { path: PathBuf, kind: std::io::ErrorKind },
+    #[error(
+        "appStoreServerApi.privateKeyFile {}: not an App Store Connect key (a PKCS#8 P-256 private key in PEM, the .p8 file as downloaded)",
+        path.display()
+    )]
+    KeyInvalid { path: PathBuf },
+    #[error("App Store Server API, {endpoint}: HTTP {status}{}: {advice}", code.map_or(String::new(), |c| format!(" (Apple's error {c})")))]
+    Refused { endpoint: Endpoint, status: u16, code: Option<i64>, advice: &'static str },
+    #[error("App Store Server API, {endpoint}: {message}")]
+    Transport { endpoint: Endpoint, message: String },
+    #[error("App Store Server API, {endpoint}: more than {MAX_HISTORY_PAGES} pages; narrow the window")]
+    TooManyPages { endpoint: Endpoint },
+}
+
+impl ApiError {
+    /// Apple's HTTP status, or `error` when no answer came: the `status` label of the request metric.
+    pub fn status_label(&self) -> String {
+        match self {
+            ApiError::Refused { status, .. } => status.to_string(),
+            _ => "error".to_string(),
+        }
+    }
+}
+
+/// The API's endpoints, as metrics and errors name them. Each has its own rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    NotificationHistory,
+    TestNotification,
+    Other,
+}
+
+impl Endpoint {
+    /// Which endpoint a request path is.
+    pub fn of_path(path: &str) -> Endpoint {
+        if path.starts_with("/inApps/v1/notifications/history") {
+            Endpoint::NotificationHistory
+        } else if path.starts_with("/inApps/v1/notifications/test") {
+            Endpoint::TestNotification
+        } else {
+            Endpoint::Other
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::NotificationHistory => "notification_history",
+            Endpoint::TestNotification => "test_notification",
+            Endpoint::Other => "other",
+        }
+    }
+
+    /// The least time between two requests to this endpoint: Apple allows 50 history and 1 test request
+    /// a second in production, a tenth of that in the sandbox.
+    pub fn spacing(self, environment: ApiEnvironment) -> Duration {
+        let per_second: f64 = match self {
+            Endpoint::NotificationHistory | Endpoint::Other => 50.0,
+            Endpoint::TestNotification => 1.0,
+        };
+        let per_second = if environment == ApiEnvironment::Sandbox { per_second / 10.0 } else { per_second };
+        Duration::from_secs_f64(1.0 / per_second)
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What to check when Apple refuses a request with `status`.
+pub fn advice(status: u16) -> &'static str {
+    match status {
+        401 => {
+            "Apple refused the credentials: check keyId and issuerId, that privateKeyFile is that key's .p8, \
+             and that the key is an In-App Purchase key"
+        }
+        403 => "the key may not call this endpoint for this app: check bundleId and the key's access",
+        404 => "nothing found: check bundleId and environment (Production or Sandbox)",
+        429 => "rate limited by Apple past the retries: try again later, or less often",
+        400 => "Apple rejected the request (a window past Apple's history retention, or a bad token)",
+        500..=599 => "Apple's side failed; it is retried on the next run",
+        _ => "unexpected answer",
+    }
+}
+
+/// One delivery attempt Apple reports for a notification.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SendAttempt {
+    /// Unix milliseconds.
+    pub attempt_date: Option<i64>,
+    /// Apple's `sendAttemptResult`, e.g. `SUCCESS`, `TIMED_OUT`, `TLS_ISSUE`.
+    pub send_attempt_result: String,
+}
+
+impl SendAttempt {
+    fn from_item(item: &SendAttemptItem) -> SendAttempt {
+        let result = item.send_attempt_result.as_ref().map_or_else(
+            || "UNKNOWN".to_string(),
+            |r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+        );
+        SendAttempt { attempt_date: item.attempt_date.map(|d| d.timestamp_millis()), send_attempt_result: result }
+    }
+}
+
+/// A notification in Apple's history: the body Apple sent (`{"signedPayload": ...}`, as a live POST
+/// carries it), what it decodes to, and Apple's attempts to send it.
+#[derive(Debug, Clone)]
+pub struct HistoryItem {
+    pub body: Vec<u8>,
+    pub notification: Notification,
+    pub attempts: Vec<SendAttempt>,
+}
+
+/// A client of the App Store Server API for one key and app.
+pub struct AppleApi {
+    client: AppStoreServerApiClient<HttpTransport>,
+    environment: ApiEnvironment,
+}
+
+impl AppleApi {
+    /// Reads and checks the key (so a bad file is reported now, naming the key, not at the first
+    /// request) and builds the client.
+    pub fn new(config: &AppStoreServerApi) -> Result<AppleApi, ApiError> {
+        let path = config.private_key_file.clone();
+        let key = std::fs::read(&path).map_err(|e| ApiError::KeyUnreadable { path: path.clone(), kind: e.kind() })?;
+        let pem = std::str::from_utf8(&key).map_err(|_| ApiError::KeyInvalid { path: path.clone() })?;
+        if CryptoProvider::default_provider().p256_signing.private_key(pem).is_err() {
+            return Err(ApiError::KeyInvalid { path });
+        }
+        let transport = HttpTransport::new(config)?;
+        let environment = match config.environment {
+            ApiEnvironment::Production => LibraryEnvironment::Production,
+            ApiEnvironment::Sandbox => LibraryEnvironment::Sandbox,
+        };
+        let client = AppStoreServerApiClient::new(
+            key,
+            &config.key_id,
+            &config.issuer_id,
+            &config.bundle_id,
+            environment,
+            transport,
+        )
+        .map_err(|e| ApiError::Transport { endpoint: Endpoint::Other, message: e.to_string() })?;
+        Ok(AppleApi { client, environment: config.environment })
+    }
+
+    pub fn environment(&self) -> ApiEnvironment {
+        self.environment
+    }
+
+    /// Every notification Apple sent (or tried to) between `since` and `until`, oldest page first;
+    /// with `only_failures`, only those whose sends failed (Apple may still be retrying them).
+    pub async fn history(
+        &self,
+        since: SystemTime,
+        until: SystemTime,
+        only_failures: bool,
+    ) -> Result<Vec<HistoryItem>, ApiError> {
+        let endpoint = Endpoint::NotificationHistory;
+        let request = NotificationHistoryRequest {
+            start_date: since.into(),
+            end_date: until.into(),
+            notification_type: None,
+            notification_subtype: None,
+            transaction_id: None,
+            only_failures: only_failures.then_some(true),
+        };
+        let mut items = Vec::new();
+        let mut token = String::new();
+        for _ in 0..MAX_HISTORY_PAGES {
+            let page =
+                self.client.get_notification_history(&token, &request).await.map_err(|e| refused(endpoint, &e))?;
+            for entry in page.notification_history.unwrap_or_default() {
+                let Some(signed_payload) = entry.signed_payload else { continue };
+                let body = serde_json::to_vec(&serde_json::json!({ "signedPayload": signed_payload }))
+                    .map_err(|e| ApiError::Transport { endpoint, message: e.to_string() })?;
+                let notification = apple::decode(&body).unwrap_or_default();
+                let attempts = entry.send_attempts.unwrap_or_default().iter().map(SendAttempt::from_item).collect();
+                items.push(HistoryItem { body, notification, attempts });
+            }
+            match page.pagination_token.filter(|t| !t.is_empty() && page.has_more == Some(true)) {
+                Some(next) => token = next,
+                None => return Ok(items),
+            }
+        }
+        Err(ApiError::TooManyPages { endpoint })
+    }
+}
+
+/// An error of the library as ours. Apple's refusals carry a status (and, with a JSON error body, a
+/// code); failures on the way carry a message the library or [`HttpTransport`] wrote (a network error
+/// without its URL, a timeout, a response that is not JSON), never a token.
+fn refused(endpoint: Endpoint, error: &AppStoreServerApiClientError) -> ApiError {
+    match (error.raw_code(), error.message()) {
+        (None, Some(message)) => ApiError::Transport { endpoint, message: message.to_string() },
+        (code, _) => ApiError::Refused { endpoint, status: error.status(), code, advice: advice(error.status()) },
+    }
+}
+
+/// Sends the library's requests with reqwest.
+pub struct HttpTransport {
+    http: reqwest::Client,
+    /// `baseUrl` without a trailing `/`, replacing Apple's host; `None`: the library's URL as built.
+    base_url: Option<String>,
+    environment: ApiEnvironment,
+    /// When each endpoint may next be called.
+    next_slot: Arc<Mutex<std::collections::HashMap<Endpoint, Instant>>>,
+}
+
+impl HttpTransport {
+    pub fn new(config: &AppStoreServerApi) -> Result<HttpTransport, ApiError> {
+        let timeout = config.timeout.get();
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| ApiError::Transport { endpoint: Endpoint::Other, message: e.to_string() })?;
+        Ok(HttpTransport {
+            http,
+            base_url: config.base_url.as_deref().map(|u| u.trim_end_matches('/').to_string()),
+            environment: config.environment,
+            next_slot: Arc::default(),
+        })
+    }
+
+    /// Waits until `endpoint` may be called again, and books the next slot.
+    async fn pace(&self, endpoint: Endpoint) {
+        let start = {
+            let mut slots = self.next_slot.lock().await;
+            let now = Instant::now();
+            let start = slots.get(&endpoint).copied().unwrap_or(now).max(now);
+            slots.insert(endpoint, start + endpoint.spacing(self.environment));
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
+}
+
+impl Transport for HttpTransport {
+    async fn send(&self, request: http::Request<Vec<u8>>) -> Result<http::Response<Vec<u8>>, TransportError> {
+        let (parts, body) = request.into_parts();
+        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+        let endpoint = Endpoint::of_path(parts.uri.path());
+        let url = match &self.base_url {
+            Some(base) => format!("{base}{path_and_query}"),
+            None => parts.uri.to_string(),
+        };
+        let mut rate_limited = 0;
+        loop {
+            self.pace(endpoint).await;
+            let response = self
+                .http
+                .request(parts.method.clone(), &url)
+                .headers(parts.headers.clone())
+                .body(body.clone())
+                .send()
+                .await
+                .map_err(|e| {
+                    if e.is_timeout() {
+                        TransportError::Timeout
+                    } else {
+                        TransportError::NetworkError(e.without_url().to_string())
+                    }
+                })?;
+            let status = response.status();
+            if status == http::StatusCode::TOO_MANY_REQUESTS && rate_limited < MAX_RATE_LIMITED_RETRIES {
+                let wait = response
+                    .headers()
+                    .get(http::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, SystemTime::now()))
+                    .unwrap_or(Duration::from_secs(1 << rate_limited));
+                if wait <= MAX_RETRY_AFTER {
+                    rate_limited += 1;
+                    tracing::warn!(endpoint = endpoint.as_str(), wait = ?wait, "App Store Server API rate limit: waiting as Apple asks");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            }
+            let mut answer = http::Response::builder().status(status);
+            for (name, value) in response.headers() {
+                answer = answer.header(name, value);
+            }
+            let bytes =
+                response.bytes().await.map_err(|e| TransportError::NetworkError(e.without_url().to_string()))?;
+            return answer.body(bytes.to_vec()).map_err(|e| TransportError::InvalidResponse(e.to_string()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_told_apart_by_path_and_paced_to_apples_limits() {
+        assert_eq!(Endpoint::of_path("/inApps/v1/notifications/history"), Endpoint::NotificationHistory);
+        assert_eq!(Endpoint::of_path("/inApps/v1/notifications/test/abc"), Endpoint::TestNotification);
+        assert_eq!(Endpoint::of_path("/inApps/v1/notifications/test"), Endpoint::TestNotification);
+        assert_eq!(Endpoint::of_path("/inApps/v1/history/1"), Endpoint::Other);
+        assert_eq!(Endpoint::NotificationHistory.spacing(ApiEnvironment::Production), Duration::from_millis(20));
+        assert_eq!(Endpoint::NotificationHistory.spacing(ApiEnvironment::Sandbox), Duration::from_millis(200));
+        assert_eq!(Endpoint::TestNotification.spacing(ApiEnvironment::Production), Duration::from_secs(1));
+        assert_eq!(Endpoint::TestNotification.spacing(ApiEnvironment::Sandbox), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn refusals_name_the_status_and_what_to_check_never_a_body() {
+        let error =
+            ApiError::Refused { endpoint: Endpoint::NotificationHistory, status: 401, code: None, advice: advice(401) };
+        let text = error.to_string();
+        assert!(text.contains("notification_history") && text.contains("HTTP 401") && text.contains("keyId"), "{text}");
+        assert_eq!(error.status_label(), "401");
+    }
+}

@@ -1,0 +1,176 @@
+//! `apple ...`: Apple's side of the story, from the App Store Server API ([`crate::apple_api`]).
+//! `history` lists what Apple sent (or tried to) in a window, with Apple's send attempts, whether each
+//! notification passes verification, and whether this spool has it. Neither the key nor a token is
+//! ever printed.
+
+use std::collections::HashSet;
+use std::fmt::Write;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use storerelay_config::{SidecarConfig, VerifyMode};
+
+use super::{CommandError, with_spool};
+use crate::apple_api::{AppleApi, HistoryItem};
+use crate::clock::{format_ms, now_ms, parse_time_arg};
+use crate::config;
+use crate::metrics::Metrics;
+use crate::verify::Verifier;
+
+#[derive(Debug, Clone, PartialEq, clap::Subcommand)]
+pub enum AppleCommand {
+    /// Apple's notification history: per notification its UUID, type, signed date, Apple's send
+    /// attempts, and whether the spool has it.
+    History {
+        /// Start of the window: a duration ago (72h) or an RFC 3339 time; at most 180 days back (30 in
+        /// the sandbox), as far as Apple keeps history.
+        #[arg(long)]
+        since: String,
+        /// Only notifications Apple failed to send (it may still be retrying them).
+        #[arg(long)]
+        only_failures: bool,
+    },
+}
+
+/// Runs one `apple` command with the config file's `appStoreServerApi` and returns what to print.
+pub fn apple(command: &AppleCommand, json: bool, config_path: &Path) -> Result<String, CommandError> {
+    let file = storerelay_config::load(config_path)?;
+    let settings = file
+        .app_store_server_api
+        .as_ref()
+        .ok_or_else(|| CommandError::NoAppleApi { file: config_path.to_path_buf() })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CommandError::Runtime(e.to_string()))?;
+    match command {
+        AppleCommand::History { since, only_failures } => {
+            let now = now_ms();
+            let since_ms = parse_time_arg(since, now)?;
+            let retention = settings.environment.history_retention();
+            if now - since_ms > retention.as_millis() as i64 {
+                return Err(CommandError::Window(format!(
+                    "--since {since} is before the {} days of history Apple keeps in {}",
+                    retention.as_secs() / 86_400,
+                    settings.environment
+                )));
+            }
+            let api = AppleApi::new(settings)?;
+            let items = runtime.block_on(api.history(at(since_ms), at(now), *only_failures))?;
+            drop(runtime);
+            let runtime_config = config::resolve(file.clone(), None, &Metrics::default());
+            let in_spool = spool_has(&file, &items)?;
+            let rows: Vec<Row> =
+                items.iter().map(|item| Row::of(item, &runtime_config.verifier, in_spool.as_ref())).collect();
+            Ok(if json { history_json(&rows, since_ms, now)? } else { history_table(&rows, &api, since_ms, now) })
+        }
+    }
+}
+
+fn at(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+}
+
+/// Which notifications the spool remembers (by their duplicate keys, within `dedupe.window`), or
+/// `None` when it cannot tell: duplicate keys are not kept (`dedupe.window: 0s`), or there is no
+/// SQLite file here (the command runs outside the sidecar's container).
+fn spool_has(file: &SidecarConfig, items: &[HistoryItem]) -> Result<Option<HashSet<String>>, CommandError> {
+    let window = file.dedupe.window.get();
+    if window.is_zero() {
+        return Ok(None);
+    }
+    let keys: Vec<String> = items.iter().map(|i| i.notification.dedupe_key.clone()).collect();
+    let since = now_ms() - window.as_millis() as i64;
+    match with_spool(file, |spool| Ok(spool.seen(&keys, since)?)) {
+        Ok(seen) => Ok(Some(seen)),
+        Err(CommandError::NoSpool(_)) => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// One notification of the history as printed.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Row<'a> {
+    notification_uuid: Option<&'a str>,
+    notification_type: Option<&'a str>,
+    subtype: Option<&'a str>,
+    signed_date: Option<i64>,
+    send_attempts: &'a [crate::apple_api::SendAttempt],
+    /// `passes`, `fails: <reason>`, or `not checked` (`verify.mode: off`).
+    verification: String,
+    /// `None`: the spool cannot tell.
+    in_spool: Option<bool>,
+}
+
+impl<'a> Row<'a> {
+    fn of(item: &'a HistoryItem, verifier: &Verifier, in_spool: Option<&HashSet<String>>) -> Row<'a> {
+        let notification = &item.notification;
+        let verification = match (verifier.mode, verifier.check(notification)) {
+            (VerifyMode::Off, _) => "not checked".to_string(),
+            (_, Ok(())) => "passes".to_string(),
+            (_, Err(reason)) => format!("fails: {}", reason.as_str()),
+        };
+        Row {
+            notification_uuid: notification.uuid.as_deref(),
+            notification_type: notification.notification_type.as_deref(),
+            subtype: notification.subtype.as_deref(),
+            signed_date: notification.signed_date,
+            send_attempts: &item.attempts,
+            verification,
+            in_spool: in_spool.map(|seen| seen.contains(&notification.dedupe_key)),
+        }
+    }
+}
+
+fn history_json(rows: &[Row<'_>], since: i64, until: i64) -> Result<String, CommandError> {
+    let value = serde_json::json!({
+        "since": format_ms(since),
+        "until": format_ms(until),
+        "notifications": rows,
+    });
+    Ok(format!("{}\n", serde_json::to_string(&value)?))
+}
+
+fn history_table(rows: &[Row<'_>], api: &AppleApi, since: i64, until: i64) -> String {
+    let missing = rows.iter().filter(|r| r.in_spool == Some(false)).count();
+    let spool_note = if rows.iter().any(|r| r.in_spool.is_none()) {
+        "the spool cannot tell which it has (no spool file here, or dedupe.window: 0s)".to_string()
+    } else {
+        format!("{missing} not in the spool")
+    };
+    let mut out = format!(
+        "Apple's notification history ({}, {} to {}): {} notifications; {spool_note}\n",
+        api.environment(),
+        format_ms(since),
+        format_ms(until),
+        rows.len()
+    );
+    let _ = writeln!(
+        out,
+        "{:<36}  {:<40}  {:<24}  {:<9}  {:<14}  APPLE'S ATTEMPTS",
+        "NOTIFICATION UUID", "TYPE", "SIGNED", "SPOOL", "VERIFICATION"
+    );
+    for row in rows {
+        let kind = match (row.notification_type, row.subtype) {
+            (Some(t), Some(s)) => format!("{t}/{s}"),
+            (Some(t), None) => t.to_string(),
+            _ => "-".to_string(),
+        };
+        let attempts = row.send_attempts.iter().map(|a| a.send_attempt_result.as_str()).collect::<Vec<_>>().join(", ");
+        let spool = match row.in_spool {
+            Some(true) => "has it",
+            Some(false) => "MISSING",
+            None => "unknown",
+        };
+        let _ = writeln!(
+            out,
+            "{:<36}  {kind:<40}  {:<24}  {spool:<9}  {:<14}  {}",
+            row.notification_uuid.unwrap_or("-"),
+            row.signed_date.map_or("-".to_string(), format_ms),
+            row.verification,
+            if attempts.is_empty() { "-".to_string() } else { attempts },
+        );
+    }
+    out
+}
