@@ -212,3 +212,31 @@ fn assert_no_secrets(s: &Setup, texts: &[&str]) {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_asks_the_shared_queue_which_notifications_it_has() {
+    let Some(bin) = storerelay_testenv::postgres::binaries() else { return };
+    let pg = storerelay_testenv::postgres::Postgres::start(&bin);
+    let s = Setup::new().await;
+    let spool = format!("backend: postgres\npostgres:\n  url: \"{}\"\n  queue: shop/payments", pg.url());
+    let replicas = [
+        Sidecar::start(&s.config(&s.key.key_id, &s.key_file()), &spool).await,
+        Sidecar::start(&s.config(&s.key.key_id, &s.key_file()), &spool).await,
+    ];
+    let mut history = Vec::new();
+    for i in 0..6 {
+        let (jws, signed_date_ms) = s.signed(&uuid(i), 60 - i as i64);
+        // Two reach one replica, two the other, two nobody.
+        if i < 4 {
+            assert_eq!(replicas[i % 2].post(body(&jws)).await.status(), 200);
+        }
+        history.push(Sent { signed_payload: jws, signed_date_ms, attempts: vec!["SUCCESS"] });
+    }
+    s.api.set_history(history);
+    let (code, out, err) = command(&replicas[0].config_path, &["apple", "--json", "history", "--since", "2h"]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let in_spool: Vec<bool> =
+        listed["notifications"].as_array().unwrap().iter().map(|n| n["inSpool"].as_bool().unwrap()).collect();
+    assert_eq!(in_spool, [true, true, true, true, false, false], "{out}");
+}
