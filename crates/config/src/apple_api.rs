@@ -93,3 +93,100 @@ impl AppStoreServerApi {
         }
     }
 }
+
+/// `gapFill`: on an interval, ask Apple's history for the notifications of the last `lookback` and
+/// replay those the spool does not have through the normal path (verification, spool, the app, every
+/// destination).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GapFill {
+    #[serde(default = "default_gap_fill_interval")]
+    pub interval: Duration,
+    /// How far back each run looks; at most Apple's history (180 days, 30 in the sandbox) and at most
+    /// `dedupe.window` (older notifications would look missing and be replayed again).
+    #[serde(default = "default_gap_fill_lookback")]
+    pub lookback: Duration,
+    #[serde(default)]
+    pub scope: GapFillScope,
+    /// With the SQLite spool: this sidecar is the only replica of its route. Each replica keeps its own
+    /// spool, so a second one would replay into its own everything the first one has.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub only_replica: bool,
+}
+
+/// Which of Apple's notifications a gap-fill run considers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub enum GapFillScope {
+    /// Those Apple failed to send (`onlyFailures`), including those it is still retrying.
+    #[default]
+    Failures,
+    /// Every notification in the window: also those Apple sent that were lost after (a pod-local
+    /// spool deleted with its pod).
+    All,
+}
+
+fn default_gap_fill_interval() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+
+fn default_gap_fill_lookback() -> Duration {
+    Duration::from_secs(72 * 3600)
+}
+
+impl GapFill {
+    /// `api`: the config's `appStoreServerApi`; `dedupe_window`: `dedupe.window`; `sqlite`: whether the
+    /// spool is the pod's own.
+    pub(crate) fn problems(
+        &self,
+        api: Option<&AppStoreServerApi>,
+        dedupe_window: Duration,
+        sqlite: bool,
+        out: &mut Vec<Problem>,
+    ) {
+        let mut problem = |key: &str, message: String| {
+            out.push(Problem {
+                key: if key.is_empty() { "gapFill".into() } else { format!("gapFill.{key}") },
+                message,
+            });
+        };
+        match api {
+            None => problem("", "needs `appStoreServerApi` (the key it reads Apple's history with)".into()),
+            Some(api) if self.lookback.get() > api.environment.history_retention() => problem(
+                "lookback",
+                format!(
+                    "{} is longer than the {} days of history Apple keeps in {}",
+                    self.lookback,
+                    api.environment.history_retention().as_secs() / 86_400,
+                    api.environment
+                ),
+            ),
+            Some(_) => {}
+        }
+        if self.interval.is_zero() {
+            problem("interval", "must be more than 0s".into());
+        }
+        if self.lookback.is_zero() {
+            problem("lookback", "must be more than 0s".into());
+        }
+        if dedupe_window.is_zero() {
+            problem("", "needs `dedupe.window` (replays are recognised by their notificationUUID)".into());
+        } else if self.lookback > dedupe_window {
+            problem(
+                "lookback",
+                format!(
+                    "{} is longer than dedupe.window ({dedupe_window}): older notifications would look missing and be replayed again",
+                    self.lookback
+                ),
+            );
+        }
+        if sqlite && !self.only_replica {
+            problem(
+                "onlyReplica",
+                "with the SQLite spool each replica keeps its own spool, so each would replay into its own what the others have: use spool.backend: postgres, or set onlyReplica: true if this route runs exactly one pod".into(),
+            );
+        }
+    }
+}

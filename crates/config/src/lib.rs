@@ -21,7 +21,7 @@ pub use apple::{
     DedupeConfig, DestinationMatch, Environment, NotificationVersion, RouteFacts, UnknownBodies, VerifyConfig,
     VerifyMode,
 };
-pub use apple_api::{ApiEnvironment, AppStoreServerApi};
+pub use apple_api::{ApiEnvironment, AppStoreServerApi, GapFill, GapFillScope};
 pub use postgres::{
     PostgresSpool, PostgresTarget, PostgresUrlProblem, TlsMode, default_postgres_max_connections,
     default_postgres_schema, default_postgres_timeout, parse_postgres_url,
@@ -75,6 +75,10 @@ pub struct SidecarConfig {
     /// Apple's App Store Server API, for `storerelay-sidecar apple ...` (notification history).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_store_server_api: Option<AppStoreServerApi>,
+    /// Replay from Apple's history what never reached the spool, on an interval (needs
+    /// `appStoreServerApi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap_fill: Option<GapFill>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -532,6 +536,10 @@ impl SidecarConfig {
         }
         if let Some(api) = &self.app_store_server_api {
             api.problems(&mut out);
+        }
+        if let Some(gap_fill) = &self.gap_fill {
+            let sqlite = self.spool.backend == SpoolBackendKind::Sqlite;
+            gap_fill.problems(self.app_store_server_api.as_ref(), self.dedupe.window, sqlite, &mut out);
         }
         out
     }

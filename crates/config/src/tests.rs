@@ -322,3 +322,29 @@ fn app_store_server_api_names_each_bad_key_and_never_reads_the_key() {
     .to_string();
     assert!(xcode.contains("appStoreServerApi") && xcode.contains("Xcode"), "{xcode}");
 }
+
+#[test]
+fn gap_fill_needs_the_api_dedupe_and_one_spool_and_says_why() {
+    let api =
+        "appStoreServerApi: {keyId: K1, issuerId: 0a-1b, bundleId: b, privateKeyFile: /k.p8, environment: Sandbox}\n";
+    let problems = |text: &str| match parse(text, file()) {
+        Ok(_) => Vec::new(),
+        Err(ConfigError::Invalid { problems, .. }) => problems,
+        Err(other) => panic!("{other}"),
+    };
+    let alone = problems("gapFill: {onlyReplica: true}\n");
+    assert!(alone.iter().any(|p| p.key == "gapFill" && p.message.contains("appStoreServerApi")), "{alone:?}");
+    let sqlite = problems(&format!("{api}gapFill: {{}}\n"));
+    assert!(sqlite.iter().any(|p| p.key == "gapFill.onlyReplica" && p.message.contains("postgres")), "{sqlite:?}");
+    let too_far = problems(&format!("{api}gapFill: {{lookback: 800h, onlyReplica: true}}\n"));
+    assert!(too_far.iter().any(|p| p.key == "gapFill.lookback" && p.message.contains("30 days")), "{too_far:?}");
+    let past_dedupe =
+        problems(&format!("{api}dedupe: {{window: 24h}}\ngapFill: {{lookback: 48h, onlyReplica: true}}\n"));
+    assert!(past_dedupe.iter().any(|p| p.key == "gapFill.lookback" && p.message.contains("dedupe.window")));
+    let no_dedupe = problems(&format!("{api}dedupe: {{window: 0s}}\ngapFill: {{onlyReplica: true}}\n"));
+    assert!(no_dedupe.iter().any(|p| p.key == "gapFill" && p.message.contains("dedupe.window")));
+    let fine = parse(&format!("{api}gapFill: {{onlyReplica: true, scope: all}}\n"), file()).unwrap();
+    let gap_fill = fine.gap_fill.unwrap();
+    assert_eq!((gap_fill.interval, gap_fill.lookback), (Duration::from_secs(900), Duration::from_secs(72 * 3600)));
+    assert_eq!(gap_fill.scope, GapFillScope::All);
+}

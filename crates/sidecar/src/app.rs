@@ -19,7 +19,7 @@ use crate::config::RuntimeConfig;
 use crate::delivery::{Delivery, Waiters};
 use crate::metrics::Metrics;
 use crate::spool::{PrunePolicy, Spool, SpoolBackend};
-use crate::{admin, config, delivery, ingest, verify};
+use crate::{admin, config, delivery, gap_fill, ingest, verify};
 
 /// How often the config file and secret files are compared for changes.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
@@ -74,6 +74,11 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
         TcpListener::bind(address).await.map_err(|source| StartError::Bind { key, address, source })
     };
     let ingest_listener = bind("listen", settings.listen).await?;
+    let listening = ingest_listener.local_addr().map_err(|source| StartError::Bind {
+        key: "listen",
+        address: settings.listen,
+        source,
+    })?;
     let admin_listener = bind("admin", settings.admin).await?;
     let upstream = ingest::upstream_client().map_err(StartError::Client)?;
 
@@ -98,6 +103,11 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
         in_flight: in_flight.clone(),
     };
     let dispatchers = tokio::spawn(delivery::supervise(delivery, stop_delivery.clone()));
+    if settings.gap_fill.is_some() {
+        // Replays come in through the listener, so it stops with ingest.
+        let gap_fill = gap_fill::run(config_rx.clone(), spool.clone(), listening, metrics.clone(), stop_ingest.clone());
+        tokio::spawn(gap_fill);
+    }
 
     let header_timeout = settings.limits.header_timeout.get();
     let body_budget = Arc::new(ingest::BodyBudget::new(settings.limits.max_buffered_bytes.get()));

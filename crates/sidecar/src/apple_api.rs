@@ -21,7 +21,11 @@ use storerelay_config::{ApiEnvironment, AppStoreServerApi};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
 use crate::apple::{self, Notification};
+use crate::metrics::{ApiRequest, Metrics};
 use crate::retry::parse_retry_after;
 
 /// The most history pages one listing reads (20 notifications each): a bound, not a limit Apple sets.
@@ -159,14 +163,14 @@ pub struct AppleApi {
 impl AppleApi {
     /// Reads and checks the key (so a bad file is reported now, naming the key, not at the first
     /// request) and builds the client.
-    pub fn new(config: &AppStoreServerApi) -> Result<AppleApi, ApiError> {
+    pub fn new(config: &AppStoreServerApi, metrics: &Metrics) -> Result<AppleApi, ApiError> {
         let path = config.private_key_file.clone();
         let key = std::fs::read(&path).map_err(|e| ApiError::KeyUnreadable { path: path.clone(), kind: e.kind() })?;
         let pem = std::str::from_utf8(&key).map_err(|_| ApiError::KeyInvalid { path: path.clone() })?;
         if CryptoProvider::default_provider().p256_signing.private_key(pem).is_err() {
             return Err(ApiError::KeyInvalid { path });
         }
-        let transport = HttpTransport::new(config)?;
+        let transport = HttpTransport::new(config, metrics.apple_api_requests.clone())?;
         let environment = match config.environment {
             ApiEnvironment::Production => LibraryEnvironment::Production,
             ApiEnvironment::Sandbox => LibraryEnvironment::Sandbox,
@@ -244,10 +248,12 @@ pub struct HttpTransport {
     environment: ApiEnvironment,
     /// When each endpoint may next be called.
     next_slot: Arc<Mutex<std::collections::HashMap<Endpoint, Instant>>>,
+    requests: Family<ApiRequest, Counter>,
 }
 
 impl HttpTransport {
-    pub fn new(config: &AppStoreServerApi) -> Result<HttpTransport, ApiError> {
+    /// Counts each request in `requests` by endpoint and status.
+    pub fn new(config: &AppStoreServerApi, requests: Family<ApiRequest, Counter>) -> Result<HttpTransport, ApiError> {
         let timeout = config.timeout.get();
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -260,7 +266,12 @@ impl HttpTransport {
             base_url: config.base_url.as_deref().map(|u| u.trim_end_matches('/').to_string()),
             environment: config.environment,
             next_slot: Arc::default(),
+            requests,
         })
+    }
+
+    fn count(&self, endpoint: Endpoint, status: &str) {
+        self.requests.get_or_create(&ApiRequest { endpoint: endpoint.as_str(), status: status.to_string() }).inc();
     }
 
     /// Waits until `endpoint` may be called again, and books the next slot.
@@ -295,7 +306,9 @@ impl Transport for HttpTransport {
                 .body(body.clone())
                 .send()
                 .await
+                .inspect(|response| self.count(endpoint, response.status().as_str()))
                 .map_err(|e| {
+                    self.count(endpoint, "error");
                     if e.is_timeout() {
                         TransportError::Timeout
                     } else {

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod delivery;
+pub mod gap_fill;
 pub mod ingest;
 pub mod metrics;
 pub mod retry;

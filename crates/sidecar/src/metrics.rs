@@ -60,6 +60,14 @@ pub struct Result {
     pub result: &'static str,
 }
 
+/// A request to Apple's App Store Server API.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiRequest {
+    pub endpoint: &'static str,
+    /// Apple's HTTP status, or `error` when no answer came.
+    pub status: String,
+}
+
 type SecondsGauge = Gauge<f64, AtomicU64>;
 
 /// Every metric the sidecar exports.
@@ -78,6 +86,9 @@ pub struct Metrics {
     outcome_write_failures: Family<Destination, Counter>,
     spool_expired: Family<Reason, Counter>,
     spool_left_behind: Family<Destination, Counter>,
+    pub apple_api_requests: Family<ApiRequest, Counter>,
+    gap_fill_runs: Family<Result, Counter>,
+    gap_fill_recovered: Counter,
     spool_pending: Family<Destination, Gauge>,
     spool_dead: Family<Destination, Gauge>,
     spool_oldest_pending: Family<Destination, SecondsGauge>,
@@ -171,6 +182,24 @@ impl Default for Metrics {
                 "storerelay_spool_left_behind",
                 "Deliveries still pending in this pod's own (SQLite) spool when the sidecar stopped: lost if the pod is deleted",
                 Family::default(),
+            ),
+            apple_api_requests: register(
+                &mut registry,
+                "storerelay_apple_api_requests",
+                "Requests to Apple's App Store Server API by endpoint and status (error: no answer)",
+                Family::default(),
+            ),
+            gap_fill_runs: register(
+                &mut registry,
+                "storerelay_gap_fill_runs",
+                "Gap-fill runs by result (success, error, skipped: another replica was running it)",
+                Family::default(),
+            ),
+            gap_fill_recovered: register(
+                &mut registry,
+                "storerelay_gap_fill_recovered",
+                "Notifications in Apple's history the spool lacked, replayed and stored by gap-fill",
+                Counter::default(),
             ),
             spool_pending: register(
                 &mut registry,
@@ -287,6 +316,11 @@ impl Metrics {
     /// Pending deliveries a stopping sidecar leaves in its pod-local spool.
     pub fn count_left_behind(&self, destination: &str, deliveries: u64) {
         self.spool_left_behind.get_or_create(&Destination { destination: destination.to_string() }).inc_by(deliveries);
+    }
+
+    pub fn count_gap_fill(&self, result: &'static str, recovered: usize) {
+        self.gap_fill_runs.get_or_create(&Result { result }).inc();
+        self.gap_fill_recovered.inc_by(recovered as u64);
     }
 
     pub fn count_outcome_write_failure(&self, destination: &str) {

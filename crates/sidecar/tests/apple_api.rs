@@ -4,12 +4,13 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use support::app_store_api::{ApiKey, AppStoreApi, PAGE_SIZE, Sent};
 use support::apple::{Chain, ChainOptions, body, payload, sign_jws};
-use support::{Sidecar, binary};
+use support::{Sidecar, StandIn, binary};
 
 const MINUTE_MS: i64 = 60_000;
 
@@ -239,4 +240,145 @@ async fn history_asks_the_shared_queue_which_notifications_it_has() {
     let in_spool: Vec<bool> =
         listed["notifications"].as_array().unwrap().iter().map(|n| n["inSpool"].as_bool().unwrap()).collect();
     assert_eq!(in_spool, [true, true, true, true, false, false], "{out}");
+}
+
+/// How many times each body arrived at `stand_in`.
+fn arrivals(stand_in: &StandIn) -> HashMap<Vec<u8>, usize> {
+    let mut counts = HashMap::new();
+    for body in stand_in.bodies() {
+        *counts.entry(body.to_vec()).or_insert(0) += 1;
+    }
+    counts
+}
+
+async fn wait_for_distinct(stand_in: &StandIn, count: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    while arrivals(stand_in).len() < count {
+        assert!(Instant::now() < deadline, "{} of {count} distinct bodies within {within:?}", arrivals(stand_in).len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_recovers_exactly_what_the_spool_lacks_through_the_normal_path() {
+    let s = Setup::new().await;
+    let app = StandIn::start().await;
+    let revenuecat = StandIn::start().await;
+    let extra = format!(
+        "upstream: {{url: {}}}\ndestinations:\n  - {{name: revenuecat, url: \"{}\"}}\n{}",
+        app.url(""),
+        revenuecat.url("/hook"),
+        s.config(&s.key.key_id, &s.key_file())
+    );
+    let sidecar = Sidecar::start(&extra, "").await;
+    let mut history = Vec::new();
+    let mut never_sent = Vec::new();
+    for i in 0..50 {
+        let (jws, signed_date_ms) = s.signed(&uuid(i), 600 - 10 * i as i64);
+        if i % 5 == 3 {
+            never_sent.push(body(&jws));
+        } else {
+            assert_eq!(sidecar.post(body(&jws)).await.status(), 200);
+        }
+        history.push(Sent { signed_payload: jws, signed_date_ms, attempts: vec!["UNSUCCESSFUL_HTTP_RESPONSE_CODE"] });
+    }
+    s.api.set_history(history.clone());
+    wait_for_distinct(&revenuecat, 40, Duration::from_secs(10)).await;
+
+    let (code, out, err) = command(&sidecar.config_path, &["apple", "replay", "--since", "72h", "--dry-run"]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("10 of 50 notifications"), "{out}");
+    assert_eq!(out.matches("would be replayed").count(), 10, "{out}");
+    assert_eq!(app.received().len(), 40, "a dry run replays nothing");
+
+    let (code, out, err) = command(&sidecar.config_path, &["apple", "replay", "--since", "72h"]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("10 replayed"), "{out}");
+    // The app got exactly the ten, marked; the destination byte-identical copies, each once.
+    let replayed: Vec<_> = app.received().into_iter().skip(40).collect();
+    assert_eq!(replayed.iter().map(|r| r.body.to_vec()).collect::<Vec<_>>(), never_sent);
+    assert!(replayed.iter().all(|r| r.header("x-storerelay-replay") == Some("history")));
+    wait_for_distinct(&revenuecat, 50, Duration::from_secs(10)).await;
+    let copies = arrivals(&revenuecat);
+    assert!(never_sent.iter().all(|b| copies.get(b) == Some(&1)), "each replayed body once, byte for byte");
+
+    let (code, out, err) = command(&sidecar.config_path, &["apple", "replay", "--since", "72h"]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("0 of 50 notifications"), "a second run replays nothing: {out}");
+    assert_eq!(app.received().len(), 50);
+    assert_no_secrets(&s, &[&out, &err, &sidecar.log()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gap_fill_on_two_replicas_of_the_shared_queue_recovers_each_notification_once() {
+    let Some(bin) = storerelay_testenv::postgres::binaries() else { return };
+    let pg = storerelay_testenv::postgres::Postgres::start(&bin);
+    let s = Setup::new().await;
+    let app = StandIn::start().await;
+    let revenuecat = StandIn::start().await;
+    let spool = format!("backend: postgres\npostgres:\n  url: \"{}\"\n  queue: shop/payments", pg.url());
+    let extra = format!(
+        "upstream: {{url: {}}}\ndestinations:\n  - {{name: revenuecat, url: \"{}\"}}\n{}gapFill: {{interval: 1s, lookback: 6h, scope: all}}\n",
+        app.url(""),
+        revenuecat.url("/hook"),
+        s.config(&s.key.key_id, &s.key_file())
+    );
+    let replicas = [Sidecar::start(&extra, &spool).await, Sidecar::start(&extra, &spool).await];
+    // Apple reached the replicas with 12 of 20; the history is published once they are stored, so the
+    // first runs (5 s after start) find exactly the other 8 missing.
+    let mut history = Vec::new();
+    for i in 0..20 {
+        let (jws, signed_date_ms) = s.signed(&uuid(i), 120 - i as i64);
+        if i < 12 {
+            assert_eq!(replicas[i % 2].post(body(&jws)).await.status(), 200);
+        }
+        history.push(Sent { signed_payload: jws, signed_date_ms, attempts: vec!["SUCCESS"] });
+    }
+    s.api.set_history(history);
+    wait_for_distinct(&revenuecat, 20, Duration::from_secs(30)).await;
+    // A few more intervals on both replicas: nothing more may arrive.
+    for replica in &replicas {
+        replica.wait_metric("storerelay_gap_fill_runs_total{result=\"success\"}", 2.0, Duration::from_secs(20)).await;
+    }
+    assert!(arrivals(&revenuecat).values().all(|n| *n == 1), "each notification once at the destination");
+    let at_app = arrivals(&app);
+    assert_eq!(at_app.len(), 20);
+    assert!(at_app.values().all(|n| *n == 1), "each notification once at the app: {:?}", at_app.values());
+    assert_eq!(app.received().iter().filter(|r| r.header("x-storerelay-replay").is_some()).count(), 8);
+    let mut recovered = 0.0;
+    for replica in &replicas {
+        recovered += replica.metric("storerelay_gap_fill_recovered_total").await;
+        let history_requests = replica
+            .metric("storerelay_apple_api_requests_total{endpoint=\"notification_history\",status=\"200\"}")
+            .await;
+        assert!(history_requests >= 1.0, "{}", replica.metrics().await);
+    }
+    assert_eq!(recovered, 8.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_of_a_queue_holds_gap_fill_at_a_time_and_a_dead_holder_lets_go() {
+    use storerelay_sidecar::spool::Spool;
+    let Some(bin) = storerelay_testenv::postgres::binaries() else { return };
+    let pg = storerelay_testenv::postgres::Postgres::start(&bin);
+    let settings: storerelay_config::SpoolConfig =
+        serde_yaml::from_str(&format!("backend: postgres\npostgres: {{url: \"{}\", queue: shop/payments}}", pg.url()))
+            .unwrap();
+    let (first, _) = Spool::open(&settings).await.unwrap();
+    let (second, _) = Spool::open(&settings).await.unwrap();
+    let held = first.exclusive("gap-fill").await.unwrap();
+    assert!(held.is_some());
+    assert!(second.exclusive("gap-fill").await.unwrap().is_none(), "taken by the first replica");
+    assert!(second.exclusive("self-test").await.unwrap().is_some(), "another task is another lock");
+    let other_queue: storerelay_config::SpoolConfig =
+        serde_yaml::from_str(&format!("backend: postgres\npostgres: {{url: \"{}\", queue: shop/other}}", pg.url()))
+            .unwrap();
+    let (other, _) = Spool::open(&other_queue).await.unwrap();
+    assert!(other.exclusive("gap-fill").await.unwrap().is_some(), "another queue is another lock");
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while second.exclusive("gap-fill").await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the lock outlived its session");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

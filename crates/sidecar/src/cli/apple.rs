@@ -14,6 +14,7 @@ use super::{CommandError, with_spool};
 use crate::apple_api::{AppleApi, HistoryItem};
 use crate::clock::{format_ms, now_ms, parse_time_arg};
 use crate::config;
+use crate::gap_fill;
 use crate::metrics::Metrics;
 use crate::verify::Verifier;
 
@@ -30,6 +31,20 @@ pub enum AppleCommand {
         #[arg(long)]
         only_failures: bool,
     },
+    /// Replay every notification of Apple's history in the window that the spool does not have,
+    /// through the running sidecar's own listener: verification, the spool, the app (with the header
+    /// `x-storerelay-replay: history`), every destination.
+    Replay {
+        /// Start of the window, as for `history`.
+        #[arg(long)]
+        since: String,
+        /// Only notifications Apple failed to send.
+        #[arg(long)]
+        only_failures: bool,
+        /// List what would be replayed; replay nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// Runs one `apple` command with the config file's `appStoreServerApi` and returns what to print.
@@ -43,28 +58,79 @@ pub fn apple(command: &AppleCommand, json: bool, config_path: &Path) -> Result<S
         .enable_all()
         .build()
         .map_err(|e| CommandError::Runtime(e.to_string()))?;
+    let metrics = Metrics::default();
+    let (since, only_failures) = match command {
+        AppleCommand::History { since, only_failures } | AppleCommand::Replay { since, only_failures, .. } => {
+            (since, *only_failures)
+        }
+    };
+    let now = now_ms();
+    let since_ms = parse_time_arg(since, now)?;
+    let retention = settings.environment.history_retention();
+    if now - since_ms > retention.as_millis() as i64 {
+        return Err(CommandError::Window(format!(
+            "--since {since} is before the {} days of history Apple keeps in {}",
+            retention.as_secs() / 86_400,
+            settings.environment
+        )));
+    }
+    let api = AppleApi::new(settings, &metrics)?;
+    let items = runtime.block_on(api.history(at(since_ms), at(now), only_failures))?;
+    let in_spool = spool_has(&file, &items)?;
     match command {
-        AppleCommand::History { since, only_failures } => {
-            let now = now_ms();
-            let since_ms = parse_time_arg(since, now)?;
-            let retention = settings.environment.history_retention();
-            if now - since_ms > retention.as_millis() as i64 {
-                return Err(CommandError::Window(format!(
-                    "--since {since} is before the {} days of history Apple keeps in {}",
-                    retention.as_secs() / 86_400,
-                    settings.environment
-                )));
-            }
-            let api = AppleApi::new(settings)?;
-            let items = runtime.block_on(api.history(at(since_ms), at(now), *only_failures))?;
-            drop(runtime);
-            let runtime_config = config::resolve(file.clone(), None, &Metrics::default());
-            let in_spool = spool_has(&file, &items)?;
+        AppleCommand::History { .. } => {
+            let runtime_config = config::resolve(file.clone(), None, &metrics);
             let rows: Vec<Row> =
                 items.iter().map(|item| Row::of(item, &runtime_config.verifier, in_spool.as_ref())).collect();
             Ok(if json { history_json(&rows, since_ms, now)? } else { history_table(&rows, &api, since_ms, now) })
         }
+        AppleCommand::Replay { dry_run, .. } => {
+            let seen = in_spool.ok_or_else(|| {
+                CommandError::Window(format!(
+                    "replay needs to know what the spool has: run it where the sidecar's spool is ({}), with dedupe.window above 0s",
+                    file.spool.path.display()
+                ))
+            })?;
+            let missing = gap_fill::missing(&items, &seen);
+            let mut out = format!(
+                "{} of {} notifications in Apple's history ({} to {}) are not in the spool\n",
+                missing.len(),
+                items.len(),
+                format_ms(since_ms),
+                format_ms(now)
+            );
+            if *dry_run {
+                for item in &missing {
+                    let _ = writeln!(out, "{}  would be replayed", describe(item));
+                }
+                return Ok(out);
+            }
+            let http = gap_fill::replay_client(&file).map_err(|e| CommandError::Runtime(e.to_string()))?;
+            let url = gap_fill::replay_url(file.listen, &file);
+            let mut failed = 0;
+            for item in &missing {
+                let outcome = runtime.block_on(gap_fill::replay(&http, &url, item));
+                failed += usize::from(!outcome.stored());
+                let _ = writeln!(out, "{}  {outcome}", describe(item));
+            }
+            if failed > 0 {
+                return Err(CommandError::Replay { failed, total: missing.len(), printed: out });
+            }
+            let _ = writeln!(out, "{} replayed", missing.len());
+            Ok(out)
+        }
     }
+}
+
+/// A notification in one line: UUID, type and signed date.
+fn describe(item: &HistoryItem) -> String {
+    let n = &item.notification;
+    format!(
+        "{}  {}  {}",
+        n.uuid.as_deref().unwrap_or("-"),
+        n.notification_type.as_deref().unwrap_or("-"),
+        n.signed_date.map_or("-".to_string(), format_ms)
+    )
 }
 
 fn at(ms: i64) -> SystemTime {

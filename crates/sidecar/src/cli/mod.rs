@@ -60,6 +60,8 @@ pub enum CommandError {
     Window(String),
     #[error("cannot start a runtime: {0}")]
     Runtime(String),
+    #[error("{printed}{failed} of {total} could not be replayed (is the sidecar running, and its app answering?)")]
+    Replay { failed: usize, total: usize, printed: String },
 }
 
 /// `spool ...`: look at and repair a spool, beside a running sidecar or not.

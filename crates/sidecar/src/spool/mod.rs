@@ -9,6 +9,7 @@ mod db;
 mod postgres;
 mod sqlite;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -183,6 +184,9 @@ pub trait SpoolBackend: Clone + Send + Sync + 'static {
     fn subscribe_inserts(&self) -> watch::Receiver<u64>;
     /// Whether other replicas deliver what this one leaves pending (a shared queue).
     fn shared(&self) -> bool;
+    /// Which of these duplicate keys were first seen since `since` (unix ms), whether or not their
+    /// notifications are still kept.
+    fn seen(&self, keys: Vec<String>, since: i64) -> impl Future<Output = Result<HashSet<String>>> + Send;
 }
 
 /// The spool the sidecar runs on: the backend its config names.
@@ -261,5 +265,27 @@ impl SpoolBackend for Spool {
     }
     fn shared(&self) -> bool {
         each!(self, spool => spool.shared())
+    }
+    async fn seen(&self, keys: Vec<String>, since: i64) -> Result<HashSet<String>> {
+        each!(self, spool => spool.seen(keys, since).await)
+    }
+}
+
+/// The right to run a task that one replica of a queue runs at a time (gap-fill), until dropped.
+pub enum Exclusive {
+    /// The pod's own spool: the config says there is one replica.
+    Local,
+    /// A PostgreSQL session holding the queue's advisory lock for the task; closing it releases the lock,
+    /// also when this process dies.
+    Shared(tokio_postgres::Client),
+}
+
+impl Spool {
+    /// Takes `task` for this replica, or `None` when another replica of the queue runs it now.
+    pub async fn exclusive(&self, task: &str) -> Result<Option<Exclusive>> {
+        match self {
+            Spool::Sqlite(_) => Ok(Some(Exclusive::Local)),
+            Spool::Postgres(spool) => Ok(spool.try_lock(task).await?.map(Exclusive::Shared)),
+        }
     }
 }

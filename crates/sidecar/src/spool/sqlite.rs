@@ -160,6 +160,19 @@ impl SpoolBackend for SqliteSpool {
         self.read(|db| db.stats()).await
     }
 
+    async fn seen(&self, keys: Vec<String>, since: i64) -> Result<std::collections::HashSet<String>> {
+        self.read(move |db| {
+            let mut seen = std::collections::HashSet::new();
+            for key in keys {
+                if db.seen(&key, since)? {
+                    seen.insert(key);
+                }
+            }
+            Ok(seen)
+        })
+        .await
+    }
+
     async fn prune(&self, policy: PrunePolicy) -> Result<Pruned> {
         let (reply, rx) = oneshot::channel();
         self.call(Op::Prune { policy, reply }, rx).await

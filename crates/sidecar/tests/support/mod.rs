@@ -221,9 +221,41 @@ impl Sidecar {
         let dir = tmp.path().to_path_buf();
         let mut sidecar = Sidecar::prepare(dir, extra, spool_extra);
         sidecar._tmp = Some(tmp);
-        sidecar.spawn();
-        sidecar.wait_ready(Duration::from_secs(20)).await;
-        sidecar
+        // A port that was free when picked may be taken by the time the sidecar binds it (tests run in
+        // parallel): then pick new ones and start again.
+        for _ in 0..5 {
+            sidecar.spawn();
+            if !sidecar.exited_on_a_taken_port(Duration::from_secs(20)).await {
+                return sidecar;
+            }
+            sidecar.listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            sidecar.admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            sidecar.write_config(extra, spool_extra);
+        }
+        panic!("the sidecar found its ports taken five times; log:\n{}", sidecar.log());
+    }
+
+    /// Waits until the sidecar is ready (false), or has exited because a port was taken (true).
+    async fn exited_on_a_taken_port(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let client = client();
+        loop {
+            if let Ok(response) = client.get(format!("http://{}/readyz", self.admin)).send().await {
+                if response.status() == 200 {
+                    return false;
+                }
+            }
+            let exited = self.child.as_mut().is_some_and(|child| child.try_wait().ok().flatten().is_some());
+            if exited && self.log().contains("Address already in use") {
+                self.child = None;
+                std::fs::write(&self.log_path, "").unwrap();
+                return true;
+            }
+            if Instant::now() > deadline {
+                panic!("sidecar not ready within {within:?}; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     /// Writes the config without starting the process.

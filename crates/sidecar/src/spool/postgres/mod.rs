@@ -153,6 +153,23 @@ pub struct PostgresSpool {
 }
 
 impl PostgresSpool {
+    /// A session of its own holding the advisory lock of `task` on this queue, or `None` when another
+    /// session holds it. The lock lives as long as the returned client.
+    pub async fn try_lock(&self, task: &str) -> Result<Option<Client>> {
+        let shared = &self.shared;
+        let fail = |failure| SpoolError::at(&shared.location, failure);
+        let attempt = async {
+            let client = shared.target.connect(&shared.schema, true).await?;
+            let name = format!("storerelay {task} {}", shared.queue);
+            let row = client.query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&name]).await?;
+            Ok::<_, Failure>(row.try_get::<_, bool>(0)?.then_some(client))
+        };
+        tokio::time::timeout(shared.timeout, attempt)
+            .await
+            .map_err(|_| fail(Failure::Timeout(shared.timeout)))?
+            .map_err(fail)
+    }
+
     /// Connects, brings the schema up to date, and starts the store workers and the listener. Fails
     /// when the database cannot be reached in `timeout`: the sidecar does not start without its spool.
     pub async fn open(settings: &Settings, max_bytes: u64) -> Result<PostgresSpool> {
@@ -263,6 +280,13 @@ impl SpoolBackend for PostgresSpool {
     async fn stats(&self) -> Result<Vec<DestinationStats>> {
         let queue = self.shared.queue.clone();
         self.on_claims(|session| async move { sql::stats(&session.client, &queue).await }).await
+    }
+
+    async fn seen(&self, keys: Vec<String>, since: i64) -> Result<std::collections::HashSet<String>> {
+        let queue = self.shared.queue.clone();
+        let seen =
+            self.on_claims(|session| async move { sql::seen(&session.client, &queue, &keys, since).await }).await?;
+        Ok(seen.into_iter().collect())
     }
 
     async fn prune(&self, policy: PrunePolicy) -> Result<Pruned> {
