@@ -230,6 +230,69 @@ impl AppleApi {
     }
 }
 
+/// What Apple reports of a test notification it was asked to send.
+#[derive(Debug, Clone)]
+pub struct TestNotificationStatus {
+    /// The TEST notification, as Apple sent it; `None` before Apple has one.
+    pub item: Option<HistoryItem>,
+}
+
+impl AppleApi {
+    /// Asks Apple to send a TEST notification to the app's notification URL; returns the token to ask
+    /// after it with.
+    pub async fn request_test_notification(&self) -> Result<String, ApiError> {
+        let endpoint = Endpoint::TestNotification;
+        let answer = self.client.request_test_notification().await.map_err(|e| refused(endpoint, &e))?;
+        answer.test_notification_token.filter(|t| !t.is_empty()).ok_or_else(|| ApiError::Transport {
+            endpoint,
+            message: "Apple answered without a test notification token".into(),
+        })
+    }
+
+    /// Apple's record of the test notification `token` names: the notification and its send attempts
+    /// (none yet while Apple has not tried).
+    pub async fn test_notification_status(&self, token: &str) -> Result<TestNotificationStatus, ApiError> {
+        let endpoint = Endpoint::TestNotification;
+        let answer = self.client.get_test_notification_status(token).await.map_err(|e| refused(endpoint, &e))?;
+        let Some(signed_payload) = answer.signed_payload else { return Ok(TestNotificationStatus { item: None }) };
+        let body = serde_json::to_vec(&serde_json::json!({ "signedPayload": signed_payload }))
+            .map_err(|e| ApiError::Transport { endpoint, message: e.to_string() })?;
+        let notification = apple::decode(&body).unwrap_or_default();
+        let attempts = answer.send_attempts.unwrap_or_default().iter().map(SendAttempt::from_item).collect();
+        Ok(TestNotificationStatus { item: Some(HistoryItem { body, notification, attempts }) })
+    }
+}
+
+/// What to check when Apple's attempt to send a notification ended with `result` (its
+/// `sendAttemptResult`); `None` for `SUCCESS`.
+pub fn send_attempt_advice(result: &str) -> Option<&'static str> {
+    Some(match result {
+        "SUCCESS" => return None,
+        "TIMED_OUT" => {
+            "Apple gave up waiting for our answer: check upstream.timeout and the app's speed (or use ack: spooled), and any ingress or load-balancer timeout in front of the sidecar"
+        }
+        "TLS_ISSUE" => {
+            "Apple could not complete TLS with the notification URL: check that the ingress serves a complete, trusted, unexpired certificate chain for that host, over TLS 1.2 or later"
+        }
+        "CIRCULAR_REDIRECT" => "the notification URL redirects in a loop: give Apple the final URL",
+        "NO_RESPONSE" => {
+            "Apple got no response: check that the URL's host resolves publicly and that the ingress routes to the sidecar's port"
+        }
+        "SOCKET_ISSUE" => {
+            "Apple could not connect: check DNS, firewalls and that the ingress is reachable from the internet"
+        }
+        "UNSUPPORTED_CHARSET" => "our answer's charset is one Apple does not support: answer in UTF-8",
+        "INVALID_RESPONSE" => "Apple could not read our answer: check the app's response (or use ack: spooled)",
+        "PREMATURE_CLOSE" => {
+            "the connection closed before the answer was complete: check proxy timeouts and body-size limits in front of the sidecar"
+        }
+        "UNSUCCESSFUL_HTTP_RESPONSE_CODE" => {
+            "we answered with a status other than 2xx: check the sidecar's log for this notification (verification, spool unavailable) and the app's answer"
+        }
+        _ => "Apple reports another failure: check the ingress and the sidecar's log",
+    })
+}
+
 /// An error of the library as ours. Apple's refusals carry a status (and, with a JSON error body, a
 /// code); failures on the way carry a message the library or [`HttpTransport`] wrote (a network error
 /// without its URL, a timeout, a response that is not JSON), never a token.
@@ -355,6 +418,15 @@ mod tests {
         assert_eq!(Endpoint::NotificationHistory.spacing(ApiEnvironment::Sandbox), Duration::from_millis(200));
         assert_eq!(Endpoint::TestNotification.spacing(ApiEnvironment::Production), Duration::from_secs(1));
         assert_eq!(Endpoint::TestNotification.spacing(ApiEnvironment::Sandbox), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn every_failed_send_attempt_says_what_to_check() {
+        assert_eq!(send_attempt_advice("SUCCESS"), None);
+        for result in ["TIMED_OUT", "TLS_ISSUE", "NO_RESPONSE", "UNSUCCESSFUL_HTTP_RESPONSE_CODE", "SOMETHING_NEW"] {
+            assert!(send_attempt_advice(result).is_some_and(|a| a.contains("check")), "{result}");
+        }
+        assert!(send_attempt_advice("TLS_ISSUE").unwrap().contains("certificate"));
     }
 
     #[test]

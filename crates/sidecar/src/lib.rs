@@ -23,6 +23,7 @@ pub mod gap_fill;
 pub mod ingest;
 pub mod metrics;
 pub mod retry;
+pub mod self_test;
 pub mod spool;
 pub mod verify;
 

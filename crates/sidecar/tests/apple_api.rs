@@ -382,3 +382,64 @@ async fn one_replica_of_a_queue_holds_gap_fill_at_a_time_and_a_dead_holder_lets_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A TEST notification as Apple signs it.
+fn test_payload(uuid: &str) -> String {
+    serde_json::json!({
+        "notificationType": "TEST",
+        "notificationUUID": uuid,
+        "version": "2.0",
+        "signedDate": storerelay_sidecar::clock::now_ms(),
+        "data": {"environment": "Production", "bundleId": "com.example.app", "appAppleId": 1234}
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apple_test_follows_apples_test_notification_to_each_destination_and_names_what_failed() {
+    let s = Setup::new().await;
+    let app = StandIn::start().await;
+    let revenuecat = StandIn::start().await;
+    let renewals = StandIn::start().await;
+    let extra = format!(
+        "upstream: {{url: {}}}\ndestinations:\n  - {{name: revenuecat, url: \"{}\"}}\n  - {{name: renewals, url: \"{}\", match: {{notificationTypes: [DID_RENEW]}}}}\n{}",
+        app.url(""),
+        revenuecat.url("/hook"),
+        renewals.url("/hook"),
+        s.config(&s.key.key_id, &s.key_file())
+    );
+    let sidecar = Sidecar::start(&extra, "").await;
+    let (header, key) = (s.chain.x5c(), s.chain.leaf_key.clone());
+    s.api.send_tests_to(
+        sidecar.ingest_url("/apple/notifications"),
+        std::sync::Arc::new(move |uuid: &str| sign_jws(&header, &test_payload(uuid), &key)),
+    );
+
+    let (code, out, err) = command(&sidecar.config_path, &["apple", "test", "--timeout", "30s"]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.iter().all(|l| l.starts_with("ok ")), "{out}");
+    assert!(out.contains("sendAttemptResult SUCCESS"), "{out}");
+    assert!(out.contains("TEST 7e3fb20b-4cdb-47cc-936d-000000000000"), "{out}");
+    assert!(out.contains("destination revenuecat") && out.contains("delivered after 1 attempt(s)"), "{out}");
+    assert!(!out.contains("renewals"), "its match does not admit TEST notifications: {out}");
+    assert_eq!(revenuecat.received().len(), 1);
+    assert!(renewals.received().is_empty());
+
+    // The app refuses: the sidecar passes its 503 on, and Apple reports that.
+    app.set_default(support::Behavior::Status(503));
+    let (code, out, err) = command(&sidecar.config_path, &["apple", "test", "--timeout", "30s"]).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("FAIL Apple -> us") && err.contains("UNSUCCESSFUL_HTTP_RESPONSE_CODE"), "{err}");
+    assert!(err.contains("status other than 2xx"), "{err}");
+
+    // Apple cannot complete TLS with our URL.
+    app.set_default(support::Behavior::Status(200));
+    s.api.force_send_result(Some("TLS_ISSUE"));
+    let (code, out, err) = command(&sidecar.config_path, &["apple", "test", "--timeout", "30s"]).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("sendAttemptResult TLS_ISSUE") && err.contains("certificate chain"), "{err}");
+    assert!(err.ends_with("the self test failed\n"), "{err}");
+    assert!(s.api.refusals().is_empty(), "{:?}", s.api.refusals());
+    assert_no_secrets(&s, &[&out, &err, &sidecar.log()]);
+}

@@ -8,7 +8,7 @@ use std::fmt::Write;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use storerelay_config::{SidecarConfig, VerifyMode};
+use storerelay_config::{SidecarConfig, SpoolBackendKind, SyncMode, VerifyMode};
 
 use super::{CommandError, with_spool};
 use crate::apple_api::{AppleApi, HistoryItem};
@@ -16,6 +16,8 @@ use crate::clock::{format_ms, now_ms, parse_time_arg};
 use crate::config;
 use crate::gap_fill;
 use crate::metrics::Metrics;
+use crate::self_test;
+use crate::spool::{PostgresTools, SpoolDb, SpoolError};
 use crate::verify::Verifier;
 
 #[derive(Debug, Clone, PartialEq, clap::Subcommand)]
@@ -45,6 +47,13 @@ pub enum AppleCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Ask Apple to send a test notification and follow it: Apple's send attempt, the spool, each
+    /// destination. Exits 0 only if every hop succeeded. Run it where the spool is (in the pod).
+    Test {
+        /// How long to wait for all hops.
+        #[arg(long, default_value = "2m")]
+        timeout: storerelay_config::Duration,
+    },
 }
 
 /// Runs one `apple` command with the config file's `appStoreServerApi` and returns what to print.
@@ -63,6 +72,7 @@ pub fn apple(command: &AppleCommand, json: bool, config_path: &Path) -> Result<S
         AppleCommand::History { since, only_failures } | AppleCommand::Replay { since, only_failures, .. } => {
             (since, *only_failures)
         }
+        AppleCommand::Test { timeout } => return test(&file, settings, &runtime, timeout.get(), &metrics),
     };
     let now = now_ms();
     let since_ms = parse_time_arg(since, now)?;
@@ -84,6 +94,7 @@ pub fn apple(command: &AppleCommand, json: bool, config_path: &Path) -> Result<S
                 items.iter().map(|item| Row::of(item, &runtime_config.verifier, in_spool.as_ref())).collect();
             Ok(if json { history_json(&rows, since_ms, now)? } else { history_table(&rows, &api, since_ms, now) })
         }
+        AppleCommand::Test { .. } => unreachable!("answered above"),
         AppleCommand::Replay { dry_run, .. } => {
             let seen = in_spool.ok_or_else(|| {
                 CommandError::Window(format!(
@@ -118,6 +129,54 @@ pub fn apple(command: &AppleCommand, json: bool, config_path: &Path) -> Result<S
             }
             let _ = writeln!(out, "{} replayed", missing.len());
             Ok(out)
+        }
+    }
+}
+
+/// `apple test`: the self test, once, against the spool the config names.
+fn test(
+    file: &SidecarConfig,
+    settings: &storerelay_config::AppStoreServerApi,
+    runtime: &tokio::runtime::Runtime,
+    timeout: Duration,
+    metrics: &Metrics,
+) -> Result<String, CommandError> {
+    let api = AppleApi::new(settings, metrics)?;
+    let routing = config::resolve(file.clone(), None, metrics);
+    let destinations = |notification: &crate::apple::Notification| routing.destinations_for(notification);
+    let since = now_ms() - file.dedupe.window.get().as_millis() as i64;
+    let report = runtime.block_on(async {
+        let lookup = match file.spool.postgres.as_ref().filter(|_| file.spool.backend == SpoolBackendKind::Postgres) {
+            Some(postgres) => SpoolLookup::Shared(PostgresTools::connect(postgres).await?, since),
+            None => {
+                let path = &file.spool.path;
+                if !path.exists() {
+                    return Err(CommandError::NoSpool(path.clone()));
+                }
+                let db = SpoolDb::open(path, SyncMode::Full).map_err(|failure| SpoolError::new(path, failure))?;
+                SpoolLookup::File(std::sync::Mutex::new(db), since)
+            }
+        };
+        Ok(self_test::run(&api, &lookup, destinations, timeout).await)
+    })?;
+    let out = report.lines();
+    if report.passed() { Ok(out) } else { Err(CommandError::SelfTest(out)) }
+}
+
+/// The spool as the self test asks it from the command line.
+enum SpoolLookup {
+    File(std::sync::Mutex<SpoolDb>, i64),
+    Shared(PostgresTools, i64),
+}
+
+impl self_test::Lookup for SpoolLookup {
+    async fn deliveries_of(&self, key: &str) -> Result<Option<Vec<crate::spool::DeliveryStatus>>, String> {
+        match self {
+            SpoolLookup::File(db, since) => {
+                let db = db.lock().map_err(|_| "the spool connection is poisoned".to_string())?;
+                db.deliveries_of_key(key, *since).map_err(|e| e.to_string())
+            }
+            SpoolLookup::Shared(tools, since) => tools.deliveries_of_key(key, *since).await.map_err(|e| e.to_string()),
         }
     }
 }

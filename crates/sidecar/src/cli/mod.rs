@@ -62,6 +62,8 @@ pub enum CommandError {
     Runtime(String),
     #[error("{printed}{failed} of {total} could not be replayed (is the sidecar running, and its app answering?)")]
     Replay { failed: usize, total: usize, printed: String },
+    #[error("{0}the self test failed")]
+    SelfTest(String),
 }
 
 /// `spool ...`: look at and repair a spool, beside a running sidecar or not.

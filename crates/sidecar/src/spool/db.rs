@@ -115,6 +115,15 @@ pub struct DeliveryCounts {
     pub dead: u32,
 }
 
+/// Where one notification's delivery to one destination stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryStatus {
+    pub destination: String,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
 impl DeliveryCounts {
     /// Sets the count of one state (from a `GROUP BY state` row).
     pub fn set(&mut self, state: DeliveryState, count: u32) {
@@ -421,6 +430,19 @@ impl SpoolDb {
             .conn
             .prepare_cached("SELECT 1 FROM dedupe WHERE key = ?1 AND first_seen >= ?2")?
             .exists(params![key, since])?)
+    }
+
+    /// The deliveries of the notification stored under `key` since `since`; `None` when the key was not
+    /// seen (or its notification is no longer kept).
+    pub fn deliveries_of_key(&self, key: &str, since: i64) -> Result<Option<Vec<DeliveryStatus>>> {
+        let Some(notification_id) = self.find_duplicate(key, since)? else { return Ok(None) };
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT destination, state, attempts, last_error FROM deliveries WHERE notification_id = ?1 ORDER BY destination",
+        )?;
+        let rows = stmt.query_map(params![notification_id], |r| {
+            Ok(DeliveryStatus { destination: r.get(0)?, state: r.get(1)?, attempts: r.get(2)?, last_error: r.get(3)? })
+        })?;
+        Ok(Some(rows.collect::<rusqlite::Result<Vec<_>>>()?))
     }
 
     pub fn remember(&self, key: &str, notification_id: i64, now: i64) -> Result<()> {

@@ -19,8 +19,8 @@ use storerelay_config::{SpoolBackendKind, SpoolConfig};
 use tokio::sync::watch;
 
 pub use db::{
-    DeliveryCounts, DeliveryRow, DeliveryState, DestinationStats, DueDelivery, ListFilter, OpenReport, Outcome,
-    SetAside, SpoolDb, WAL_SIZE_LIMIT,
+    DeliveryCounts, DeliveryRow, DeliveryState, DeliveryStatus, DestinationStats, DueDelivery, ListFilter, OpenReport,
+    Outcome, SetAside, SpoolDb, WAL_SIZE_LIMIT,
 };
 pub use postgres::{PostgresSpool, PostgresTools, check_settings as check_postgres_settings};
 pub use sqlite::SqliteSpool;
@@ -187,6 +187,13 @@ pub trait SpoolBackend: Clone + Send + Sync + 'static {
     /// Which of these duplicate keys were first seen since `since` (unix ms), whether or not their
     /// notifications are still kept.
     fn seen(&self, keys: Vec<String>, since: i64) -> impl Future<Output = Result<HashSet<String>>> + Send;
+    /// The deliveries of the notification stored under `key` since `since`; `None` when the key was
+    /// not seen (or its notification is no longer kept).
+    fn deliveries_of_key(
+        &self,
+        key: String,
+        since: i64,
+    ) -> impl Future<Output = Result<Option<Vec<DeliveryStatus>>>> + Send;
 }
 
 /// The spool the sidecar runs on: the backend its config names.
@@ -268,6 +275,9 @@ impl SpoolBackend for Spool {
     }
     async fn seen(&self, keys: Vec<String>, since: i64) -> Result<HashSet<String>> {
         each!(self, spool => spool.seen(keys, since).await)
+    }
+    async fn deliveries_of_key(&self, key: String, since: i64) -> Result<Option<Vec<DeliveryStatus>>> {
+        each!(self, spool => spool.deliveries_of_key(key, since).await)
     }
 }
 

@@ -160,6 +160,10 @@ impl SpoolBackend for SqliteSpool {
         self.read(|db| db.stats()).await
     }
 
+    async fn deliveries_of_key(&self, key: String, since: i64) -> Result<Option<Vec<super::DeliveryStatus>>> {
+        self.read(move |db| db.deliveries_of_key(&key, since)).await
+    }
+
     async fn seen(&self, keys: Vec<String>, since: i64) -> Result<std::collections::HashSet<String>> {
         self.read(move |db| {
             let mut seen = std::collections::HashSet::new();

@@ -49,8 +49,23 @@ pub struct Sent {
     pub attempts: Vec<&'static str>,
 }
 
+/// Signs a TEST notification with this UUID, as Apple would.
+pub type Signer = Arc<dyn Fn(&str) -> String + Send + Sync>;
+
+/// A test notification Apple was asked for: what it sent and how sending went.
+#[derive(Clone)]
+struct TestSend {
+    signed_payload: String,
+    attempts: Vec<String>,
+}
+
 #[derive(Default)]
 struct Script {
+    /// Where test notifications are sent, and how they are signed.
+    test_target: Option<(String, Signer)>,
+    /// Report this `sendAttemptResult` instead of sending (a TLS problem, say).
+    forced_result: Option<&'static str>,
+    tests: std::collections::HashMap<String, TestSend>,
     history: Vec<Sent>,
     /// Answer this many next requests with 429 and this `Retry-After`.
     rate_limited: Option<(u32, String)>,
@@ -84,7 +99,11 @@ impl AppStoreApi {
             public_der: key.public_der.clone(),
             script: Arc::default(),
         };
-        let router = Router::new().route("/inApps/v1/notifications/history", post(history)).with_state(shared.clone());
+        let router = Router::new()
+            .route("/inApps/v1/notifications/history", post(history))
+            .route("/inApps/v1/notifications/test", post(request_test))
+            .route("/inApps/v1/notifications/test/{token}", axum::routing::get(test_status))
+            .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let task = tokio::spawn(async move {
@@ -103,6 +122,16 @@ impl AppStoreApi {
 
     pub fn rate_limit(&self, requests: u32, retry_after: &str) {
         self.shared.script.lock().unwrap().rate_limited = Some((requests, retry_after.to_string()));
+    }
+
+    /// Test notifications go to `url`, signed by `sign`.
+    pub fn send_tests_to(&self, url: String, sign: Signer) {
+        self.shared.script.lock().unwrap().test_target = Some((url, sign));
+    }
+
+    /// Report `result` for the next test notifications instead of sending them (`None`: send).
+    pub fn force_send_result(&self, result: Option<&'static str>) {
+        self.shared.script.lock().unwrap().forced_result = result;
     }
 
     pub fn requests(&self) -> Vec<(String, u16)> {
@@ -198,6 +227,92 @@ fn answer_history(shared: &Shared, page: &Page, headers: &HeaderMap, body: &[u8]
         response["paginationToken"] = serde_json::json!(end.to_string());
     }
     (StatusCode::OK, [("content-type", "application/json")], response.to_string()).into_response()
+}
+
+async fn request_test(State(shared): State<Shared>, headers: HeaderMap) -> Response {
+    let path = "/inApps/v1/notifications/test".to_string();
+    let (target, forced) = {
+        let mut script = shared.script.lock().unwrap();
+        if let Err(why) = check_token(&shared, &headers) {
+            script.refusals.push(why);
+            script.requests.push((path, 401));
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+        script.requests.push((path, 200));
+        (script.test_target.clone(), script.forced_result)
+    };
+    let Some((url, sign)) = target else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "no test target").into_response();
+    };
+    let count = shared.script.lock().unwrap().tests.len();
+    let token = format!("test-token-{count}");
+    let uuid = format!("7e3fb20b-4cdb-47cc-936d-{count:012}");
+    let signed_payload = sign(&uuid);
+    shared
+        .script
+        .lock()
+        .unwrap()
+        .tests
+        .insert(token.clone(), TestSend { signed_payload: signed_payload.clone(), attempts: Vec::new() });
+    // Apple sends it a moment later and records how that went.
+    let script = shared.script.clone();
+    let sent_token = token.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let result = match forced {
+            Some(result) => result.to_string(),
+            None => {
+                let body = serde_json::json!({ "signedPayload": signed_payload }).to_string();
+                match reqwest::Client::new()
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                {
+                    Ok(response) if response.status().is_success() => "SUCCESS".into(),
+                    Ok(_) => "UNSUCCESSFUL_HTTP_RESPONSE_CODE".into(),
+                    Err(_) => "NO_RESPONSE".into(),
+                }
+            }
+        };
+        if let Some(test) = script.lock().unwrap().tests.get_mut(&sent_token) {
+            test.attempts.push(result);
+        }
+    });
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        serde_json::json!({"testNotificationToken": token}).to_string(),
+    )
+        .into_response()
+}
+
+async fn test_status(
+    State(shared): State<Shared>,
+    axum::extract::Path(token): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let mut script = shared.script.lock().unwrap();
+    let path = format!("/inApps/v1/notifications/test/{token}");
+    if let Err(why) = check_token(&shared, &headers) {
+        script.refusals.push(why);
+        script.requests.push((path, 401));
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let Some(test) = script.tests.get(&token).cloned() else {
+        script.requests.push((path, 404));
+        return (StatusCode::NOT_FOUND, r#"{"errorCode":4040008,"errorMessage":"Test notification not found."}"#)
+            .into_response();
+    };
+    script.requests.push((path, 200));
+    let attempts: Vec<serde_json::Value> = test
+        .attempts
+        .iter()
+        .map(|result| serde_json::json!({"attemptDate": 1_700_000_000_000_i64, "sendAttemptResult": result}))
+        .collect();
+    let body = serde_json::json!({"signedPayload": test.signed_payload, "sendAttempts": attempts});
+    (StatusCode::OK, [("content-type", "application/json")], body.to_string()).into_response()
 }
 
 /// Apple's checks of the bearer token.

@@ -28,7 +28,7 @@ use storerelay_config::PostgresSpool as Settings;
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio_postgres::Client;
 
-use super::db::{DeliveryCounts, DeliveryRow, DestinationStats, ListFilter, Outcome};
+use super::db::{DeliveryCounts, DeliveryRow, DeliveryStatus, DestinationStats, ListFilter, Outcome};
 use super::{
     DueBatch, DueQuery, Failure, NewNotification, PrunePolicy, Pruned, Result, SpoolBackend, SpoolError, Stored,
 };
@@ -280,6 +280,12 @@ impl SpoolBackend for PostgresSpool {
     async fn stats(&self) -> Result<Vec<DestinationStats>> {
         let queue = self.shared.queue.clone();
         self.on_claims(|session| async move { sql::stats(&session.client, &queue).await }).await
+    }
+
+    async fn deliveries_of_key(&self, key: String, since: i64) -> Result<Option<Vec<DeliveryStatus>>> {
+        let queue = self.shared.queue.clone();
+        self.on_claims(|session| async move { sql::deliveries_of_key(&session.client, &queue, &key, since).await })
+            .await
     }
 
     async fn seen(&self, keys: Vec<String>, since: i64) -> Result<std::collections::HashSet<String>> {
@@ -627,6 +633,9 @@ impl PostgresTools {
 
     pub async fn stats(&self) -> Result<Vec<DestinationStats>> {
         sql::stats(&self.client, &self.queue).await.map_err(|f| self.error(f))
+    }
+    pub async fn deliveries_of_key(&self, key: &str, since: i64) -> Result<Option<Vec<DeliveryStatus>>> {
+        sql::deliveries_of_key(&self.client, &self.queue, key, since).await.map_err(|f| self.error(f))
     }
     pub async fn seen(&self, keys: &[String], since: i64) -> Result<std::collections::HashSet<String>> {
         let seen = sql::seen(&self.client, &self.queue, keys, since).await.map_err(|f| self.error(f))?;

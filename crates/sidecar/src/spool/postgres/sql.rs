@@ -9,7 +9,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient, Row, Statement, Transaction};
 
 use super::super::db::{
-    DeliveryCounts, DeliveryRow, DeliveryState, DestinationStats, DueDelivery, ListFilter, Outcome, fold_stats,
+    DeliveryCounts, DeliveryRow, DeliveryState, DeliveryStatus, DestinationStats, DueDelivery, ListFilter, Outcome,
+    fold_stats,
 };
 use super::super::{Failure, PrunePolicy, Pruned};
 
@@ -196,6 +197,43 @@ pub async fn seen(client: &impl GenericClient, queue: &str, keys: &[String], sin
         )
         .await?;
     rows.iter().map(|row| Ok(row.try_get::<_, String>(0)?)).collect()
+}
+
+/// The deliveries of the notification stored under `key` since `since`; `None` when the key was not seen
+/// or its notification is no longer kept.
+pub async fn deliveries_of_key(
+    client: &impl GenericClient,
+    queue: &str,
+    key: &str,
+    since: i64,
+) -> Result<Option<Vec<DeliveryStatus>>> {
+    let found = client
+        .query_opt(
+            "SELECT notification_id FROM dedupe WHERE queue = $1 AND key = $2 AND first_seen >= $3 AND notification_id IS NOT NULL",
+            &[&queue, &key, &since],
+        )
+        .await?;
+    let Some(found) = found else { return Ok(None) };
+    let notification_id: i64 = found.try_get(0)?;
+    let rows = client
+        .query(
+            "SELECT destination, state, attempts, last_error FROM deliveries
+             WHERE queue = $1 AND notification_id = $2 ORDER BY destination",
+            &[&queue, &notification_id],
+        )
+        .await?;
+    let statuses = rows
+        .iter()
+        .map(|row| {
+            Ok(DeliveryStatus {
+                destination: row.try_get(0)?,
+                state: state(row, 1)?,
+                attempts: row.try_get::<_, i32>(2)?.max(0) as u32,
+                last_error: row.try_get(3)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(statuses))
 }
 
 pub async fn list(client: &impl GenericClient, queue: &str, filter: &ListFilter) -> Result<Vec<DeliveryRow>> {

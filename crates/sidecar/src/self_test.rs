@@ -1,0 +1,168 @@
+//! The self test: Apple's *Request a Test Notification*, followed hop by hop: did Apple reach us (its
+//! `sendAttemptResult`), did the spool store it, did each destination whose `match` admits it get it.
+//! A TLS or ingress mistake makes Apple retry for days and then give up without anyone noticing; this
+//! notices within minutes. `storerelay-sidecar apple test` runs it once; with `selfTest` the sidecar
+//! runs it on its interval and exports the time of the last success.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::apple::Notification;
+use crate::apple_api::{AppleApi, HistoryItem, send_attempt_advice};
+use crate::spool::{DeliveryState, DeliveryStatus};
+
+/// How often Apple and the spool are asked again while a hop is not done.
+const POLL: Duration = Duration::from_secs(1);
+
+/// Where the test notification's deliveries are looked up: the sidecar's spool, or the tools' view of it.
+pub trait Lookup {
+    /// The deliveries of the notification stored under `key`, or `None` while it is not stored.
+    fn deliveries_of(&self, key: &str) -> impl Future<Output = Result<Option<Vec<DeliveryStatus>>, String>> + Send;
+}
+
+/// One hop of the test and how it went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// The hops in order; the test passed when every one did. `send_attempt_result` is Apple's verdict on
+/// reaching us, when it gave one.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub hops: Vec<Hop>,
+    pub send_attempt_result: Option<String>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        !self.hops.is_empty() && self.hops.iter().all(|hop| hop.ok)
+    }
+
+    fn hop(&mut self, name: impl Into<String>, ok: bool, detail: impl Into<String>) {
+        self.hops.push(Hop { name: name.into(), ok, detail: detail.into() });
+    }
+
+    /// One line per hop, as `apple test` prints them.
+    pub fn lines(&self) -> String {
+        self.hops
+            .iter()
+            .map(|hop| format!("{:<4} {:<32} {}\n", if hop.ok { "ok" } else { "FAIL" }, hop.name, hop.detail))
+            .collect()
+    }
+}
+
+/// Runs the test within `timeout`. `destinations` says which destinations a notification goes to (their
+/// `match`).
+pub async fn run(
+    api: &AppleApi,
+    lookup: &impl Lookup,
+    destinations: impl Fn(&Notification) -> Vec<String>,
+    timeout: Duration,
+) -> Report {
+    let deadline = Instant::now() + timeout;
+    let mut report = Report::default();
+    let token = match api.request_test_notification().await {
+        Ok(token) => token,
+        Err(error) => {
+            report.hop("Apple: test notification", false, error.to_string());
+            return report;
+        }
+    };
+    report.hop("Apple: test notification", true, "requested");
+
+    // Apple's send attempt.
+    let item: HistoryItem = loop {
+        match api.test_notification_status(&token).await {
+            Ok(status) => {
+                if let Some(item) = status.item.filter(|item| !item.attempts.is_empty()) {
+                    break item;
+                }
+            }
+            // Apple answers 404 until the test notification has been sent.
+            Err(crate::apple_api::ApiError::Refused { status: 404, .. }) => {}
+            Err(error) => {
+                report.hop("Apple -> us", false, error.to_string());
+                return report;
+            }
+        }
+        if Instant::now() >= deadline {
+            report.hop("Apple -> us", false, format!("Apple reported no send attempt within {timeout:?}"));
+            return report;
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    let result = item.attempts.last().map(|a| a.send_attempt_result.clone()).unwrap_or_default();
+    report.send_attempt_result = Some(result.clone());
+    match send_attempt_advice(&result) {
+        None => report.hop("Apple -> us", true, format!("sendAttemptResult {result}")),
+        Some(advice) => {
+            report.hop("Apple -> us", false, format!("sendAttemptResult {result}: {advice}"));
+            return report;
+        }
+    }
+
+    // Stored, then each destination.
+    let notification = &item.notification;
+    let uuid = notification.uuid.clone().unwrap_or_else(|| "-".to_string());
+    let expected = destinations(notification);
+    let key = notification.dedupe_key.clone();
+    let mut last = None;
+    loop {
+        match lookup.deliveries_of(&key).await {
+            Ok(Some(deliveries)) => {
+                let done = expected
+                    .iter()
+                    .all(|name| deliveries.iter().any(|d| &d.destination == name && d.state != DeliveryState::Pending));
+                last = Some(deliveries);
+                if done {
+                    break;
+                }
+            }
+            Ok(None) => {}
+            Err(error) => {
+                report.hop("stored", false, error);
+                return report;
+            }
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let Some(deliveries) = last else {
+        report.hop(
+            "stored",
+            false,
+            format!(
+                "TEST {uuid} is not in the spool although Apple reached us: check the sidecar's log (verification? another route's URL?)"
+            ),
+        );
+        return report;
+    };
+    report.hop("stored", true, format!("TEST {uuid}"));
+    for name in expected {
+        let hop = format!("destination {name}");
+        match deliveries.iter().find(|d| d.destination == name) {
+            Some(d) if d.state == DeliveryState::Delivered => {
+                report.hop(hop, true, format!("delivered after {} attempt(s)", d.attempts))
+            }
+            Some(d) => report.hop(
+                hop,
+                false,
+                format!(
+                    "{} after {} attempt(s){}",
+                    d.state,
+                    d.attempts,
+                    d.last_error.as_deref().map_or(String::new(), |e| format!(": {e}"))
+                ),
+            ),
+            None => report.hop(hop, false, "not queued: its match admits the notification, the spool has no delivery"),
+        }
+    }
+    report
+}
