@@ -190,3 +190,54 @@ impl GapFill {
         }
     }
 }
+
+/// `selfTest`: on an interval, ask Apple for a test notification and follow it to every destination
+/// (`storerelay-sidecar apple test`), exporting the time of the last success.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SelfTest {
+    #[serde(default = "default_self_test_interval")]
+    pub interval: Duration,
+    /// How long one test may take, from the request to the last destination.
+    #[serde(default = "default_self_test_timeout")]
+    pub timeout: Duration,
+    /// With the SQLite spool: this sidecar is the only replica of its route (Apple's test notification
+    /// may reach any replica, and only that one's spool would have it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub only_replica: bool,
+}
+
+fn default_self_test_interval() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+fn default_self_test_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+
+impl SelfTest {
+    pub(crate) fn problems(&self, api: Option<&AppStoreServerApi>, sqlite: bool, out: &mut Vec<Problem>) {
+        let mut problem = |key: &str, message: String| {
+            out.push(Problem {
+                key: if key.is_empty() { "selfTest".into() } else { format!("selfTest.{key}") },
+                message,
+            });
+        };
+        if api.is_none() {
+            problem("", "needs `appStoreServerApi` (the key it asks Apple for a test notification with)".into());
+        }
+        if self.interval.is_zero() {
+            problem("interval", "must be more than 0s".into());
+        }
+        if self.timeout.is_zero() {
+            problem("timeout", "must be more than 0s".into());
+        }
+        if sqlite && !self.only_replica {
+            problem(
+                "onlyReplica",
+                "with the SQLite spool Apple's test notification reaches one replica and only its own spool has it, so the others would report failures: use spool.backend: postgres, or set onlyReplica: true if this route runs exactly one pod".into(),
+            );
+        }
+    }
+}

@@ -21,7 +21,7 @@ pub use apple::{
     DedupeConfig, DestinationMatch, Environment, NotificationVersion, RouteFacts, UnknownBodies, VerifyConfig,
     VerifyMode,
 };
-pub use apple_api::{ApiEnvironment, AppStoreServerApi, GapFill, GapFillScope};
+pub use apple_api::{ApiEnvironment, AppStoreServerApi, GapFill, GapFillScope, SelfTest};
 pub use postgres::{
     PostgresSpool, PostgresTarget, PostgresUrlProblem, TlsMode, default_postgres_max_connections,
     default_postgres_schema, default_postgres_timeout, parse_postgres_url,
@@ -79,6 +79,9 @@ pub struct SidecarConfig {
     /// `appStoreServerApi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gap_fill: Option<GapFill>,
+    /// Ask Apple for a test notification on an interval and follow it (needs `appStoreServerApi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_test: Option<SelfTest>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -540,6 +543,10 @@ impl SidecarConfig {
         if let Some(gap_fill) = &self.gap_fill {
             let sqlite = self.spool.backend == SpoolBackendKind::Sqlite;
             gap_fill.problems(self.app_store_server_api.as_ref(), self.dedupe.window, sqlite, &mut out);
+        }
+        if let Some(self_test) = &self.self_test {
+            let sqlite = self.spool.backend == SpoolBackendKind::Sqlite;
+            self_test.problems(self.app_store_server_api.as_ref(), sqlite, &mut out);
         }
         out
     }

@@ -347,4 +347,10 @@ fn gap_fill_needs_the_api_dedupe_and_one_spool_and_says_why() {
     let gap_fill = fine.gap_fill.unwrap();
     assert_eq!((gap_fill.interval, gap_fill.lookback), (Duration::from_secs(900), Duration::from_secs(72 * 3600)));
     assert_eq!(gap_fill.scope, GapFillScope::All);
+
+    let self_test = problems("selfTest: {}\n");
+    assert!(self_test.iter().any(|p| p.key == "selfTest" && p.message.contains("appStoreServerApi")));
+    assert!(self_test.iter().any(|p| p.key == "selfTest.onlyReplica"), "{self_test:?}");
+    let fine = parse(&format!("{api}selfTest: {{onlyReplica: true}}\n"), file()).unwrap().self_test.unwrap();
+    assert_eq!((fine.interval, fine.timeout), (Duration::from_secs(86_400), Duration::from_secs(120)));
 }

@@ -162,6 +162,7 @@ pub fn render(route: &NotificationRoute) -> Result<SidecarConfig, RenderError> {
         destinations,
         app_store_server_api: None,
         gap_fill: None,
+        self_test: None,
     };
     // The sidecar's own validation, with its keys mapped back to the route's where they differ.
     problems.extend(config.problems().into_iter().map(|p| Problem { key: route_key(&p.key), message: p.message }));

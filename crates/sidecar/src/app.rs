@@ -19,7 +19,7 @@ use crate::config::RuntimeConfig;
 use crate::delivery::{Delivery, Waiters};
 use crate::metrics::Metrics;
 use crate::spool::{PrunePolicy, Spool, SpoolBackend};
-use crate::{admin, config, delivery, gap_fill, ingest, verify};
+use crate::{admin, config, delivery, gap_fill, ingest, self_test, verify};
 
 /// How often the config file and secret files are compared for changes.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
@@ -107,6 +107,11 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
         // Replays come in through the listener, so it stops with ingest.
         let gap_fill = gap_fill::run(config_rx.clone(), spool.clone(), listening, metrics.clone(), stop_ingest.clone());
         tokio::spawn(gap_fill);
+    }
+    if settings.self_test.is_some() {
+        let self_test =
+            self_test::run_periodically(config_rx.clone(), spool.clone(), metrics.clone(), stop_ingest.clone());
+        tokio::spawn(self_test);
     }
 
     let header_timeout = settings.limits.header_timeout.get();

@@ -68,6 +68,12 @@ pub struct ApiRequest {
     pub status: String,
 }
 
+/// Apple's `sendAttemptResult`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SendAttempt {
+    pub result: String,
+}
+
 type SecondsGauge = Gauge<f64, AtomicU64>;
 
 /// Every metric the sidecar exports.
@@ -89,6 +95,11 @@ pub struct Metrics {
     pub apple_api_requests: Family<ApiRequest, Counter>,
     gap_fill_runs: Family<Result, Counter>,
     gap_fill_recovered: Counter,
+    self_test_runs: Family<Result, Counter>,
+    self_test_last_success: SecondsGauge,
+    apple_send_attempt: Family<SendAttempt, Gauge>,
+    /// The result `apple_send_attempt` shows as 1 now.
+    last_send_attempt: Mutex<Option<String>>,
     spool_pending: Family<Destination, Gauge>,
     spool_dead: Family<Destination, Gauge>,
     spool_oldest_pending: Family<Destination, SecondsGauge>,
@@ -201,6 +212,25 @@ impl Default for Metrics {
                 "Notifications in Apple's history the spool lacked, replayed and stored by gap-fill",
                 Counter::default(),
             ),
+            self_test_runs: register(
+                &mut registry,
+                "storerelay_self_test_runs",
+                "Self tests by result (success, failure: a hop failed, skipped: another replica ran it)",
+                Family::default(),
+            ),
+            self_test_last_success: register(
+                &mut registry,
+                "storerelay_self_test_last_success_timestamp_seconds",
+                "When a self test last passed every hop (unix seconds; 0: not since start): alert when it is older than two intervals",
+                SecondsGauge::default(),
+            ),
+            apple_send_attempt: register(
+                &mut registry,
+                "storerelay_apple_send_attempt",
+                "1 for Apple's result of its last attempt to send the self test's notification to us",
+                Family::default(),
+            ),
+            last_send_attempt: Mutex::new(None),
             spool_pending: register(
                 &mut registry,
                 "storerelay_spool_pending",
@@ -321,6 +351,22 @@ impl Metrics {
     pub fn count_gap_fill(&self, result: &'static str, recovered: usize) {
         self.gap_fill_runs.get_or_create(&Result { result }).inc();
         self.gap_fill_recovered.inc_by(recovered as u64);
+    }
+
+    /// A self test's outcome; `send_attempt_result` is Apple's verdict on reaching us, when it gave one.
+    pub fn count_self_test(&self, result: &'static str, send_attempt_result: Option<&str>) {
+        self.self_test_runs.get_or_create(&Result { result }).inc();
+        if result == "success" {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            self.self_test_last_success.set(now.as_secs_f64());
+        }
+        if let Some(current) = send_attempt_result {
+            let mut last = self.last_send_attempt.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(previous) = last.replace(current.to_string()) {
+                self.apple_send_attempt.get_or_create(&SendAttempt { result: previous }).set(0);
+            }
+            self.apple_send_attempt.get_or_create(&SendAttempt { result: current.to_string() }).set(1);
+        }
     }
 
     pub fn count_outcome_write_failure(&self, destination: &str) {

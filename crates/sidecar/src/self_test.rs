@@ -5,13 +5,18 @@
 //! runs it on its interval and exports the time of the last success.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
+use storerelay_runtime::CancellationToken;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::apple::Notification;
 use crate::apple_api::{AppleApi, HistoryItem, send_attempt_advice};
-use crate::spool::{DeliveryState, DeliveryStatus};
+use crate::config::RuntimeConfig;
+use crate::metrics::Metrics;
+use crate::spool::{DeliveryState, DeliveryStatus, Spool, SpoolBackend};
 
 /// How often Apple and the spool are asked again while a hop is not done.
 const POLL: Duration = Duration::from_secs(1);
@@ -165,4 +170,74 @@ pub async fn run(
         }
     }
     report
+}
+
+/// The sidecar's own spool, from duplicate keys first seen since `since`.
+struct SpoolLookup {
+    spool: Spool,
+    since: i64,
+}
+
+impl Lookup for SpoolLookup {
+    async fn deliveries_of(&self, key: &str) -> Result<Option<Vec<DeliveryStatus>>, String> {
+        self.spool.deliveries_of_key(key.to_string(), self.since).await.map_err(|e| e.to_string())
+    }
+}
+
+/// Runs the self test on `selfTest.interval` until `stop`, one replica of a shared queue at a time. Each
+/// run reads the config in force.
+pub async fn run_periodically(
+    config: watch::Receiver<Arc<RuntimeConfig>>,
+    spool: Spool,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    // The first soon after start (a minute, or the interval if shorter): a broken ingress shows at once.
+    let interval = config.borrow().file.self_test.as_ref().map(|t| t.interval.get());
+    let mut wait = interval.map_or(Duration::from_secs(60), |i| i.min(Duration::from_secs(60)));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        let runtime = config.borrow().clone();
+        let (Some(settings), Some(self_test)) = (&runtime.file.app_store_server_api, &runtime.file.self_test) else {
+            wait = Duration::from_secs(60);
+            continue;
+        };
+        wait = self_test.interval.get();
+        let exclusive = match spool.exclusive("self-test").await {
+            Ok(Some(exclusive)) => exclusive,
+            Ok(None) => {
+                metrics.count_self_test("skipped", None);
+                continue;
+            }
+            Err(error) => {
+                metrics.count_self_test("failure", None);
+                tracing::error!(%error, "self test: cannot take its turn on the spool");
+                continue;
+            }
+        };
+        let api = match AppleApi::new(settings, &metrics) {
+            Ok(api) => api,
+            Err(error) => {
+                metrics.count_self_test("failure", None);
+                tracing::error!(%error, "self test cannot run");
+                continue;
+            }
+        };
+        let since = crate::clock::now_ms() - runtime.file.dedupe.window.get().as_millis() as i64;
+        let lookup = SpoolLookup { spool: spool.clone(), since };
+        let report = run(&api, &lookup, |n| runtime.destinations_for(n), self_test.timeout.get()).await;
+        drop(exclusive);
+        let result = if report.passed() { "success" } else { "failure" };
+        metrics.count_self_test(result, report.send_attempt_result.as_deref());
+        for hop in &report.hops {
+            if hop.ok {
+                tracing::info!(hop = %hop.name, detail = %hop.detail, "self test");
+            } else {
+                tracing::error!(hop = %hop.name, detail = %hop.detail, "self test failed");
+            }
+        }
+    }
 }

@@ -443,3 +443,34 @@ async fn apple_test_follows_apples_test_notification_to_each_destination_and_nam
     assert!(s.api.refusals().is_empty(), "{:?}", s.api.refusals());
     assert_no_secrets(&s, &[&out, &err, &sidecar.log()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_self_test_exports_its_last_success_and_apples_verdict() {
+    let s = Setup::new().await;
+    let revenuecat = StandIn::start().await;
+    let extra = format!(
+        "destinations:\n  - {{name: revenuecat, url: \"{}\"}}\n{}selfTest: {{interval: 1s, timeout: 20s, onlyReplica: true}}\n",
+        revenuecat.url("/hook"),
+        s.config(&s.key.key_id, &s.key_file())
+    );
+    let sidecar = Sidecar::start(&extra, "").await;
+    let (header, key) = (s.chain.x5c(), s.chain.leaf_key.clone());
+    s.api.send_tests_to(
+        sidecar.ingest_url("/apple/notifications"),
+        std::sync::Arc::new(move |uuid: &str| sign_jws(&header, &test_payload(uuid), &key)),
+    );
+    sidecar.wait_metric("storerelay_self_test_runs_total{result=\"success\"}", 1.0, Duration::from_secs(30)).await;
+    assert!(sidecar.metric("storerelay_self_test_last_success_timestamp_seconds").await > 1.7e9);
+    assert_eq!(sidecar.metric("storerelay_apple_send_attempt{result=\"SUCCESS\"}").await, 1.0);
+
+    s.api.force_send_result(Some("TLS_ISSUE"));
+    sidecar.wait_metric("storerelay_self_test_runs_total{result=\"failure\"}", 1.0, Duration::from_secs(30)).await;
+    assert_eq!(sidecar.metric("storerelay_apple_send_attempt{result=\"TLS_ISSUE\"}").await, 1.0);
+    assert_eq!(sidecar.metric("storerelay_apple_send_attempt{result=\"SUCCESS\"}").await, 0.0);
+    let log = sidecar.log();
+    assert!(log.contains("self test failed") && log.contains("certificate chain"), "{log}");
+    let requests =
+        sidecar.metric("storerelay_apple_api_requests_total{endpoint=\"test_notification\",status=\"200\"}").await;
+    assert!(requests >= 2.0, "{}", sidecar.metrics().await);
+    assert_no_secrets(&s, &[&log, &sidecar.metrics().await]);
+}
