@@ -474,3 +474,23 @@ async fn the_periodic_self_test_exports_its_last_success_and_apples_verdict() {
     assert!(requests >= 2.0, "{}", sidecar.metrics().await);
     assert_no_secrets(&s, &[&log, &sidecar.metrics().await]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_in_a_running_sidecar_are_counted_and_logged_and_it_keeps_running() {
+    let s = Setup::new().await;
+    let gap_fill = "gapFill: {interval: 1s, lookback: 1h, onlyReplica: true}\n";
+    let wrong_key = Sidecar::start(&format!("{}{gap_fill}", s.config("WRONGKEY01", &s.key_file())), "").await;
+    wrong_key.wait_metric("storerelay_gap_fill_runs_total{result=\"error\"}", 1.0, Duration::from_secs(30)).await;
+    let unauthorized = "storerelay_apple_api_requests_total{endpoint=\"notification_history\",status=\"401\"}";
+    assert!(wrong_key.metric(unauthorized).await >= 1.0);
+    assert!(wrong_key.log().contains("HTTP 401") && wrong_key.log().contains("keyId"), "{}", wrong_key.log());
+
+    let bad = s.dir.path().join("bad.p8");
+    std::fs::write(&bad, "not a key").unwrap();
+    let bad_key = Sidecar::start(&format!("{}{gap_fill}", s.config(&s.key.key_id, &bad)), "").await;
+    bad_key.wait_metric("storerelay_gap_fill_runs_total{result=\"error\"}", 1.0, Duration::from_secs(30)).await;
+    assert!(bad_key.log().contains("appStoreServerApi.privateKeyFile"), "{}", bad_key.log());
+    let (jws, _) = s.signed(&uuid(1), 1);
+    assert_eq!(bad_key.post(body(&jws)).await.status(), 200, "still taking notifications");
+    assert_no_secrets(&s, &[&wrong_key.log(), &bad_key.log(), &wrong_key.metrics().await]);
+}
