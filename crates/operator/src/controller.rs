@@ -230,6 +230,9 @@ async fn check_references(ctx: &Context, route: &NotificationRoute, namespace: &
         secret_refs.push(postgres.url_from.secret_key_ref.clone());
         secret_refs.extend(postgres.root_certificate_from.iter().filter_map(|r| r.secret_key_ref.clone()));
     }
+    if let Some(api) = &route.spec.app_store_server_api {
+        secret_refs.push(api.key_from.secret_key_ref.clone());
+    }
     if let Some(verify) = &route.spec.verify {
         secret_refs.extend(verify.v1_password_from.iter().map(|s| s.secret_key_ref.clone()));
         if let Some(root) = &verify.apple_root {

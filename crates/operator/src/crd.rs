@@ -10,7 +10,9 @@ use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
-use storerelay_config::{AckMode, DestinationMatch, Environment, SyncMode, UnknownBodies, VerifyMode};
+use storerelay_config::{
+    AckMode, ApiEnvironment, DestinationMatch, Environment, GapFillScope, SyncMode, UnknownBodies, VerifyMode,
+};
 
 pub const GROUP: &str = "storerelay.dev";
 
@@ -63,6 +65,71 @@ pub struct NotificationRouteSpec {
     pub sidecar: Option<SidecarSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutSpec>,
+    /// Apple's App Store Server API, for gap-fill and the self test.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_store_server_api: Option<AppStoreServerApiSpec>,
+    /// Replays from Apple's notification history what never reached the spool (needs
+    /// appStoreServerApi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap_fill: Option<GapFillSpec>,
+    /// Asks Apple for a test notification on an interval and follows it to every destination (needs
+    /// appStoreServerApi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_test: Option<SelfTestSpec>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AppStoreServerApiSpec {
+    /// The In-App Purchase key's id (App Store Connect, Users and Access, Integrations).
+    #[schemars(regex(pattern = "^[A-Za-z0-9]{1,64}$"))]
+    pub key_id: String,
+    /// The issuer id shown above the keys.
+    #[schemars(regex(pattern = "^[0-9a-fA-F-]{1,64}$"))]
+    pub issuer_id: String,
+    #[schemars(length(min = 1, max = 255))]
+    pub bundle_id: String,
+    pub environment: ApiEnvironment,
+    /// A Secret key holding the key's .p8 file.
+    pub key_from: SecretSource,
+    /// Another base URL instead of Apple's host (an egress proxy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub timeout: Option<String>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GapFillSpec {
+    /// Default 15m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub interval: Option<String>,
+    /// Default 72h; at most Apple's history (180 days, 30 in Sandbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub lookback: Option<String>,
+    /// failures (default) or all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<GapFillScope>,
+    /// Without spool.postgres: the selected workload runs exactly one pod (each pod's own spool would
+    /// otherwise get what the others have).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only_replica: Option<bool>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SelfTestSpec {
+    /// Default 24h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub interval: Option<String>,
+    /// Without spool.postgres: the selected workload runs exactly one pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only_replica: Option<bool>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -16,9 +16,9 @@ use sha2::{Digest, Sha256};
 
 use crate::crd::{KeyRef, KeySource, NotificationRoute, NotificationRouteSpec};
 use crate::render::{
-    APPLE_ROOT_DIR, APPLE_ROOT_FILE, CONFIG_DIR, CONFIG_KEY, POSTGRES_CA_DIR, POSTGRES_CA_FILE, POSTGRES_DIR,
-    POSTGRES_URL_FILE, SPOOL_DIR, V1_PASSWORD_DIR, V1_PASSWORD_FILE, config_map_name, destination_secret_dir,
-    spool_size,
+    APPLE_API_DIR, APPLE_API_KEY_FILE, APPLE_ROOT_DIR, APPLE_ROOT_FILE, CONFIG_DIR, CONFIG_KEY, POSTGRES_CA_DIR,
+    POSTGRES_CA_FILE, POSTGRES_DIR, POSTGRES_URL_FILE, SPOOL_DIR, V1_PASSWORD_DIR, V1_PASSWORD_FILE, config_map_name,
+    destination_secret_dir, spool_size,
 };
 
 pub const CONTAINER_NAME: &str = "storerelay";
@@ -167,6 +167,7 @@ pub fn injection(route: &NotificationRoute, options: &InjectOptions) -> Injectio
     storage.add_verify_files(spec);
     storage.add_destination_secrets(spec);
     storage.add_shared_spool(spec);
+    storage.add_apple_api_key(spec);
     storage.add_no_token();
 
     let sidecar = spec.sidecar.clone().unwrap_or_default();
@@ -258,6 +259,16 @@ impl Storage {
             let name = format!("{VOLUME_PREFIX}spool-db-ca");
             self.add(key_source_volume(name.clone(), root, POSTGRES_CA_FILE), mount(&name, POSTGRES_CA_DIR));
         }
+    }
+
+    /// The App Store Server API key (.p8), when the route calls Apple's API.
+    fn add_apple_api_key(&mut self, spec: &NotificationRouteSpec) {
+        let Some(api) = &spec.app_store_server_api else { return };
+        let name = format!("{VOLUME_PREFIX}apple-api");
+        self.add(
+            secret_volume(name.clone(), &api.key_from.secret_key_ref, APPLE_API_KEY_FILE),
+            mount(&name, APPLE_API_DIR),
+        );
     }
 
     /// One projected volume per destination with Secret references: its files stay current when a

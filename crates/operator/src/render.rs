@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use storerelay_config::{
-    ByteSize, DedupeConfig, Destination, Duration, Limits, PostgresSpool, Problem, RetryPolicy, SidecarConfig,
-    SpoolBackendKind, SpoolConfig, Upstream, VerifyConfig, defaults,
+    AppStoreServerApi, ByteSize, DedupeConfig, Destination, Duration, GapFill, Limits, PostgresSpool, Problem,
+    RetryPolicy, SelfTest, SidecarConfig, SpoolBackendKind, SpoolConfig, Upstream, VerifyConfig, defaults,
 };
 
 use crate::crd::{NotificationRoute, NotificationRouteSpec};
@@ -29,6 +29,8 @@ pub const POSTGRES_DIR: &str = "/etc/storerelay/spool-db";
 pub const POSTGRES_URL_FILE: &str = "url";
 pub const POSTGRES_CA_DIR: &str = "/etc/storerelay/spool-db-ca";
 pub const POSTGRES_CA_FILE: &str = "ca.crt";
+pub const APPLE_API_DIR: &str = "/etc/storerelay/secrets/apple-api";
+pub const APPLE_API_KEY_FILE: &str = "SubscriptionKey.p8";
 
 pub fn destination_secret_dir(destination: &str) -> String {
     format!("/etc/storerelay/secrets/{destination}")
@@ -160,9 +162,26 @@ pub fn render(route: &NotificationRoute) -> Result<SidecarConfig, RenderError> {
         unknown_bodies: spec.unknown_bodies.unwrap_or_default(),
         dedupe: DedupeConfig::default(),
         destinations,
-        app_store_server_api: None,
-        gap_fill: None,
-        self_test: None,
+        app_store_server_api: spec.app_store_server_api.as_ref().map(|api| AppStoreServerApi {
+            key_id: api.key_id.clone(),
+            issuer_id: api.issuer_id.clone(),
+            bundle_id: api.bundle_id.clone(),
+            private_key_file: PathBuf::from(APPLE_API_DIR).join(APPLE_API_KEY_FILE),
+            environment: api.environment,
+            base_url: api.base_url.clone(),
+            timeout: duration(&api.timeout, "spec.appStoreServerApi.timeout", Duration::from_secs(10), &mut problems),
+        }),
+        gap_fill: spec.gap_fill.as_ref().map(|g| GapFill {
+            interval: duration(&g.interval, "spec.gapFill.interval", Duration::from_secs(15 * 60), &mut problems),
+            lookback: duration(&g.lookback, "spec.gapFill.lookback", Duration::from_secs(72 * 3600), &mut problems),
+            scope: g.scope.unwrap_or_default(),
+            only_replica: g.only_replica.unwrap_or(false),
+        }),
+        self_test: spec.self_test.as_ref().map(|t| SelfTest {
+            interval: duration(&t.interval, "spec.selfTest.interval", Duration::from_secs(24 * 3600), &mut problems),
+            timeout: Duration::from_secs(120),
+            only_replica: t.only_replica.unwrap_or(false),
+        }),
     };
     // The sidecar's own validation, with its keys mapped back to the route's where they differ.
     problems.extend(config.problems().into_iter().map(|p| Problem { key: route_key(&p.key), message: p.message }));
@@ -185,6 +204,7 @@ fn route_key(sidecar_key: &str) -> String {
         key if key.starts_with("paths") => format!("spec.listen.{key}"),
         key if key.starts_with("upstream") => "spec.upstream.port".into(),
         key if key.starts_with("verify.rootCertificates") => "spec.verify.appleRoot".into(),
+        "appStoreServerApi.privateKeyFile" => "spec.appStoreServerApi.keyFrom".into(),
         key => format!("spec.{key}"),
     }
 }
@@ -294,5 +314,46 @@ spec:
         assert!(keys.contains(&"spec.destinations[1].timeout"), "{keys:?}");
         assert!(keys.contains(&"spec.verify.appleRoot"), "{keys:?}");
         assert!(keys.contains(&"spec.listen.adminPort"), "{keys:?}");
+    }
+
+    #[test]
+    fn apples_api_gap_fill_and_self_test_are_rendered_with_the_key_mounted_not_copied() {
+        let mut route = route(ROUTE);
+        route.spec.spool =
+            Some(serde_yaml::from_str("postgres: {urlFrom: {secretKeyRef: {name: spool-db, key: url}}}").unwrap());
+        route.spec.app_store_server_api = Some(
+            serde_yaml::from_str(
+                "{keyId: 2X9R4HXF34, issuerId: 57246542-96fe-1a63-e053-0824d011072a, bundleId: com.example.app, environment: Production, keyFrom: {secretKeyRef: {name: apple-api, key: SubscriptionKey_2X9R4HXF34.p8}}}",
+            )
+            .unwrap(),
+        );
+        route.spec.gap_fill = Some(serde_yaml::from_str("{interval: 10m, scope: all}").unwrap());
+        route.spec.self_test = Some(serde_yaml::from_str("{interval: 12h}").unwrap());
+        let yaml = render_yaml(&route).unwrap();
+        let parsed = storerelay_config::parse(&yaml, Path::new("rendered.yaml")).unwrap();
+        let api = parsed.app_store_server_api.unwrap();
+        assert_eq!(api.private_key_file, PathBuf::from("/etc/storerelay/secrets/apple-api/SubscriptionKey.p8"));
+        assert_eq!(api.key_id, "2X9R4HXF34");
+        let gap_fill = parsed.gap_fill.unwrap();
+        assert_eq!((gap_fill.interval, gap_fill.lookback), (Duration::from_secs(600), Duration::from_secs(72 * 3600)));
+        assert_eq!(gap_fill.scope, storerelay_config::GapFillScope::All);
+        assert_eq!(parsed.self_test.unwrap().interval, Duration::from_secs(12 * 3600));
+
+        let injection = crate::inject::injection(&route, &crate::inject::InjectOptions::default());
+        let key = injection.volumes.iter().find(|v| v.name == "storerelay-apple-api").expect("the key is mounted");
+        let secret = key.secret.clone().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("apple-api"));
+        assert_eq!(secret.items.unwrap()[0].path, APPLE_API_KEY_FILE);
+        let mounts = injection.container.volume_mounts.unwrap();
+        assert!(mounts.iter().any(|m| m.name == "storerelay-apple-api" && m.mount_path == APPLE_API_DIR));
+
+        // Without the shared spool, gap-fill needs onlyReplica: the sidecar's own rule, named on the route.
+        route.spec.spool = None;
+        let problems = render(&route).unwrap_err().problems;
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"spec.gapFill.onlyReplica") && keys.contains(&"spec.selfTest.onlyReplica"), "{keys:?}");
+        route.spec.gap_fill.as_mut().unwrap().only_replica = Some(true);
+        route.spec.self_test.as_mut().unwrap().only_replica = Some(true);
+        assert!(render(&route).is_ok());
     }
 }
