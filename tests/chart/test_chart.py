@@ -3,6 +3,7 @@
 import base64
 import os
 import pathlib
+import re
 import subprocess
 
 import kubernetes_validate
@@ -17,14 +18,17 @@ RELEASE, NAMESPACE = "storerelay", "storerelay"
 # The minor versions the operator supports (k8s-openapi's oldest feature, v1_33, and later).
 KUBERNETES_VERSIONS = ["1.33.0", "1.34.0", "1.35.0", "1.36.0", "1.37.0"]
 # Kinds defined by CRDs, which the Kubernetes schemas do not describe.
-CUSTOM_KINDS = {"NotificationRoute", "Certificate", "Issuer", "ServiceMonitor"}
+CUSTOM_KINDS = {"NotificationRoute", "Certificate", "Issuer", "ServiceMonitor", "PrometheusRule"}
 
 MATRIX = {
     "defaults": [],
     "cert-manager": ["--set", "webhook.certificates.mode=certManager"],
     "fail-closed": ["--set", "webhook.failurePolicy=Fail"],
     "one-replica": ["--set", "replicaCount=1"],
-    "monitoring": ["--set", "serviceMonitor.enabled=true", "--set", "networkPolicy.enabled=true"],
+    "monitoring": [
+        "--set", "serviceMonitor.enabled=true", "--set", "networkPolicy.enabled=true",
+        "--set", "prometheusRule.enabled=true",
+    ],
     "permissions": ["--set", "rbac.checkSecrets=true", "--set", "rbac.restartWorkloads=true"],
     "route-namespaces": ["--set", "rbac.routeNamespaces={shop,payments}"],
     "digest": ["--set", "image.digest=sha256:" + "a" * 64],
@@ -303,3 +307,18 @@ def test_notes_name_the_next_three_commands():
     assert "create secret generic revenuecat" in notes
     assert "apply -f route.yaml" in notes
     assert "get nroute" in notes
+
+
+def test_prometheus_rule_alerts_only_on_metrics_the_sidecar_exports():
+    assert not of_kind(render(), "PrometheusRule"), "off by default"
+    (rule,) = of_kind(render("--set", "prometheusRule.enabled=true", "--set", "prometheusRule.selfTestStaleSeconds=3600"), "PrometheusRule")
+    rules = [r for group in rule["spec"]["groups"] for r in group["rules"]]
+    assert {r["alert"] for r in rules} >= {"StorerelaySelfTestStale", "StorerelayGapFillRecovering", "StorerelayAppleApiErrors"}
+    exported = (ROOT / "crates/sidecar/src/metrics.rs").read_text()
+    for r in rules:
+        for name in re.findall(r"storerelay_[a-z_]+", r["expr"]):
+            family = re.sub(r"_total$", "", name)
+            assert f'"{family}"' in exported, f"{r['alert']} uses {name}, which the sidecar does not export"
+        assert "{{ $labels." in r["annotations"]["summary"] or "$labels" not in r["annotations"]["summary"]
+    stale = next(r for r in rules if r["alert"] == "StorerelaySelfTestStale")
+    assert stale["expr"].endswith("> 3600")
