@@ -181,6 +181,9 @@ async fn rate_limits_are_waited_out_and_bad_credentials_are_named() {
     assert_eq!(code, Some(1), "an error, not a crash: {err}");
     assert!(err.contains("appStoreServerApi.privateKeyFile") && err.contains("bad.p8"), "{err}");
     assert!(!err.contains("Tk9UIEEgS0VZ"), "{err}");
+    let (code, _, err) = command(&config, &["check"]).await;
+    assert_eq!(code, Some(1), "check reads the key as a run would");
+    assert!(err.contains("appStoreServerApi.privateKeyFile") && !err.contains("Tk9UIEEgS0VZ"), "{err}");
     write(&s.key.key_id, &dir.path().join("absent.p8"));
     let (code, _, err) = command(&config, &["apple", "history", "--since", "1h"]).await;
     assert_eq!(code, Some(1));

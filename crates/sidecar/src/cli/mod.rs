@@ -132,6 +132,10 @@ pub fn check(config_path: &Path) -> Result<String, CommandError> {
     if let Some(settings) = file.spool.postgres.as_ref().filter(|_| file.spool.backend == SpoolBackendKind::Postgres) {
         problems.extend(crate::spool::check_postgres_settings(settings).err());
     }
+    if let Some(api) = &file.app_store_server_api {
+        // Reads and parses the key as a run would, so a wrong file is found now.
+        problems.extend(crate::apple_api::AppleApi::new(api, &Metrics::default()).err().map(|e| e.to_string()));
+    }
     if !problems.is_empty() {
         return Err(CommandError::Problems { file: config_path.to_path_buf(), problems });
     }
