@@ -214,6 +214,9 @@ fn bodies() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 struct Timing {
+    /// Rounds of the proxy comparison: each round measures every target once, in turn, so drift of the
+    /// machine (other load, thermal, the page cache) spreads over all of them instead of favouring one.
+    repetitions: usize,
     saturation: Duration,
     fixed_rate: Duration,
     rate: u32,
@@ -226,6 +229,7 @@ struct Timing {
 async fn run(quick: bool, sidecar: &Path, operator: &Path, sections: &[Section]) -> Value {
     let timing = if quick {
         Timing {
+            repetitions: 1,
             saturation: Duration::from_secs(4),
             fixed_rate: Duration::from_secs(4),
             rate: 1000,
@@ -236,6 +240,7 @@ async fn run(quick: bool, sidecar: &Path, operator: &Path, sections: &[Section])
         }
     } else {
         Timing {
+            repetitions: 3,
             saturation: Duration::from_secs(10),
             fixed_rate: Duration::from_secs(15),
             rate: 1000,
@@ -265,43 +270,37 @@ async fn run(quick: bool, sidecar: &Path, operator: &Path, sections: &[Section])
     wait_port(destination_port, Duration::from_secs(10)).await;
     let destination_url = format!("http://127.0.0.1:{destination_port}/hook");
 
+    const TARGETS: [&str; 5] =
+        ["direct", "storerelay-sidecar", "storerelay-sidecar-postgres", "node-express-axios", "nginx-mirror"];
     for (body_name, body) in bodies().into_iter().filter(|_| sections.contains(&Section::Proxies)) {
         let body_file = work.path().join("body.json");
         std::fs::write(&body_file, &body).expect("body");
+        let mut samples: Vec<Vec<Value>> = vec![Vec::new(); TARGETS.len()];
+        let mut skipped: Vec<Option<&str>> = vec![None; TARGETS.len()];
+        for round in 1..=timing.repetitions {
+            for (index, target) in TARGETS.iter().enumerate() {
+                if skipped[index].is_some() {
+                    continue;
+                }
+                let started =
+                    start_target(target, work.path(), sidecar, app_port, &destination_url, postgres_url.as_deref());
+                let Some(mut server) = started.await else {
+                    skipped[index] = Some("not installed");
+                    continue;
+                };
+                eprintln!("bench: {target}, body {body_name}, round {round} of {}", timing.repetitions);
+                let url = format!("http://127.0.0.1:{}/apple/notifications", server.port);
+                samples[index].push(measure_proxy(&url, &body, &body_file, server.pid(), &timing).await);
+                server.stop();
+            }
+        }
         let mut rows = serde_json::Map::new();
-        for target in
-            ["direct", "storerelay-sidecar", "storerelay-sidecar-postgres", "node-express-axios", "nginx-mirror"]
-        {
-            let started =
-                start_target(target, work.path(), sidecar, app_port, &destination_url, postgres_url.as_deref());
-            let Some(mut server) = started.await else {
-                rows.insert(target.into(), json!({"skipped": "not installed"}));
-                continue;
+        for (index, target) in TARGETS.iter().enumerate() {
+            let row = match skipped[index] {
+                Some(why) => json!({"skipped": why}),
+                None => summarize(&samples[index]),
             };
-            eprintln!("bench: {target}, body {body_name}");
-            let url = format!("http://127.0.0.1:{}/apple/notifications", server.port);
-            let idle_rss = procs::tree_rss_kib(server.pid());
-            let cpu_before = procs::tree_cpu_seconds(server.pid());
-            let saturation = load::wrk(&url, &body_file, timing.saturation, server.pid()).await;
-            let cpu_after = procs::tree_cpu_seconds(server.pid());
-            let fixed = load::fixed_rate(&url, &body, timing.rate, timing.fixed_rate).await;
-            let cpu_per_10k = if saturation.requests > 0 {
-                (cpu_after - cpu_before) / saturation.requests as f64 * 10_000.0
-            } else {
-                0.0
-            };
-            rows.insert(
-                target.into(),
-                json!({
-                    "throughput_rps": saturation.rps,
-                    "saturation_errors": saturation.errors,
-                    "p50_ms": fixed.p50_ms, "p99_ms": fixed.p99_ms, "p999_ms": fixed.p999_ms,
-                    "fixed_rate_errors": fixed.errors,
-                    "rss_idle_kib": idle_rss, "rss_load_kib": saturation.peak_rss_kib,
-                    "cpu_seconds_per_10k": cpu_per_10k,
-                }),
-            );
-            server.stop();
+            rows.insert(target.to_string(), row);
         }
         results["proxies"][body_name] = Value::Object(rows);
     }
@@ -326,6 +325,58 @@ async fn run(quick: bool, sidecar: &Path, operator: &Path, sections: &[Section])
         results["operator"] = operator::memory(operator, timing.routes, timing.pods).await;
     }
     results
+}
+
+/// One measurement of one target: saturation throughput and CPU with wrk, then latency at a fixed rate.
+async fn measure_proxy(url: &str, body: &[u8], body_file: &Path, pid: u32, timing: &Timing) -> Value {
+    let idle_rss = procs::tree_rss_kib(pid);
+    let cpu_before = procs::tree_cpu_seconds(pid);
+    let saturation = load::wrk(url, body_file, timing.saturation, pid).await;
+    let cpu_after = procs::tree_cpu_seconds(pid);
+    let fixed = load::fixed_rate(url, body, timing.rate, timing.fixed_rate).await;
+    let cpu_per_10k =
+        if saturation.requests > 0 { (cpu_after - cpu_before) / saturation.requests as f64 * 10_000.0 } else { 0.0 };
+    json!({
+        "throughput_rps": saturation.rps,
+        "saturation_errors": saturation.errors,
+        "p50_ms": fixed.p50_ms, "p99_ms": fixed.p99_ms, "p999_ms": fixed.p999_ms,
+        "fixed_rate_errors": fixed.errors,
+        "rss_idle_kib": idle_rss, "rss_load_kib": saturation.peak_rss_kib,
+        "cpu_seconds_per_10k": cpu_per_10k,
+    })
+}
+
+/// The rows of several rounds as one: each measure's median (what the report and the goals use), its
+/// `[min, max]` under `spread`, and errors summed over the rounds.
+fn summarize(samples: &[Value]) -> Value {
+    const MEASURES: [&str; 7] =
+        ["throughput_rps", "p50_ms", "p99_ms", "p999_ms", "rss_idle_kib", "rss_load_kib", "cpu_seconds_per_10k"];
+    let mut row = serde_json::Map::new();
+    let mut spread = serde_json::Map::new();
+    for measure in MEASURES {
+        let mut values: Vec<f64> = samples.iter().filter_map(|s| s[measure].as_f64()).collect();
+        values.sort_by(f64::total_cmp);
+        if let (Some(median), Some(min), Some(max)) = (median(&values), values.first(), values.last()) {
+            row.insert(measure.into(), json!(median));
+            spread.insert(measure.into(), json!([min, max]));
+        }
+    }
+    for errors in ["saturation_errors", "fixed_rate_errors"] {
+        row.insert(errors.into(), json!(samples.iter().filter_map(|s| s[errors].as_u64()).sum::<u64>()));
+    }
+    row.insert("repetitions".into(), json!(samples.len()));
+    row.insert("spread".into(), Value::Object(spread));
+    Value::Object(row)
+}
+
+/// The middle of sorted `values` (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> Option<f64> {
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
 }
 
 struct Target {
@@ -562,6 +613,10 @@ fn render(results: &Value) -> String {
     let f = |v: &Value, digits: usize| v.as_f64().map_or("-".to_string(), |x| format!("{x:.digits$}"));
     for (body, rows) in results["proxies"].as_object().into_iter().flatten() {
         md.push_str(&format!("## Proxy and mirror, body {body}\n\nThe sidecar runs with `ack: upstream`, `sync: full`, one destination, and duplicate suppression off (the load repeats one body, and every request must be stored as a distinct notification). Throughput with wrk (1 thread, 32 connections) at saturation; latency at a fixed {} requests/s (open loop, measured from each request's scheduled time); RSS from /proc (process tree); CPU from /proc per 10,000 requests at saturation.\n\n", 1000));
+        let rounds = rows.as_object().into_iter().flatten().find_map(|(_, r)| r["repetitions"].as_u64()).unwrap_or(1);
+        if rounds > 1 {
+            md.push_str(&format!("Each cell is the median of {rounds} rounds, with the lowest and highest in brackets; each round measures every target in turn (interleaved), so the machine's drift falls on all of them alike. Ratios and goals use the medians.\n\n"));
+        }
         md.push_str("| target | throughput (req/s) | p50 ms | p99 ms | p999 ms | RSS idle MiB | RSS load MiB | CPU s / 10k | errors |\n|---|---|---|---|---|---|---|---|---|\n");
         for (name, row) in rows.as_object().into_iter().flatten() {
             if row.get("skipped").is_some() {
@@ -571,16 +626,27 @@ fn render(results: &Value) -> String {
                 ));
                 continue;
             }
-            let mib = |v: &Value| v.as_f64().map_or("-".into(), |k| format!("{:.1}", k / 1024.0));
+            // The median, and with several rounds the lowest and highest: a difference inside that range
+            // is noise.
+            let cell = |key: &str, scale: f64, digits: usize| {
+                let Some(median) = row[key].as_f64() else { return "-".to_string() };
+                let spread = &row["spread"][key];
+                match (spread[0].as_f64(), spread[1].as_f64()) {
+                    (Some(min), Some(max)) if row["repetitions"].as_u64().unwrap_or(1) > 1 => {
+                        format!("{:.digits$} ({:.digits$}–{:.digits$})", median / scale, min / scale, max / scale)
+                    }
+                    _ => format!("{:.digits$}", median / scale),
+                }
+            };
             md.push_str(&format!(
                 "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-                f(&row["throughput_rps"], 0),
-                f(&row["p50_ms"], 3),
-                f(&row["p99_ms"], 3),
-                f(&row["p999_ms"], 3),
-                mib(&row["rss_idle_kib"]),
-                mib(&row["rss_load_kib"]),
-                f(&row["cpu_seconds_per_10k"], 2),
+                cell("throughput_rps", 1.0, 0),
+                cell("p50_ms", 1.0, 3),
+                cell("p99_ms", 1.0, 3),
+                cell("p999_ms", 1.0, 3),
+                cell("rss_idle_kib", 1024.0, 1),
+                cell("rss_load_kib", 1024.0, 1),
+                cell("cpu_seconds_per_10k", 1.0, 2),
                 row["saturation_errors"].as_u64().unwrap_or(0) + row["fixed_rate_errors"].as_u64().unwrap_or(0),
             ));
         }
@@ -839,4 +905,25 @@ fn goals(results: &Value) -> String {
         md.push_str(&format!("| {name} | {text} | {shown} | {met} |\n"));
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_are_summarised_by_their_median_and_range_and_errors_add_up() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0]), Some(3.0));
+        assert_eq!(median(&[1.0, 2.0, 10.0]), Some(2.0));
+        assert_eq!(median(&[1.0, 2.0, 4.0, 10.0]), Some(3.0));
+        let round = |rps: f64, p99: f64, errors: u64| json!({"throughput_rps": rps, "p99_ms": p99, "saturation_errors": errors, "fixed_rate_errors": 0});
+        let row = summarize(&[round(5_000.0, 2.0, 0), round(6_500.0, 9.0, 2), round(6_000.0, 2.5, 1)]);
+        assert_eq!(row["throughput_rps"], 6_000.0);
+        assert_eq!(row["spread"]["throughput_rps"], json!([5_000.0, 6_500.0]));
+        assert_eq!(row["p99_ms"], 2.5, "one slow round does not move the median");
+        assert_eq!(row["saturation_errors"], 3);
+        assert_eq!(row["repetitions"], 3);
+        assert!(row["spread"].get("cpu_seconds_per_10k").is_none(), "a measure no round has is left out");
+    }
 }

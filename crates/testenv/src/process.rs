@@ -41,6 +41,7 @@ impl Process {
     }
 
     /// SIGTERM, then SIGKILL after `grace`.
+    #[cfg_attr(not(feature = "node"), allow(dead_code))]
     pub fn stop(&mut self, grace: std::time::Duration) {
         if self.child.try_wait().is_ok_and(|s| s.is_some()) {
             return;
