@@ -352,6 +352,12 @@ impl SidecarConfig {
         self.ack.unwrap_or(if self.upstream.is_some() { AckMode::Upstream } else { AckMode::Spooled })
     }
 
+    /// From when (unix ms) a duplicate key still counts, at `now_ms`; `None` with `dedupe.window: 0s`.
+    pub fn dedupe_since(&self, now_ms: i64) -> Option<i64> {
+        let window = self.dedupe.window.get();
+        (!window.is_zero()).then(|| now_ms - window.as_millis() as i64)
+    }
+
     /// The config as `check` prints it: defaults filled in, secrets replaced.
     pub fn redacted(&self) -> SidecarConfig {
         let mut copy = self.clone();

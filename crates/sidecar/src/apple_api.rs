@@ -8,7 +8,6 @@
 //! and what to check.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use app_store_server_library::api_client::transport::{Transport, TransportError};
@@ -154,6 +153,16 @@ pub struct HistoryItem {
     pub attempts: Vec<SendAttempt>,
 }
 
+impl HistoryItem {
+    /// Apple's `signedPayload` as the body of a live POST, decoded, with Apple's attempts.
+    fn new(signed_payload: String, attempts: Option<&[SendAttemptItem]>) -> HistoryItem {
+        let body = serde_json::json!({ "signedPayload": signed_payload }).to_string().into_bytes();
+        let notification = apple::decode(&body).unwrap_or_default();
+        let attempts = attempts.unwrap_or_default().iter().map(SendAttempt::from_item).collect();
+        HistoryItem { body, notification, attempts }
+    }
+}
+
 /// A client of the App Store Server API for one key and app.
 pub struct AppleApi {
     client: AppStoreServerApiClient<HttpTransport>,
@@ -214,12 +223,9 @@ impl AppleApi {
             let page =
                 self.client.get_notification_history(&token, &request).await.map_err(|e| refused(endpoint, &e))?;
             for entry in page.notification_history.unwrap_or_default() {
-                let Some(signed_payload) = entry.signed_payload else { continue };
-                let body = serde_json::to_vec(&serde_json::json!({ "signedPayload": signed_payload }))
-                    .map_err(|e| ApiError::Transport { endpoint, message: e.to_string() })?;
-                let notification = apple::decode(&body).unwrap_or_default();
-                let attempts = entry.send_attempts.unwrap_or_default().iter().map(SendAttempt::from_item).collect();
-                items.push(HistoryItem { body, notification, attempts });
+                if let Some(signed_payload) = entry.signed_payload {
+                    items.push(HistoryItem::new(signed_payload, entry.send_attempts.as_deref()));
+                }
             }
             match page.pagination_token.filter(|t| !t.is_empty() && page.has_more == Some(true)) {
                 Some(next) => token = next,
@@ -254,12 +260,8 @@ impl AppleApi {
     pub async fn test_notification_status(&self, token: &str) -> Result<TestNotificationStatus, ApiError> {
         let endpoint = Endpoint::TestNotification;
         let answer = self.client.get_test_notification_status(token).await.map_err(|e| refused(endpoint, &e))?;
-        let Some(signed_payload) = answer.signed_payload else { return Ok(TestNotificationStatus { item: None }) };
-        let body = serde_json::to_vec(&serde_json::json!({ "signedPayload": signed_payload }))
-            .map_err(|e| ApiError::Transport { endpoint, message: e.to_string() })?;
-        let notification = apple::decode(&body).unwrap_or_default();
-        let attempts = answer.send_attempts.unwrap_or_default().iter().map(SendAttempt::from_item).collect();
-        Ok(TestNotificationStatus { item: Some(HistoryItem { body, notification, attempts }) })
+        let item = answer.signed_payload.map(|payload| HistoryItem::new(payload, answer.send_attempts.as_deref()));
+        Ok(TestNotificationStatus { item })
     }
 }
 
@@ -310,7 +312,7 @@ pub struct HttpTransport {
     base_url: Option<String>,
     environment: ApiEnvironment,
     /// When each endpoint may next be called.
-    next_slot: Arc<Mutex<std::collections::HashMap<Endpoint, Instant>>>,
+    next_slot: Mutex<std::collections::HashMap<Endpoint, Instant>>,
     requests: Family<ApiRequest, Counter>,
 }
 
@@ -328,7 +330,7 @@ impl HttpTransport {
             http,
             base_url: config.base_url.as_deref().map(|u| u.trim_end_matches('/').to_string()),
             environment: config.environment,
-            next_slot: Arc::default(),
+            next_slot: Mutex::default(),
             requests,
         })
     }

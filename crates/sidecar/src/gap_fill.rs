@@ -134,8 +134,7 @@ pub async fn run(
         match run_once(&file, &spool, listen, &metrics).await {
             Ok(Some(report)) => {
                 metrics.count_gap_fill("success", report.recovered);
-                let level_warn = report.missing > 0;
-                if level_warn {
+                if report.missing > 0 {
                     tracing::warn!(
                         listed = report.listed,
                         missing = report.missing,
@@ -179,7 +178,8 @@ pub async fn run_once(
     let now = SystemTime::now();
     let since = now.checked_sub(gap_fill.lookback.get()).unwrap_or(UNIX_EPOCH);
     let items = api.history(since, now, gap_fill.scope == GapFillScope::Failures).await.map_err(|e| e.to_string())?;
-    let window_start = crate::clock::now_ms() - file.dedupe.window.get().as_millis() as i64;
+    // gapFill is refused without dedupe (see its config rules), so there is always a window.
+    let window_start = file.dedupe_since(crate::clock::now_ms()).unwrap_or(i64::MIN);
     let seen = spool.seen(keys(&items), window_start).await.map_err(|e| e.to_string())?;
     let missing = missing(&items, &seen);
     let http = replay_client(file).map_err(|e| e.to_string())?;

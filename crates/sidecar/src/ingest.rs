@@ -95,12 +95,11 @@ async fn receive(State(state): State<Arc<IngestState>>, request: Request) -> Res
     if destinations.is_empty() {
         state.metrics.unrouted.inc();
     }
-    let window = config.file.dedupe.window.get();
     let store = state.spool.insert(NewNotification {
         path: path.clone(),
         body: body.clone(),
         destinations: destinations.clone(),
-        dedupe: (!window.is_zero()).then(|| (notification.dedupe_key.clone(), now_ms() - window.as_millis() as i64)),
+        dedupe: config.file.dedupe_since(now_ms()).map(|since| (notification.dedupe_key.clone(), since)),
     });
     let (stored, app_answer) = match &config.file.upstream {
         Some(upstream) => {

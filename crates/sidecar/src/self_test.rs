@@ -226,7 +226,7 @@ pub async fn run_periodically(
                 continue;
             }
         };
-        let since = crate::clock::now_ms() - runtime.file.dedupe.window.get().as_millis() as i64;
+        let since = runtime.file.dedupe_since(crate::clock::now_ms()).unwrap_or(i64::MAX);
         let lookup = SpoolLookup { spool: spool.clone(), since };
         let report = run(&api, &lookup, |n| runtime.destinations_for(n), self_test.timeout.get()).await;
         drop(exclusive);

@@ -61,6 +61,22 @@ impl Setup {
     }
 }
 
+impl Setup {
+    /// `total` notifications Apple sent a minute apart (all in its history, oldest first); the first
+    /// `reached` of them reached `replicas`, in turn.
+    async fn sent_to(&self, replicas: &[Sidecar], total: usize, reached: usize) -> Vec<Sent> {
+        let mut history = Vec::new();
+        for i in 0..total {
+            let (jws, signed_date_ms) = self.signed(&uuid(i), (total - i) as i64);
+            if i < reached {
+                assert_eq!(replicas[i % replicas.len()].post(body(&jws)).await.status(), 200);
+            }
+            history.push(Sent { signed_payload: jws, signed_date_ms, attempts: vec!["SUCCESS"] });
+        }
+        history
+    }
+}
+
 /// Runs the sidecar binary with `args` and the config, off the runtime the stand-ins answer on.
 async fn command(config: &Path, args: &[&str]) -> (Option<i32>, String, String) {
     let mut command = std::process::Command::new(binary());
@@ -227,15 +243,8 @@ async fn history_asks_the_shared_queue_which_notifications_it_has() {
         Sidecar::start(&s.config(&s.key.key_id, &s.key_file()), &spool).await,
         Sidecar::start(&s.config(&s.key.key_id, &s.key_file()), &spool).await,
     ];
-    let mut history = Vec::new();
-    for i in 0..6 {
-        let (jws, signed_date_ms) = s.signed(&uuid(i), 60 - i as i64);
-        // Two reach one replica, two the other, two nobody.
-        if i < 4 {
-            assert_eq!(replicas[i % 2].post(body(&jws)).await.status(), 200);
-        }
-        history.push(Sent { signed_payload: jws, signed_date_ms, attempts: vec!["SUCCESS"] });
-    }
+    // Two reach one replica, two the other, two nobody.
+    let history = s.sent_to(&replicas, 6, 4).await;
     s.api.set_history(history);
     let (code, out, err) = command(&replicas[0].config_path, &["apple", "--json", "history", "--since", "2h"]).await;
     assert_eq!(code, Some(0), "{out}{err}");
@@ -329,14 +338,7 @@ async fn gap_fill_on_two_replicas_of_the_shared_queue_recovers_each_notification
     let replicas = [Sidecar::start(&extra, &spool).await, Sidecar::start(&extra, &spool).await];
     // Apple reached the replicas with 12 of 20; the history is published once they are stored, so the
     // first runs (5 s after start) find exactly the other 8 missing.
-    let mut history = Vec::new();
-    for i in 0..20 {
-        let (jws, signed_date_ms) = s.signed(&uuid(i), 120 - i as i64);
-        if i < 12 {
-            assert_eq!(replicas[i % 2].post(body(&jws)).await.status(), 200);
-        }
-        history.push(Sent { signed_payload: jws, signed_date_ms, attempts: vec!["SUCCESS"] });
-    }
+    let history = s.sent_to(&replicas, 20, 12).await;
     s.api.set_history(history);
     wait_for_distinct(&revenuecat, 20, Duration::from_secs(30)).await;
     // A few more intervals on both replicas: nothing more may arrive.

@@ -8,16 +8,16 @@ use std::fmt::Write;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use storerelay_config::{SidecarConfig, SpoolBackendKind, SyncMode, VerifyMode};
+use storerelay_config::{SidecarConfig, SpoolBackendKind, VerifyMode};
 
-use super::{CommandError, with_spool};
+use super::{CommandError, open_file, with_spool};
 use crate::apple_api::{AppleApi, HistoryItem};
 use crate::clock::{format_ms, now_ms, parse_time_arg};
 use crate::config;
 use crate::gap_fill;
 use crate::metrics::Metrics;
 use crate::self_test;
-use crate::spool::{PostgresTools, SpoolDb, SpoolError};
+use crate::spool::{PostgresTools, SpoolDb};
 use crate::verify::Verifier;
 
 #[derive(Debug, Clone, PartialEq, clap::Subcommand)]
@@ -144,20 +144,14 @@ fn test(
     let api = AppleApi::new(settings, metrics)?;
     let routing = config::resolve(file.clone(), None, metrics);
     let destinations = |notification: &crate::apple::Notification| routing.destinations_for(notification);
-    let since = now_ms() - file.dedupe.window.get().as_millis() as i64;
+    // With dedupe off nothing is found by key: every hop after Apple's reports not stored.
+    let since = file.dedupe_since(now_ms()).unwrap_or(i64::MAX);
     let report = runtime.block_on(async {
         let lookup = match file.spool.postgres.as_ref().filter(|_| file.spool.backend == SpoolBackendKind::Postgres) {
             Some(postgres) => SpoolLookup::Shared(PostgresTools::connect(postgres).await?, since),
-            None => {
-                let path = &file.spool.path;
-                if !path.exists() {
-                    return Err(CommandError::NoSpool(path.clone()));
-                }
-                let db = SpoolDb::open(path, SyncMode::Full).map_err(|failure| SpoolError::new(path, failure))?;
-                SpoolLookup::File(std::sync::Mutex::new(db), since)
-            }
+            None => SpoolLookup::File(std::sync::Mutex::new(open_file(&file.spool.path)?), since),
         };
-        Ok(self_test::run(&api, &lookup, destinations, timeout).await)
+        Ok::<_, CommandError>(self_test::run(&api, &lookup, destinations, timeout).await)
     })?;
     let out = report.lines();
     if report.passed() { Ok(out) } else { Err(CommandError::SelfTest(out)) }
@@ -200,12 +194,8 @@ fn at(ms: i64) -> SystemTime {
 /// `None` when it cannot tell: duplicate keys are not kept (`dedupe.window: 0s`), or there is no
 /// SQLite file here (the command runs outside the sidecar's container).
 fn spool_has(file: &SidecarConfig, items: &[HistoryItem]) -> Result<Option<HashSet<String>>, CommandError> {
-    let window = file.dedupe.window.get();
-    if window.is_zero() {
-        return Ok(None);
-    }
-    let keys: Vec<String> = items.iter().map(|i| i.notification.dedupe_key.clone()).collect();
-    let since = now_ms() - window.as_millis() as i64;
+    let Some(since) = file.dedupe_since(now_ms()) else { return Ok(None) };
+    let keys = gap_fill::keys(items);
     match with_spool(file, |spool| Ok(spool.seen(&keys, since)?)) {
         Ok(seen) => Ok(Some(seen)),
         Err(CommandError::NoSpool(_)) => Ok(None),

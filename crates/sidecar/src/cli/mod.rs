@@ -220,13 +220,17 @@ fn with_spool<R>(
         Some(settings) => action(&mut Shared::connect(settings)?),
         None => {
             let path = &file.spool.path;
-            if !path.exists() {
-                return Err(CommandError::NoSpool(path.clone()));
-            }
-            let db = SpoolDb::open(path, SyncMode::Full).map_err(|failure| SpoolError::new(path, failure))?;
-            action(&mut File { db, path })
+            action(&mut File { db: open_file(path)?, path })
         }
     }
+}
+
+/// The SQLite spool at `path`, beside a running sidecar or not; an error when there is none.
+fn open_file(path: &Path) -> Result<SpoolDb, CommandError> {
+    if !path.exists() {
+        return Err(CommandError::NoSpool(path.to_path_buf()));
+    }
+    Ok(SpoolDb::open(path, SyncMode::Full).map_err(|failure| SpoolError::new(path, failure))?)
 }
 
 fn spool_file(path: &Path, command: &SpoolCommand, json: bool, config_path: &Path) -> Result<String, CommandError> {
@@ -240,11 +244,7 @@ fn spool_file(path: &Path, command: &SpoolCommand, json: bool, config_path: &Pat
         }
         return Ok(out);
     }
-    if !path.exists() {
-        return Err(CommandError::NoSpool(path.to_path_buf()));
-    }
-    let db = SpoolDb::open(path, SyncMode::Full).map_err(|failure| SpoolError::new(path, failure))?;
-    run(&mut File { db, path }, command, json, config_path)
+    run(&mut File { db: open_file(path)?, path }, command, json, config_path)
 }
 
 /// What the spool commands ask of a spool, whichever backend holds it.
