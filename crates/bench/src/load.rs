@@ -84,7 +84,17 @@ fn client() -> reqwest::Client {
 
 /// `rate` requests per second for `duration`, each timed from when it was due.
 pub async fn fixed_rate(url: &str, body: &[u8], rate: u32, duration: Duration) -> Latency {
-    let client = client();
+    fixed_rate_with(&client(), url, body, rate, duration).await
+}
+
+/// [`fixed_rate`] with a client of the caller's (HTTPS with its own roots, say).
+pub async fn fixed_rate_with(
+    client: &reqwest::Client,
+    url: &str,
+    body: &[u8],
+    rate: u32,
+    duration: Duration,
+) -> Latency {
     let body = bytes::Bytes::copy_from_slice(body);
     // Warm the connection pool so the first requests do not pay for connecting.
     for _ in 0..8 {

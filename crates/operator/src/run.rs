@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
@@ -26,6 +26,7 @@ use crate::controller::{self, Context};
 use crate::crd::NotificationRoute;
 use crate::inject::InjectOptions;
 use crate::metrics::Metrics;
+use crate::route_index::RouteIndex;
 use crate::webhook::{self, WebhookState};
 use crate::webhook_config::{self, WebhookSettings};
 
@@ -88,14 +89,19 @@ pub async fn run_with_client(client: Client, settings: Settings) -> Result<(), R
         metrics.clone(),
     ));
 
-    // Every route, without managed fields: the webhook decides from this cache, and status reads it
-    // for selector conflicts. Each cache is polled by its own task, so the webhook and readiness never
-    // depend on the controller.
+    // Every route, without managed fields: status reads it for selector conflicts, and the webhook
+    // decides from an index of it by namespace, fed by the same events. Each cache is polled by its own
+    // task, so the webhook and readiness never depend on the controller.
     let (routes, routes_writer) = reflector::store::<NotificationRoute>();
+    let route_index = Arc::new(RouteIndex::new(settings.inject.clone()));
     let route_feed = watcher(Api::<NotificationRoute>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .modify(|route| route.managed_fields_mut().clear())
-        .reflect(routes_writer);
+        .reflect(routes_writer)
+        .inspect_ok({
+            let route_index = route_index.clone();
+            move |event| route_index.apply_watcher_event(event)
+        });
     tokio::spawn(drain(route_feed, "route watch", None));
     // Pods, metadata only: labels, annotations and owners are all the status needs. Each change asks
     // the controller to recount every route.
@@ -141,12 +147,8 @@ pub async fn run_with_client(client: Client, settings: Settings) -> Result<(), R
 
     let (conflicts_tx, conflicts_rx) = tokio::sync::mpsc::channel(webhook::CONFLICT_REPORTS);
     tokio::spawn(controller::report_conflicts(context.clone(), conflicts_rx));
-    let webhook_state = Arc::new(WebhookState {
-        routes: routes.clone(),
-        options: settings.inject.clone(),
-        metrics: metrics.clone(),
-        conflicts: Some(conflicts_tx),
-    });
+    let webhook_state =
+        Arc::new(WebhookState { routes: route_index, metrics: metrics.clone(), conflicts: Some(conflicts_tx) });
     let webhook_server = tokio::spawn(crate::serve::serve_tls(
         webhook_listener,
         webhook::router(webhook_state),

@@ -1,8 +1,8 @@
 //! The mutating admission webhook for pods (CREATE).
 //!
-//! The decision is a pure function of the pod and the routes in the controller's reflector cache: no
-//! API call sits on the admission path, so a slow API server never slows pod creation. One route
-//! selects the pod: patch. None: unchanged. Several: unchanged, with a warning (and an Event).
+//! The decision is a pure function of the pod and the routes in the operator's route index: no API
+//! call sits on the admission path, so a slow API server never slows pod creation. One route selects
+//! the pod: patch. None: unchanged. Several: unchanged, with a warning (and an Event).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,13 +14,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
-use kube::core::{DynamicObject, ObjectMeta};
-use kube::runtime::reflector::Store;
 
-use crate::crd::NotificationRoute;
-use crate::inject::{self, InjectOptions, Outcome};
+use crate::inject::{Outcome, Patched};
 use crate::metrics::Metrics;
-use crate::select::routes_for;
+use crate::route_index::{IndexedRoute, RouteIndex};
 
 /// What the webhook decided about one pod.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,7 +26,8 @@ pub enum Decision {
     Unchanged(&'static str),
     Patch {
         route: String,
-        patch: json_patch::Patch,
+        /// The JSON patch, serialised.
+        patch: Vec<u8>,
     },
     /// Two or more routes select the pod: nothing is injected.
     Conflict {
@@ -38,58 +36,34 @@ pub enum Decision {
     Deny(String),
 }
 
-/// Decides for a pod in `namespace` given every known route.
-pub fn decide<'a>(
-    pod: &Pod,
-    namespace: &str,
-    routes: impl IntoIterator<Item = &'a NotificationRoute>,
-    options: &InjectOptions,
-) -> Decision {
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
-    let selected = routes_for(routes, namespace, &labels);
-    let route = match selected.as_slice() {
+/// Decides for a pod given the routes that select it (from [`RouteIndex::selecting`]).
+pub fn decide(pod: &Pod, selecting: &[Arc<IndexedRoute>]) -> Decision {
+    let route = match selecting {
         [] => return Decision::Unchanged("no route selects the pod"),
-        [route] => *route,
-        several => {
-            return Decision::Conflict { routes: several.iter().filter_map(|r| r.metadata.name.clone()).collect() };
-        }
+        [route] => route,
+        several => return Decision::Conflict { routes: several.iter().map(|r| r.name.clone()).collect() },
     };
-    // The route's status says why (InvalidSpec); the app's pod is not held up for it.
-    if inject::image_refusal(route, options).is_some() {
-        return Decision::Unchanged("the route names a sidecar image this installation does not allow");
-    }
-    // The route's ConfigMap name is taken by a ConfigMap the operator did not write: mounting it would
-    // hand the sidecar someone else's config.
-    if crate::status::config_map_not_ours(route) {
-        return Decision::Unchanged("the route's ConfigMap belongs to someone else (see the route's Ready condition)");
-    }
-    let injection = inject::injection(route, options);
-    let mut patched = pod.clone();
-    let mut meta: ObjectMeta = std::mem::take(&mut patched.metadata);
-    let Some(spec) = patched.spec.as_mut() else { return Decision::Unchanged("the pod has no spec") };
-    match inject::inject(&mut meta, spec, &injection) {
-        Ok(Outcome::Injected) => {
-            patched.metadata = meta;
-            let before = serde_json::to_value(pod).unwrap_or_default();
-            let after = serde_json::to_value(&patched).unwrap_or_default();
-            Decision::Patch { route: injection.route, patch: json_patch::diff(&before, &after) }
+    // The route's status says why; the app's pod is not held up for it.
+    let prepared = match &route.admission {
+        Ok(prepared) => prepared,
+        Err(reason) => return Decision::Unchanged(reason),
+    };
+    let Some(spec) = pod.spec.as_ref() else { return Decision::Unchanged("the pod has no spec") };
+    match prepared.patch(&pod.metadata, spec) {
+        Ok(Patched::Patch(patch)) => Decision::Patch { route: route.name.clone(), patch },
+        Ok(Patched::Unchanged(Outcome::OptedOut)) => {
+            Decision::Unchanged("the pod opted out (storerelay.dev/inject: \"false\")")
         }
-        Ok(Outcome::AlreadyInjected) => Decision::Unchanged("the sidecar is already there"),
-        Ok(Outcome::OptedOut) => Decision::Unchanged("the pod opted out (storerelay.dev/inject: \"false\")"),
+        Ok(Patched::Unchanged(_)) => Decision::Unchanged("the sidecar is already there"),
         Err(error) => Decision::Deny(error.to_string()),
     }
 }
 
-/// The AdmissionResponse for a decision.
+/// The AdmissionResponse for a decision, but for the patch, which [`ReviewResponse`] carries.
 pub fn respond(request: &AdmissionRequest<Pod>, decision: &Decision) -> AdmissionResponse {
     let response = AdmissionResponse::from(request);
     match decision {
-        Decision::Unchanged(_) => response,
-        Decision::Patch { patch, .. } => match response.clone().with_patch(patch.clone()) {
-            Ok(patched) => patched,
-            // Cannot happen for a patch we built; admitting unchanged is the safe fallback.
-            Err(_) => response,
-        },
+        Decision::Unchanged(_) | Decision::Patch { .. } => response,
         Decision::Conflict { routes } => {
             let mut response = response;
             response.warnings = Some(vec![format!(
@@ -103,8 +77,7 @@ pub fn respond(request: &AdmissionRequest<Pod>, decision: &Decision) -> Admissio
 }
 
 pub struct WebhookState {
-    pub routes: Store<NotificationRoute>,
-    pub options: InjectOptions,
+    pub routes: Arc<RouteIndex>,
     pub metrics: Arc<Metrics>,
     /// Reports selector conflicts as Events on the routes involved (not for dry-run requests). Bounded
     /// ([`CONFLICT_REPORTS`] in the operator): whoever may create pods can make conflicts, so reports
@@ -148,8 +121,9 @@ async fn mutate(State(state): State<Arc<WebhookState>>, body: axum::body::Bytes)
     let namespace = request.namespace.clone().unwrap_or_default();
     let decision = match &request.object {
         Some(pod) => {
-            let routes = state.routes.state();
-            decide(pod, &namespace, routes.iter().map(|r| r.as_ref()), &state.options)
+            static NO_LABELS: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+            let labels = pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS);
+            decide(pod, &state.routes.selecting(&namespace, labels))
         }
         None => Decision::Unchanged("no object"),
     };
@@ -182,21 +156,42 @@ async fn mutate(State(state): State<Arc<WebhookState>>, body: axum::body::Bytes)
         Decision::Deny(message) => tracing::warn!(namespace, pod = %pod_name, message, "denied"),
         Decision::Unchanged(reason) => tracing::debug!(namespace, pod = %pod_name, reason, "unchanged"),
     }
-    let review: AdmissionReview<DynamicObject> = respond(&request, &decision).into_review();
-    axum::Json(base64_patch(review)).into_response()
+    let patch = match &decision {
+        Decision::Patch { patch, .. } => Some(patch.as_slice()),
+        _ => None,
+    };
+    axum::Json(ReviewResponse::new(respond(&request, &decision), patch)).into_response()
 }
 
-/// The AdmissionReview as JSON with `response.patch` as a base64 string: how Kubernetes' Go types
-/// encode `[]byte` (kube serialises the bytes as an array of numbers).
-fn base64_patch(review: AdmissionReview<DynamicObject>) -> serde_json::Value {
-    use base64::Engine;
-    let mut value = serde_json::to_value(review).unwrap_or_default();
-    if let Some(patch) = value.pointer_mut("/response/patch") {
-        if let Some(bytes) =
-            patch.as_array().map(|a| a.iter().filter_map(|b| b.as_u64().map(|b| b as u8)).collect::<Vec<u8>>())
-        {
-            *patch = serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+/// An AdmissionReview response as Kubernetes reads it: `response.patch` base64, which is how its Go
+/// types encode `[]byte` (kube's `AdmissionResponse` serialises the bytes as an array of numbers).
+#[derive(serde::Serialize)]
+struct ReviewResponse {
+    #[serde(rename = "apiVersion")]
+    api_version: &'static str,
+    kind: &'static str,
+    response: ResponseWithPatch,
+}
+
+#[derive(serde::Serialize)]
+struct ResponseWithPatch {
+    #[serde(flatten)]
+    response: AdmissionResponse,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(rename = "patchType", skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+}
+
+impl ReviewResponse {
+    fn new(response: AdmissionResponse, patch: Option<&[u8]>) -> ReviewResponse {
+        use base64::Engine;
+        let patch = patch.map(|bytes| base64::engine::general_purpose::STANDARD.encode(bytes));
+        let patch_type = patch.as_ref().map(|_| "JSONPatch");
+        ReviewResponse {
+            api_version: "admission.k8s.io/v1",
+            kind: "AdmissionReview",
+            response: ResponseWithPatch { response, patch, patch_type },
         }
     }
-    value
 }

@@ -3,13 +3,13 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::reflector;
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 use storerelay_operator::NotificationRoute;
 use storerelay_operator::certs::{CertResolver, generate, server_config};
 use storerelay_operator::inject::{self, InjectOptions};
 use storerelay_operator::metrics::Metrics;
+use storerelay_operator::route_index::RouteIndex;
 use storerelay_operator::webhook::{WebhookState, router};
 
 fn route(name: &str, labels: &str) -> NotificationRoute {
@@ -58,21 +58,16 @@ async fn start_with(
     routes: Vec<NotificationRoute>,
     conflicts: Option<tokio::sync::mpsc::Sender<storerelay_operator::webhook::ConflictReport>>,
 ) -> Server {
-    let (store, mut writer) = reflector::store::<NotificationRoute>();
+    let index = Arc::new(RouteIndex::new(InjectOptions::default()));
     for route in routes {
-        writer.apply_watcher_event(&watcher::Event::Apply(route));
+        index.apply_watcher_event(&watcher::Event::Apply(route));
     }
     let bundle =
         generate(&["localhost".into()], &["127.0.0.1".parse().unwrap()], time::OffsetDateTime::now_utc()).unwrap();
     let resolver = Arc::new(CertResolver::default());
     resolver.load(&bundle.cert_pem, &bundle.key_pem).unwrap();
     let metrics = Arc::new(Metrics::default());
-    let state = Arc::new(WebhookState {
-        routes: store,
-        options: InjectOptions::default(),
-        metrics: metrics.clone(),
-        conflicts,
-    });
+    let state = Arc::new(WebhookState { routes: index, metrics: metrics.clone(), conflicts });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = storerelay_runtime::CancellationToken::new();
