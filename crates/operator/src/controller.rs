@@ -11,13 +11,14 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 
 use crate::crd::{NotificationRoute, NotificationRouteStatus, RolloutPolicy};
+use crate::events::{Event, EventType, Recorder};
 use crate::inject::{self, InjectOptions, RESTARTED_AT_ANNOTATION};
 use crate::metrics::Metrics;
 use crate::render::{CONFIG_KEY, config_map_name, render_yaml};

@@ -5,6 +5,7 @@ pub mod certs;
 pub mod controller;
 pub mod crd;
 pub mod ctl;
+pub mod events;
 pub mod inject;
 pub mod leader;
 pub mod manifests;

@@ -14,7 +14,6 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Client, ResourceExt};
 use storerelay_runtime::CancellationToken;
@@ -24,6 +23,7 @@ use tokio::sync::watch;
 use crate::certs::{CertResolver, server_config};
 use crate::controller::{self, Context};
 use crate::crd::NotificationRoute;
+use crate::events::{Recorder, Reporter};
 use crate::inject::InjectOptions;
 use crate::metrics::Metrics;
 use crate::route_index::RouteIndex;
@@ -130,7 +130,7 @@ pub async fn run_with_client(client: Client, settings: Settings) -> Result<(), R
 
     let recorder = Recorder::new(
         client.clone(),
-        Reporter { controller: "storerelay-operator".into(), instance: Some(settings.identity.clone()) },
+        Reporter { controller: "storerelay-operator".into(), instance: settings.identity.clone() },
     );
     let context = Arc::new(Context {
         client: client.clone(),
@@ -241,14 +241,40 @@ fn became_leader(leading: watch::Receiver<bool>) -> impl futures::Stream<Item = 
     })
 }
 
-/// Every pod in the cluster is cached, so what status never reads is dropped before it is stored:
-/// managed fields (often the largest part of a pod's metadata) and kubectl's copy of the last applied
-/// manifest.
+/// Every pod in the cluster is cached, so only what status reads is kept: name, namespace, labels,
+/// deletion, the controller owner's kind and name, and storerelay's own annotations. Managed fields
+/// (often the largest part of a pod's metadata), other annotations (kubectl's copy of the last applied
+/// manifest among them), uid, resource version and the rest are dropped before the pod is stored.
+/// The watch keeps its resource version from the events themselves, before this runs.
 fn forget_what_status_does_not_read(pod: &mut PartialObjectMeta<Pod>) {
-    pod.managed_fields_mut().clear();
-    if let Some(annotations) = pod.metadata.annotations.as_mut() {
-        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
+    use crate::inject::{INJECT_ANNOTATION, INJECTED_ANNOTATION};
+    let meta = &mut pod.metadata;
+    let kept = kube::core::ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        labels: meta.labels.take(),
+        deletion_timestamp: meta.deletion_timestamp.take(),
+        annotations: meta
+            .annotations
+            .take()
+            .map(|mut all| {
+                all.retain(|key, _| key == INJECTED_ANNOTATION || key == INJECT_ANNOTATION);
+                all
+            })
+            .filter(|ours| !ours.is_empty()),
+        owner_references: meta.owner_references.take().and_then(|owners| {
+            let controller = owners.into_iter().find(|o| o.controller == Some(true))?;
+            Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                kind: controller.kind,
+                name: controller.name,
+                controller: Some(true),
+                ..Default::default()
+            }])
+        }),
+        ..Default::default()
+    };
+    *meta = kept;
+    pod.types = None;
 }
 
 async fn serve_metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
@@ -277,23 +303,33 @@ mod tests {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {
                 "name": "app-1", "namespace": "shop", "labels": {"app": "payments"},
+                "uid": "5f0c", "resourceVersion": "42", "deletionTimestamp": "2026-12-02T10:00:00Z",
                 "annotations": {
+                    "team": "payments",
                     crate::inject::INJECTED_ANNOTATION: "payments@0a1b2c3d4e",
                     crate::inject::INJECT_ANNOTATION: "false",
                     "kubectl.kubernetes.io/last-applied-configuration": "{\"a\":\"large\"}"
                 },
-                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "app-5d9", "uid": "u", "controller": true}],
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "Node", "name": "n", "uid": "n"},
+                    {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "app-5d9", "uid": "u", "controller": true}
+                ],
                 "managedFields": [{"manager": "kubectl", "operation": "Update", "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {}}}]
             }
         }))
         .unwrap();
         forget_what_status_does_not_read(&mut pod);
         assert!(pod.managed_fields().is_empty());
+        assert_eq!((pod.uid(), pod.resource_version()), (None, None));
         let annotations = pod.annotations();
         assert_eq!(annotations.len(), 2, "{annotations:?}");
         assert!(annotations.contains_key(crate::inject::INJECTED_ANNOTATION));
         assert!(annotations.contains_key(crate::inject::INJECT_ANNOTATION));
         assert_eq!(pod.labels().get("app").map(String::as_str), Some("payments"));
-        assert_eq!(pod.owner_references().len(), 1);
+        assert!(pod.metadata.deletion_timestamp.is_some(), "terminating pods are not counted");
+        let owner = &pod.owner_references()[..];
+        assert_eq!(owner.len(), 1);
+        assert_eq!((owner[0].kind.as_str(), owner[0].name.as_str()), ("ReplicaSet", "app-5d9"));
+        assert_eq!(crate::status::workload_of(&pod.metadata).to_string(), "ReplicaSet/app-5d9");
     }
 }

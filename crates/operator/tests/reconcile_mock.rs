@@ -11,11 +11,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::Client;
 use kube::client::Body;
 use kube::core::PartialObjectMeta;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{reflector, watcher};
 use serde_json::{Value, json};
 use storerelay_operator::NotificationRoute;
 use storerelay_operator::controller::{Context, reconcile};
+use storerelay_operator::events::{Recorder, Reporter};
 use storerelay_operator::inject::{InjectOptions, injection};
 use storerelay_operator::metrics::Metrics;
 
@@ -140,10 +140,7 @@ fn context(
         client: client.clone(),
         pods: pod_store,
         routes: route_store,
-        recorder: Recorder::new(
-            client,
-            Reporter { controller: "storerelay-operator".into(), instance: Some("test".into()) },
-        ),
+        recorder: Recorder::new(client, Reporter { controller: "storerelay-operator".into(), instance: "test".into() }),
         options: InjectOptions::default(),
         check_secrets,
         restarts_allowed: restarts,
