@@ -61,6 +61,7 @@ struct Flags {
 }
 
 fn main() -> ExitCode {
+    storerelay_operator::run::limit_malloc_arenas();
     let flags = Flags::parse();
     storerelay_runtime::log::init();
     let mode = match (flags.tls_cert_file, flags.tls_key_file) {
