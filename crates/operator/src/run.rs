@@ -346,7 +346,7 @@ mod tests {
         assert!(annotations.contains_key(crate::inject::INJECT_ANNOTATION));
         assert_eq!(pod.labels().get("app").map(String::as_str), Some("payments"));
         assert!(pod.metadata.deletion_timestamp.is_some(), "terminating pods are not counted");
-        let owner = &pod.owner_references()[..];
+        let owner = pod.owner_references();
         assert_eq!(owner.len(), 1);
         assert_eq!((owner[0].kind.as_str(), owner[0].name.as_str()), ("ReplicaSet", "app-5d9"));
         assert_eq!(crate::status::workload_of(&pod.metadata).to_string(), "ReplicaSet/app-5d9");
