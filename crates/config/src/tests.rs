@@ -122,6 +122,16 @@ fn errors_never_echo_destination_urls() {
 }
 
 #[test]
+fn a_unicode_host_name_is_refused_with_its_ascii_form_asked_for() {
+    let err = parse("destinations: [{name: rc, url: \"https://bücher.example/hook/SECRET\"}]\n", file())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("destinations[0].url") && err.contains("punycode"), "{err}");
+    assert!(!err.contains("SECRET") && !err.contains("bücher"), "{err}");
+    parse("destinations: [{name: rc, url: \"https://xn--bcher-kva.example/hook\"}]\n", file()).expect("punycode");
+}
+
+#[test]
 fn redaction_hides_tokens_and_header_values() {
     let text = "destinations:\n  - name: rc\n    url: https://api.example.invalid:8443/v1/hook/SECRET?k=SECRET\n    headers: {Authorization: Bearer SECRET}\n";
     let config = parse(text, file()).unwrap();
