@@ -44,6 +44,16 @@ enum Cmd {
         /// the report is printed, not written.
         #[arg(long, value_enum, value_delimiter = ',')]
         only: Vec<Section>,
+        /// A second sidecar build, measured as the target `storerelay-sidecar-b` in the same interleaved
+        /// rounds as the first: an A/B comparison of a change (implies a partial run).
+        #[arg(long)]
+        sidecar_b: Option<PathBuf>,
+        /// Only these targets of the proxy comparison (e.g. `direct,storerelay-sidecar,storerelay-sidecar-b`).
+        #[arg(long, value_delimiter = ',')]
+        targets: Vec<String>,
+        /// Rounds of the proxy comparison instead of the default (3, or 1 with --quick).
+        #[arg(long)]
+        rounds: Option<usize>,
     },
     /// Re-render the report from a results.json.
     Report {
@@ -96,19 +106,21 @@ fn main() {
             let results: Value = serde_json::from_str(&text).expect("results.json is JSON");
             std::fs::write(&report, render(&results)).expect("report");
         }
-        Cmd::Run { quick, sidecar, operator, out, report, only } => {
+        Cmd::Run { quick, sidecar, operator, out, report, only, sidecar_b, targets, rounds } => {
+            let partial = !only.is_empty() || sidecar_b.is_some() || !targets.is_empty() || rounds.is_some();
             let sections = if only.is_empty() {
                 vec![Section::Proxies, Section::Sidecar, Section::Spool, Section::Webhook, Section::Operator]
             } else {
                 only.clone()
             };
-            let results = runtime.block_on(run(quick, &sidecar, &operator, &sections));
+            let choice = Choice { sections, sidecar_b, targets, rounds };
+            let results = runtime.block_on(run(quick, &sidecar, &operator, &choice));
             std::fs::create_dir_all(&out).expect("output folder");
-            let name = if only.is_empty() { "results.json" } else { "partial.json" };
+            let name = if partial { "partial.json" } else { "results.json" };
             std::fs::write(out.join(name), serde_json::to_string_pretty(&results).unwrap_or_default())
                 .expect("results");
             let markdown = render(&results);
-            if only.is_empty() {
+            if !partial {
                 std::fs::write(&report, &markdown).expect("report");
             }
             println!("{markdown}");
@@ -229,7 +241,16 @@ struct Timing {
     pods: usize,
 }
 
-async fn run(quick: bool, sidecar: &Path, operator: &Path, sections: &[Section]) -> Value {
+/// What a run measures besides the defaults.
+struct Choice {
+    sections: Vec<Section>,
+    sidecar_b: Option<PathBuf>,
+    targets: Vec<String>,
+    rounds: Option<usize>,
+}
+
+async fn run(quick: bool, sidecar: &Path, operator: &Path, choice: &Choice) -> Value {
+    let sections = &choice.sections[..];
     let timing = if quick {
         Timing {
             repetitions: 1,
@@ -277,32 +298,42 @@ async fn run(quick: bool, sidecar: &Path, operator: &Path, sections: &[Section])
     wait_port(destination_port, Duration::from_secs(10)).await;
     let destination_url = format!("http://127.0.0.1:{destination_port}/hook");
 
-    const TARGETS: [&str; 5] =
-        ["direct", "storerelay-sidecar", "storerelay-sidecar-postgres", "node-express-axios", "nginx-mirror"];
+    let mut targets =
+        vec!["direct", "storerelay-sidecar", "storerelay-sidecar-postgres", "node-express-axios", "nginx-mirror"];
+    if choice.sidecar_b.is_some() {
+        targets.insert(2, "storerelay-sidecar-b");
+    }
+    targets.retain(|t| choice.targets.is_empty() || choice.targets.iter().any(|c| c == t));
+    let targets = targets;
+    let repetitions = choice.rounds.unwrap_or(timing.repetitions);
     for (body_name, body) in bodies().into_iter().filter(|_| sections.contains(&Section::Proxies)) {
         let body_file = work.path().join("body.json");
         std::fs::write(&body_file, &body).expect("body");
-        let mut samples: Vec<Vec<Value>> = vec![Vec::new(); TARGETS.len()];
-        let mut skipped: Vec<Option<&str>> = vec![None; TARGETS.len()];
-        for round in 1..=timing.repetitions {
-            for (index, target) in TARGETS.iter().enumerate() {
+        let mut samples: Vec<Vec<Value>> = vec![Vec::new(); targets.len()];
+        let mut skipped: Vec<Option<&str>> = vec![None; targets.len()];
+        for round in 1..=repetitions {
+            for (index, target) in targets.iter().enumerate() {
                 if skipped[index].is_some() {
                     continue;
                 }
+                let binary = match (*target, &choice.sidecar_b) {
+                    ("storerelay-sidecar-b", Some(b)) => b.as_path(),
+                    _ => sidecar,
+                };
                 let started =
-                    start_target(target, work.path(), sidecar, app_port, &destination_url, postgres_url.as_deref());
+                    start_target(target, work.path(), binary, app_port, &destination_url, postgres_url.as_deref());
                 let Some(mut server) = started.await else {
                     skipped[index] = Some("not installed");
                     continue;
                 };
-                eprintln!("bench: {target}, body {body_name}, round {round} of {}", timing.repetitions);
+                eprintln!("bench: {target}, body {body_name}, round {round} of {repetitions}");
                 let url = format!("http://127.0.0.1:{}/apple/notifications", server.port);
                 samples[index].push(measure_proxy(&url, &body, &body_file, server.pid(), &timing).await);
                 server.stop();
             }
         }
         let mut rows = serde_json::Map::new();
-        for (index, target) in TARGETS.iter().enumerate() {
+        for (index, target) in targets.iter().enumerate() {
             let row = match skipped[index] {
                 Some(why) => json!({"skipped": why}),
                 None => summarize(&samples[index]),
@@ -438,14 +469,14 @@ async fn start_target(
     let process = match name {
         // The baseline: a stand-in app of its own, so its process can be measured like the others.
         "direct" => Proc::spawn("app", &bench_binary(), &["app".into(), port.to_string()], &[]),
-        "storerelay-sidecar" | "storerelay-sidecar-postgres" => {
+        "storerelay-sidecar" | "storerelay-sidecar-b" | "storerelay-sidecar-postgres" => {
             let admin = free_port();
             let extra = format!(
                 "upstream: {{url: \"http://127.0.0.1:{app_port}\"}}\nack: upstream\ndestinations:\n  - {{name: revenuecat, url: \"{destination_url}\", concurrency: 16}}\n"
             );
             let spool = match name {
-                "storerelay-sidecar" => SpoolKind::Sqlite("full"),
-                _ => SpoolKind::Postgres(postgres_url?.to_string()),
+                "storerelay-sidecar-postgres" => SpoolKind::Postgres(postgres_url?.to_string()),
+                _ => SpoolKind::Sqlite("full"),
             };
             let config = sidecar_config(dir, port, admin, &extra, &spool);
             Proc::spawn(

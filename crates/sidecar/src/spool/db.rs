@@ -350,6 +350,13 @@ impl SpoolDb {
         Ok(SpoolDb { conn, sync: configured, flushing: std::cell::Cell::new(true) })
     }
 
+    /// A second connection to the spool for background checkpoints, synced as the writer's is.
+    pub fn checkpoint_connection(path: &Path, sync: SyncMode) -> Result<Connection> {
+        let conn = Connection::open(path)?;
+        conn.execute_batch(&format!("PRAGMA synchronous = {};", pragma(sync)))?;
+        Ok(conn)
+    }
+
     /// `None` when the file is sound, else SQLite's first complaint.
     pub fn quick_check(&self) -> Result<Option<String>> {
         let verdict: String = self.conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;

@@ -86,10 +86,11 @@ impl SqliteSpool {
             inserted: watch::Sender::new(0),
             full_holder: std::sync::Mutex::new(None),
         });
+        let checkpoints = start_checkpointer(path, sync);
         let writer_shared = shared.clone();
         std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer(db, rx, writer_shared))
+            .spawn(move || writer(db, rx, writer_shared, checkpoints))
             .map_err(|source| error(Failure::Io { action: "cannot start the writer thread", source }))?;
         Ok((SqliteSpool { ops, shared }, report))
     }
@@ -216,7 +217,53 @@ fn owe<T: Send + 'static>(reply: oneshot::Sender<Result<T>>, result: Option<Resu
     })
 }
 
-fn writer(db: SpoolDb, mut ops: mpsc::UnboundedReceiver<Op>, shared: Arc<Shared>) {
+/// The writer asks for a checkpoint once about this much has been committed since it last asked (a
+/// quarter of the 1,000 pages at which it would checkpoint itself): about 50 notifications of 20 KB.
+const CHECKPOINT_AFTER_BYTES: u64 = 1 << 20;
+/// What a write adds to the WAL besides its body, roughly: a page of rows and index.
+const WRITE_OVERHEAD_BYTES: u64 = 4096;
+
+/// Starts a thread that copies committed pages from the WAL into the database file, off the commit
+/// path; returns what the writer pokes every [`CHECKPOINT_AFTER_BYTES`]. Left to itself SQLite checkpoints inside the
+/// commit that takes the WAL past 1,000 pages (every ~100 notifications of 20 KB): that batch's
+/// requests wait for 4 MiB to be copied and the database file to be synced. A passive checkpoint on
+/// a connection of its own never blocks the writer, and once it has caught up the writer's next
+/// transaction starts the WAL over. The writer's own checkpoint at 1,000 pages stays as the backstop
+/// (it finds little left to copy while this keeps up). `None` (and a warning) if it cannot start.
+fn start_checkpointer(path: &Path, sync: SyncMode) -> Option<std::sync::mpsc::SyncSender<()>> {
+    let started = SpoolDb::checkpoint_connection(path, sync).and_then(|conn| {
+        let (poke, pokes) = std::sync::mpsc::sync_channel::<()>(1);
+        std::thread::Builder::new()
+            .name("spool-checkpointer".into())
+            .spawn(move || checkpointer(conn, pokes))
+            .map_err(|source| Failure::Io { action: "cannot start the checkpointer thread", source })?;
+        Ok(poke)
+    });
+    match started {
+        Ok(poke) => Some(poke),
+        Err(failure) => {
+            tracing::warn!(error = %failure, "spool: no background checkpoints; the writer checkpoints in its commits");
+            None
+        }
+    }
+}
+
+/// Ends when the writer does (it drops the sender).
+fn checkpointer(conn: rusqlite::Connection, pokes: std::sync::mpsc::Receiver<()>) {
+    while pokes.recv().is_ok() {
+        if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(%error, "spool: checkpoint");
+        }
+    }
+}
+
+fn writer(
+    db: SpoolDb,
+    mut ops: mpsc::UnboundedReceiver<Op>,
+    shared: Arc<Shared>,
+    checkpoints: Option<std::sync::mpsc::SyncSender<()>>,
+) {
+    let mut since_checkpoint = 0;
     while let Some(first) = ops.blocking_recv() {
         let max_bytes = max_batch_bytes(shared.max_bytes.load(Ordering::Relaxed));
         let mut bytes = first.body_bytes();
@@ -232,7 +279,13 @@ fn writer(db: SpoolDb, mut ops: mpsc::UnboundedReceiver<Op>, shared: Arc<Shared>
         }
         let (reads, writes): (Vec<Op>, Vec<Op>) = batch.into_iter().partition(|op| matches!(op, Op::Read(_)));
         if !writes.is_empty() {
+            since_checkpoint += writes.iter().map(|op| op.body_bytes() + WRITE_OVERHEAD_BYTES).sum::<u64>();
             run_writes(&db, writes, &shared);
+            if let Some(checkpoints) = checkpoints.as_ref().filter(|_| since_checkpoint >= CHECKPOINT_AFTER_BYTES) {
+                // Full: a checkpoint is due already and will take this commit's pages too.
+                let _ = checkpoints.try_send(());
+                since_checkpoint = 0;
+            }
         }
         for op in reads {
             if let Op::Read(job) = op {
@@ -424,6 +477,28 @@ mod tests {
         let mut later = first;
         later.dedupe = Some(("v2:u1".into(), now_ms() + 1));
         assert!(!spool.insert(later).await.unwrap().duplicate);
+    }
+
+    #[tokio::test]
+    async fn committed_pages_reach_the_database_file_without_waiting_for_the_writers_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let (spool, _) = SqliteSpool::open(&path, SyncMode::Full, 1 << 30).unwrap();
+        let empty = std::fs::metadata(&path).unwrap().len();
+        // 1.2 MB: about 300 pages, under a third of what makes the writer checkpoint by itself; the first
+        // 1 MiB of it (44 bodies) is due for the checkpointer.
+        for i in 0..60u8 {
+            spool.insert(new("/", Bytes::from(vec![b'a' + i % 26; 20_000]), &["a"])).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let size = std::fs::metadata(&path).unwrap().len();
+            if size >= empty + 800_000 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the database file stayed at {size} bytes (from {empty})");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
