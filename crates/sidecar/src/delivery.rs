@@ -129,7 +129,7 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
                 destination: name.clone(),
                 now,
                 wanted: free,
-                held: in_flight.len(),
+                attempting: in_flight.iter().copied().collect(),
                 lease: destination.timeout + LEASE_MARGIN,
             };
             match delivery.spool.due(query).await {

@@ -464,14 +464,18 @@ impl SpoolDb {
     }
 
     /// Pending deliveries for `destination` due at `now`, oldest schedule first.
-    pub fn due(&self, destination: &str, now: i64, limit: usize) -> Result<Vec<DueDelivery>> {
+    /// Up to `limit` deliveries of `destination` due at `now`, but for the notifications in `except`
+    /// (those being attempted: their bodies are not read again).
+    pub fn due(&self, destination: &str, now: i64, limit: usize, except: &[i64]) -> Result<Vec<DueDelivery>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT d.notification_id, n.received_at, d.attempts, n.body
              FROM deliveries d JOIN notifications n ON n.id = d.notification_id
              WHERE d.destination = ?1 AND d.state = ?4 AND d.next_attempt_at <= ?2
+               AND d.notification_id NOT IN (SELECT value FROM json_each(?5))
              ORDER BY d.next_attempt_at, d.notification_id LIMIT ?3",
         )?;
-        let rows = stmt.query_map(params![destination, now, limit as i64, DeliveryState::Pending], |r| {
+        let except = serde_json::to_string(except).unwrap_or_else(|_| "[]".into());
+        let rows = stmt.query_map(params![destination, now, limit as i64, DeliveryState::Pending, except], |r| {
             Ok(DueDelivery {
                 notification_id: r.get(0)?,
                 received_at: r.get(1)?,
@@ -782,12 +786,19 @@ mod tests {
         let db = open(&dir);
         let body: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
         let id = db.insert(1_000, "/apple", &body, &dests(&["a", "b"])).unwrap();
-        let due = db.due("a", 1_000, 10).unwrap();
+        let due = db.due("a", 1_000, 10, &[]).unwrap();
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].notification_id, id);
         assert_eq!(&due[0].body[..], &body[..]);
-        assert_eq!(db.due("a", 999, 10).unwrap().len(), 0, "not due before its schedule");
-        assert_eq!(db.due("c", 1_000, 10).unwrap().len(), 0);
+        assert_eq!(db.due("a", 999, 10, &[]).unwrap().len(), 0, "not due before its schedule");
+        assert_eq!(db.due("c", 1_000, 10, &[]).unwrap().len(), 0);
+        let other = db.insert(1_000, "/apple", b"{}", &dests(&["a"])).unwrap();
+        let due = db.due("a", 1_000, 1, &[id]).unwrap();
+        assert_eq!(
+            due.iter().map(|d| d.notification_id).collect::<Vec<_>>(),
+            [other],
+            "one being attempted is left out"
+        );
     }
 
     #[test]
@@ -802,8 +813,8 @@ mod tests {
             &Outcome::Retry { next_attempt_at: 5_000, status: Some(503), error: "HTTP 503".into() },
         )
         .unwrap();
-        assert!(db.due("a", 4_999, 10).unwrap().is_empty());
-        assert_eq!(db.due("a", 5_000, 10).unwrap()[0].attempts, 1);
+        assert!(db.due("a", 4_999, 10, &[]).unwrap().is_empty());
+        assert_eq!(db.due("a", 5_000, 10, &[]).unwrap()[0].attempts, 1);
         assert_eq!(db.next_due_after("a", 1_100).unwrap(), Some(5_000));
         assert_eq!(db.next_due_after("a", 5_000).unwrap(), None);
         db.record("a", id, 5_100, &Outcome::Delivered { status: 200 }).unwrap();
@@ -849,9 +860,12 @@ mod tests {
         db.record("a", first, 3_000, &Outcome::Dead { status: Some(400), error: "HTTP 400".into() }).unwrap();
         db.record("a", second, 3_000, &Outcome::Delivered { status: 200 }).unwrap();
         assert_eq!(db.redeliver("a", true, 0, 4_000).unwrap(), 1);
-        assert_eq!(db.due("a", 4_000, 10).unwrap().iter().map(|d| d.notification_id).collect::<Vec<_>>(), vec![first]);
+        assert_eq!(
+            db.due("a", 4_000, 10, &[]).unwrap().iter().map(|d| d.notification_id).collect::<Vec<_>>(),
+            vec![first]
+        );
         assert_eq!(db.redeliver("new", false, 1_500, 4_000).unwrap(), 1);
-        assert_eq!(db.due("new", 4_000, 10).unwrap()[0].notification_id, second);
+        assert_eq!(db.due("new", 4_000, 10, &[]).unwrap()[0].notification_id, second);
     }
 
     #[test]

@@ -137,9 +137,9 @@ pub struct DueQuery {
     pub now: i64,
     /// Deliveries it can start now.
     pub wanted: usize,
-    /// Deliveries of this destination it is attempting already. A backend that does not lease them
-    /// returns them again, so it looks that much further.
-    pub held: usize,
+    /// Notifications of this destination it is attempting already. A backend that does not lease them
+    /// leaves them out, rather than reading their bodies again on every look.
+    pub attempting: Vec<i64>,
     /// How long a claimed delivery is this replica's: past it another replica may take it over. Longer
     /// than one attempt can take.
     pub lease: Duration,

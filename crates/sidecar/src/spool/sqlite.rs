@@ -131,11 +131,14 @@ impl SpoolBackend for SqliteSpool {
     }
 
     async fn due(&self, query: DueQuery) -> Result<DueBatch> {
-        // No leases here: rows being attempted come back until their outcome is recorded.
-        let DueQuery { destination, now, wanted, held, .. } = query;
-        let limit = wanted + held;
+        // No leases here: rows being attempted stay due until their outcome is recorded, so they are
+        // left out by id.
+        let DueQuery { destination, now, wanted, attempting, .. } = query;
         self.read(move |db| {
-            Ok(DueBatch { due: db.due(&destination, now, limit)?, next_due_at: db.next_due_after(&destination, now)? })
+            Ok(DueBatch {
+                due: db.due(&destination, now, wanted, &attempting)?,
+                next_due_at: db.next_due_after(&destination, now)?,
+            })
         })
         .await
     }
