@@ -77,10 +77,28 @@ async fn webhook_open_loop(client: &kube::Client, port: u16, rate: u32, duration
         .build()
         .expect("client");
     let body = serde_json::to_vec(&admission_review()).expect("json");
-    let result =
-        load::fixed_rate_with(&https, &format!("https://127.0.0.1:{port}/mutate"), &body, rate, duration).await;
-    json!({"rate": rate, "seconds": duration.as_secs(), "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "p999_ms": result.p999_ms, "errors": result.errors})
+    let url = format!("https://127.0.0.1:{port}/mutate");
+    // Rounds, reported as the median and the range, as the proxy rows are: one slow second of a shared
+    // machine moves a single run's p99 by more than the differences worth seeing.
+    let mut rounds = Vec::new();
+    for _ in 0..WEBHOOK_ROUNDS {
+        rounds.push(load::fixed_rate_with(&https, &url, &body, rate, duration).await);
+    }
+    let pick = |measure: fn(&load::Latency) -> f64| {
+        let mut values: Vec<f64> = rounds.iter().map(measure).collect();
+        values.sort_by(f64::total_cmp);
+        (values[values.len() / 2], values[0], values[values.len() - 1])
+    };
+    let (p50, _, _) = pick(|l| l.p50_ms);
+    let (p99, p99_min, p99_max) = pick(|l| l.p99_ms);
+    let (p999, _, _) = pick(|l| l.p999_ms);
+    let errors: u64 = rounds.iter().map(|l| l.errors).sum();
+    json!({"rate": rate, "seconds": duration.as_secs(), "rounds": WEBHOOK_ROUNDS, "p50_ms": p50, "p99_ms": p99,
+           "p99_range_ms": [p99_min, p99_max], "p999_ms": p999, "errors": errors})
 }
+
+/// Rounds of the operator's webhook at a fixed rate.
+const WEBHOOK_ROUNDS: usize = 3;
 
 /// A pod of route 7's app, as the API server sends it for admission.
 fn admission_review() -> Value {
