@@ -443,6 +443,8 @@ pub fn inject(meta: &mut ObjectMeta, spec: &mut PodSpec, injection: &Injection) 
 pub struct PreparedInjection {
     pub route: String,
     pub revision: String,
+    /// `<route>@<revision>`, as [`Injection::annotation_value`] makes it.
+    annotation: String,
     ports: Vec<i32>,
     volume_names: Vec<String>,
     container: Box<RawValue>,
@@ -488,15 +490,12 @@ impl PreparedInjection {
         PreparedInjection {
             route: injection.route.clone(),
             revision: injection.revision.clone(),
+            annotation: injection.annotation_value(),
             ports: container_ports(&injection.container),
             volume_names: injection.volumes.iter().map(|v| v.name.clone()).collect(),
             container: to_raw(&injection.container),
             volumes: injection.volumes.iter().map(to_raw).collect(),
         }
-    }
-
-    pub fn annotation_value(&self) -> String {
-        format!("{}@{}", self.route, self.revision)
     }
 
     /// The JSON patch that does to this pod what [`inject`] does: the sidecar appended to the init
@@ -506,7 +505,7 @@ impl PreparedInjection {
         if let Some(outcome) = precheck(meta, spec, &self.route, &self.ports, volumes)? {
             return Ok(Patched::Unchanged(outcome));
         }
-        let annotation = self.annotation_value();
+        let annotation = &self.annotation;
         // An absent list or map is created whole; an existing one is added to (`-` appends), never
         // replaced. `~1` is the `/` of the annotation's key in a JSON pointer.
         let mut ops = Vec::with_capacity(self.volumes.len() + 2);
@@ -519,7 +518,7 @@ impl PreparedInjection {
             None => ops.push(add("/spec/volumes", Value::List(&self.volumes))),
         }
         ops.push(match meta.annotations {
-            Some(_) => add("/metadata/annotations/storerelay.dev~1injected", Value::Text(&annotation)),
+            Some(_) => add("/metadata/annotations/storerelay.dev~1injected", Value::Text(annotation)),
             None => {
                 add("/metadata/annotations", Value::Map(BTreeMap::from([(INJECTED_ANNOTATION, annotation.as_str())])))
             }

@@ -300,6 +300,25 @@ fn pragma(sync: SyncMode) -> &'static str {
     }
 }
 
+/// A second connection to the spool that only checkpoints (see `sqlite.rs`), synced as the writer's is.
+pub struct Checkpointer {
+    conn: Connection,
+}
+
+impl Checkpointer {
+    pub fn open(path: &Path, sync: SyncMode) -> Result<Checkpointer> {
+        let conn = Connection::open(path)?;
+        conn.execute_batch(&format!("PRAGMA synchronous = {};", pragma(sync)))?;
+        Ok(Checkpointer { conn })
+    }
+
+    /// Copies what it can of the WAL into the database file without waiting for (or blocking) the
+    /// writer.
+    pub fn checkpoint(&self) -> Result<()> {
+        Ok(self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?)
+    }
+}
+
 impl SpoolDb {
     /// Opens (creating if needed) and checks the spool. A file that is not a database or fails its
     /// integrity check is renamed aside and replaced, so a damaged volume never becomes a crash loop.
@@ -348,13 +367,6 @@ impl SpoolDb {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
         Ok(SpoolDb { conn, sync: configured, flushing: std::cell::Cell::new(true) })
-    }
-
-    /// A second connection to the spool for background checkpoints, synced as the writer's is.
-    pub fn checkpoint_connection(path: &Path, sync: SyncMode) -> Result<Connection> {
-        let conn = Connection::open(path)?;
-        conn.execute_batch(&format!("PRAGMA synchronous = {};", pragma(sync)))?;
-        Ok(conn)
     }
 
     /// `None` when the file is sound, else SQLite's first complaint.

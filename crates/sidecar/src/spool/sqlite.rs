@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use storerelay_config::SyncMode;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::db::{self, DeliveryCounts, DestinationStats, Failure, OpenReport, Outcome, SetAside, SpoolDb};
+use super::db::{
+    self, Checkpointer, DeliveryCounts, DestinationStats, Failure, OpenReport, Outcome, SetAside, SpoolDb,
+};
 use super::{DueBatch, DueQuery, NewNotification, PrunePolicy, Pruned, Result, SpoolBackend, SpoolError, Stored};
 use crate::clock::now_ms;
 
@@ -227,18 +229,18 @@ const CHECKPOINT_AFTER_BYTES: u64 = 1 << 20;
 const WRITE_OVERHEAD_BYTES: u64 = 4096;
 
 /// Starts a thread that copies committed pages from the WAL into the database file, off the commit
-/// path; returns what the writer pokes every [`CHECKPOINT_AFTER_BYTES`]. Left to itself SQLite checkpoints inside the
-/// commit that takes the WAL past 1,000 pages (every ~100 notifications of 20 KB): that batch's
+/// path; returns what the writer pokes every [`CHECKPOINT_AFTER_BYTES`]. Left to itself SQLite
+/// checkpoints inside the commit that takes the WAL past 1,000 pages (every ~100 notifications of 20 KB): that batch's
 /// requests wait for 4 MiB to be copied and the database file to be synced. A passive checkpoint on
 /// a connection of its own never blocks the writer, and once it has caught up the writer's next
 /// transaction starts the WAL over. The writer's own checkpoint at 1,000 pages stays as the backstop
 /// (it finds little left to copy while this keeps up). `None` (and a warning) if it cannot start.
 fn start_checkpointer(path: &Path, sync: SyncMode) -> Option<std::sync::mpsc::SyncSender<()>> {
-    let started = SpoolDb::checkpoint_connection(path, sync).and_then(|conn| {
+    let started = Checkpointer::open(path, sync).and_then(|checkpoints| {
         let (poke, pokes) = std::sync::mpsc::sync_channel::<()>(1);
         std::thread::Builder::new()
             .name("spool-checkpointer".into())
-            .spawn(move || checkpointer(conn, pokes))
+            .spawn(move || checkpointer(checkpoints, pokes))
             .map_err(|source| Failure::Io { action: "cannot start the checkpointer thread", source })?;
         Ok(poke)
     });
@@ -252,9 +254,9 @@ fn start_checkpointer(path: &Path, sync: SyncMode) -> Option<std::sync::mpsc::Sy
 }
 
 /// Ends when the writer does (it drops the sender).
-fn checkpointer(conn: rusqlite::Connection, pokes: std::sync::mpsc::Receiver<()>) {
+fn checkpointer(checkpoints: Checkpointer, pokes: std::sync::mpsc::Receiver<()>) {
     while pokes.recv().is_ok() {
-        if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        if let Err(error) = checkpoints.checkpoint() {
             tracing::debug!(%error, "spool: checkpoint");
         }
     }
