@@ -19,7 +19,7 @@ use crate::clock::now_ms;
 use crate::config::{ResolvedDestination, RuntimeConfig};
 use crate::metrics::Metrics;
 use crate::retry::{self, AttemptResult};
-use crate::spool::{DueBatch, DueDelivery, DueQuery, Outcome, Spool, SpoolBackend};
+use crate::spool::{DueBatch, DueDelivery, DueQuery, HandOff, Outcome, Spool, SpoolBackend};
 
 /// A dispatcher re-reads the spool at least this often, so rows that `spool redeliver` changed from
 /// outside are picked up without a signal.
@@ -98,12 +98,31 @@ pub async fn supervise(delivery: Delivery, stop: CancellationToken) {
     }
 }
 
+/// Rows a hand-off holds per slot of the destination's concurrency: enough to bridge a group commit's
+/// worth of arrivals while every slot is busy.
+const HAND_OFF_PER_SLOT: usize = 4;
+
+/// An attempt that ended, as its dispatcher hears of it.
+struct Finished {
+    notification_id: i64,
+    /// It was rescheduled: the spool has a row due later that the dispatcher has not seen.
+    retried: bool,
+}
+
+/// One destination's dispatcher. Work comes from two places: rows handed over as they are committed
+/// ([`HandOff`]), and due queries, which find everything else (a backlog, retries falling due, rows the
+/// hand-off missed, rows changed by `spool redeliver`). A due query is made only when one of those may
+/// be waiting; with the PostgreSQL backend (no hand-off) on every wake, as its leases require.
 async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
     let mut inserts = delivery.spool.subscribe_inserts();
     let mut config = delivery.config.clone();
     let mut in_flight: HashSet<i64> = HashSet::new();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<i64>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Finished>();
     let mut client: Option<(Arc<ResolvedDestination>, reqwest::Client)> = None;
+    let mut hand_off: Option<HandOff> = None;
+    // Whether the spool may hold due rows this dispatcher has not seen; at start, any backlog.
+    let mut look = true;
+    let mut next_look = tokio::time::Instant::now();
     tracing::debug!(destination = %name, "dispatcher started");
 
     while !stop.is_cancelled() {
@@ -119,11 +138,34 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
                     None
                 }
             };
+            // Sized by the (maybe new) concurrency; rows left in the old one are found by a look.
+            hand_off = delivery.spool.hand_off(&name, destination.concurrency * HAND_OFF_PER_SLOT);
+            look = true;
         }
+        let http = client.as_ref().filter(|_| destination.url.is_some()).map(|(_, http)| http.clone());
+        let start = |row: DueDelivery, in_flight: &mut HashSet<i64>| {
+            let Some(http) = http.clone() else { return };
+            in_flight.insert(row.notification_id);
+            delivery.in_flight.fetch_add(1, Ordering::SeqCst);
+            let (delivery, destination, done, stop) =
+                (delivery.clone(), destination.clone(), done_tx.clone(), stop.clone());
+            tokio::spawn(async move {
+                let notification_id = row.notification_id;
+                let retried = attempt(&delivery, &destination, &http, row, &stop).await;
+                delivery.in_flight.fetch_sub(1, Ordering::SeqCst);
+                let _ = done.send(Finished { notification_id, retried });
+            });
+        };
 
-        let mut wait = MAX_IDLE;
+        if tokio::time::Instant::now() >= next_look {
+            look = true;
+        }
         let free = destination.concurrency.saturating_sub(in_flight.len());
-        if let (Some((_, http)), true, true) = (&client, destination.url.is_some(), free > 0) {
+        if http.is_some() && free > 0 && (look || hand_off.is_none()) {
+            look = false;
+            if let Some(hand_off) = &hand_off {
+                hand_off.take_missed();
+            }
             let now = now_ms();
             let query = DueQuery {
                 destination: name.clone(),
@@ -134,42 +176,93 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
             };
             match delivery.spool.due(query).await {
                 Ok(DueBatch { due, next_due_at }) => {
-                    let fresh: Vec<DueDelivery> =
-                        due.into_iter().filter(|row| !in_flight.contains(&row.notification_id)).take(free).collect();
-                    for row in fresh {
-                        in_flight.insert(row.notification_id);
-                        delivery.in_flight.fetch_add(1, Ordering::SeqCst);
-                        let (delivery, destination, http, done, stop) =
-                            (delivery.clone(), destination.clone(), http.clone(), done_tx.clone(), stop.clone());
-                        tokio::spawn(async move {
-                            let id = row.notification_id;
-                            attempt(&delivery, &destination, &http, row, &stop).await;
-                            delivery.in_flight.fetch_sub(1, Ordering::SeqCst);
-                            let _ = done.send(id);
-                        });
+                    // Rows handed over while the query ran may be in its reply too: take them now,
+                    // before sorting the reply out against what is in flight (see `spool::HandOff`).
+                    let mut handed = Vec::new();
+                    while let Some(row) = hand_off.as_mut().and_then(HandOff::try_recv) {
+                        handed.push(row);
                     }
-                    if let Some(next) = next_due_at {
-                        wait = wait.min(Duration::from_millis((next - now).max(0) as u64));
+                    let replied = due.len();
+                    let (picked, left) = pick(due, handed, &in_flight, free);
+                    look = left || replied >= free;
+                    for row in picked {
+                        start(row, &mut in_flight);
                     }
+                    let until_due = next_due_at.map_or(MAX_IDLE, |next| Duration::from_millis((next - now).max(0) as u64));
+                    next_look = tokio::time::Instant::now() + until_due.min(MAX_IDLE);
                 }
                 Err(error) => {
-                    tracing::error!(destination = %name, %error, "cannot read due deliveries")
+                    tracing::error!(destination = %name, %error, "cannot read due deliveries");
+                    next_look = tokio::time::Instant::now() + MAX_IDLE;
                 }
             }
         }
 
+        let free = destination.concurrency.saturating_sub(in_flight.len());
+        let take_handed = http.is_some() && free > 0;
+        // A look that is owed but cannot be made now (no free slot) is tried again on the next wake.
+        let wake_at = if look { tokio::time::Instant::now() + MAX_IDLE } else { next_look };
         tokio::select! {
-            Some(id) = done_rx.recv() => { in_flight.remove(&id); }
-            _ = inserts.changed() => {}
-            _ = config.changed() => {}
-            _ = tokio::time::sleep(wait) => {}
+            Some(finished) = done_rx.recv() => {
+                in_flight.remove(&finished.notification_id);
+                look |= finished.retried;
+            }
+            Some(row) = recv_handed(&mut hand_off), if take_handed => {
+                let mut handed = vec![row];
+                while handed.len() < free {
+                    match hand_off.as_mut().and_then(HandOff::try_recv) {
+                        Some(row) => handed.push(row),
+                        None => break,
+                    }
+                }
+                let (picked, _) = pick(Vec::new(), handed, &in_flight, free);
+                for row in picked {
+                    start(row, &mut in_flight);
+                }
+            }
+            _ = inserts.changed() => look |= hand_off.as_ref().is_none_or(HandOff::missed),
+            _ = config.changed() => look = true,
+            _ = tokio::time::sleep_until(wake_at) => {}
             () = stop.cancelled() => {}
         }
         // Collect every attempt that finished meanwhile before computing free slots again.
-        while let Ok(id) = done_rx.try_recv() {
-            in_flight.remove(&id);
+        while let Ok(finished) = done_rx.try_recv() {
+            in_flight.remove(&finished.notification_id);
+            look |= finished.retried;
         }
     }
+}
+
+async fn recv_handed(hand_off: &mut Option<HandOff>) -> Option<DueDelivery> {
+    match hand_off {
+        Some(hand_off) => hand_off.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The rows to start in `free` slots: the due query's reply first (oldest schedule first), then rows
+/// handed over, leaving out those in flight or picked already. Also says whether a row was left over
+/// for want of a slot (it stays due in the spool).
+fn pick(
+    reply: Vec<DueDelivery>,
+    handed: Vec<DueDelivery>,
+    in_flight: &HashSet<i64>,
+    free: usize,
+) -> (Vec<DueDelivery>, bool) {
+    let mut picked: Vec<DueDelivery> = Vec::with_capacity(free);
+    let mut left = false;
+    for row in reply.into_iter().chain(handed) {
+        let id = row.notification_id;
+        if in_flight.contains(&id) || picked.iter().any(|p| p.notification_id == id) {
+            continue;
+        }
+        if picked.len() == free {
+            left = true;
+        } else {
+            picked.push(row);
+        }
+    }
+    (picked, left)
 }
 
 fn build_client(destination: &ResolvedDestination) -> reqwest::Result<reqwest::Client> {
@@ -182,16 +275,17 @@ fn build_client(destination: &ResolvedDestination) -> reqwest::Result<reqwest::C
         .build()
 }
 
-/// One POST of the stored bytes, its outcome recorded in the spool, counted and logged.
+/// One POST of the stored bytes, its outcome recorded in the spool, counted and logged. Returns whether
+/// it was rescheduled.
 async fn attempt(
     delivery: &Delivery,
     destination: &ResolvedDestination,
     http: &reqwest::Client,
     row: DueDelivery,
     stop: &CancellationToken,
-) {
+) -> bool {
     let Some(url) = destination.url.clone() else {
-        return;
+        return false;
     };
     let started = Instant::now();
     let result = post(http, url, destination, row.body).await;
@@ -227,6 +321,7 @@ async fn attempt(
     if record(delivery, destination, row.notification_id, outcome, stop).await && finished {
         delivery.waiters.finished(row.notification_id);
     }
+    !finished
 }
 
 /// Writes an attempt's outcome, trying again with the destination's backoff while it cannot be written
@@ -308,6 +403,27 @@ fn describe_error(error: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(id: i64) -> DueDelivery {
+        DueDelivery { notification_id: id, received_at: 0, attempts: 0, body: Bytes::new() }
+    }
+
+    fn ids(rows: &[DueDelivery]) -> Vec<i64> {
+        rows.iter().map(|r| r.notification_id).collect()
+    }
+
+    #[test]
+    fn a_row_both_handed_over_and_in_a_reply_is_started_once_and_nothing_in_flight_again() {
+        let in_flight = HashSet::from([9]);
+        let (picked, left) = pick(vec![row(1), row(2), row(9)], vec![row(2), row(3), row(9)], &in_flight, 5);
+        assert_eq!(ids(&picked), [1, 2, 3]);
+        assert!(!left);
+        let (picked, left) = pick(vec![row(1), row(2)], vec![row(2), row(3)], &in_flight, 2);
+        assert_eq!(ids(&picked), [1, 2], "the reply's older rows first");
+        assert!(left, "3 was left for want of a slot: look in the spool again");
+        let (picked, left) = pick(vec![row(1)], vec![row(1)], &in_flight, 1);
+        assert_eq!((ids(&picked), left), (vec![1], false), "a row counted twice does not take two slots");
+    }
 
     #[tokio::test]
     async fn a_waiter_is_woken_after_another_request_for_the_same_notification_gave_up() {

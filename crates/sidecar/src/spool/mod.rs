@@ -6,6 +6,7 @@
 //! [`Spool`], an enum over both.
 
 mod db;
+mod hand_off;
 mod postgres;
 mod sqlite;
 
@@ -22,6 +23,7 @@ pub use db::{
     DeliveryCounts, DeliveryRow, DeliveryState, DeliveryStatus, DestinationStats, DueDelivery, ListFilter, OpenReport,
     Outcome, SetAside, SpoolDb, WAL_SIZE_LIMIT,
 };
+pub use hand_off::HandOff;
 pub use postgres::{PostgresSpool, PostgresTools, check_settings as check_postgres_settings};
 pub use sqlite::SqliteSpool;
 
@@ -182,6 +184,11 @@ pub trait SpoolBackend: Clone + Send + Sync + 'static {
     fn stored_bytes(&self) -> u64;
     /// A receiver that changes whenever new notifications are committed, so dispatchers wake at once.
     fn subscribe_inserts(&self) -> watch::Receiver<u64>;
+    /// Rows of `destination` handed over as they are committed, up to `capacity` waiting ([`HandOff`]):
+    /// its dispatcher then looks in the spool only when told it missed some. `None` from a backend
+    /// that does not hand rows over (a shared queue, whose rows another replica may claim). A second
+    /// call for the same destination replaces the first.
+    fn hand_off(&self, destination: &str, capacity: usize) -> Option<HandOff>;
     /// Whether other replicas deliver what this one leaves pending (a shared queue).
     fn shared(&self) -> bool;
     /// Which of these duplicate keys were first seen since `since` (unix ms), whether or not their
@@ -269,6 +276,9 @@ impl SpoolBackend for Spool {
     }
     fn subscribe_inserts(&self) -> watch::Receiver<u64> {
         each!(self, spool => spool.subscribe_inserts())
+    }
+    fn hand_off(&self, destination: &str, capacity: usize) -> Option<HandOff> {
+        each!(self, spool => spool.hand_off(destination, capacity))
     }
     fn shared(&self) -> bool {
         each!(self, spool => spool.shared())

@@ -12,8 +12,9 @@ use storerelay_config::SyncMode;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::db::{
-    self, Checkpointer, DeliveryCounts, DestinationStats, Failure, OpenReport, Outcome, SetAside, SpoolDb,
+    self, Checkpointer, DeliveryCounts, DestinationStats, DueDelivery, Failure, OpenReport, Outcome, SetAside, SpoolDb,
 };
+use super::hand_off::{self, HandOff, Offers};
 use super::{DueBatch, DueQuery, NewNotification, PrunePolicy, Pruned, Result, SpoolBackend, SpoolError, Stored};
 use crate::clock::now_ms;
 
@@ -58,6 +59,8 @@ struct Shared {
     /// Who holds a full spool, as last looked up: while it stays full every insert is refused, and
     /// the lookup (an aggregate over all deliveries) must not run for each one.
     full_holder: std::sync::Mutex<Option<(std::time::Instant, Option<String>)>>,
+    /// Dispatchers' hand-offs by destination, offered every committed row ([`hand_off`]).
+    hand_offs: std::sync::Mutex<std::collections::HashMap<String, Offers>>,
 }
 
 impl Shared {
@@ -87,6 +90,7 @@ impl SqliteSpool {
             set_aside_bytes: AtomicU64::new(report.set_aside.bytes),
             inserted: watch::Sender::new(0),
             full_holder: std::sync::Mutex::new(None),
+            hand_offs: std::sync::Mutex::default(),
         });
         let checkpoints = start_checkpointer(path, sync);
         let writer_shared = shared.clone();
@@ -200,6 +204,13 @@ impl SpoolBackend for SqliteSpool {
         self.shared.inserted.subscribe()
     }
 
+    fn hand_off(&self, destination: &str, capacity: usize) -> Option<HandOff> {
+        let (offers, hand_off) = hand_off::channel(capacity);
+        let mut hand_offs = self.shared.hand_offs.lock().unwrap_or_else(|p| p.into_inner());
+        hand_offs.insert(destination.to_string(), offers);
+        Some(hand_off)
+    }
+
     fn shared(&self) -> bool {
         false
     }
@@ -310,7 +321,7 @@ fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
     let mut failure: Option<SpoolError> =
         db.flush_commits(stores).and_then(|()| db.begin()).err().map(|f| shared.error(f));
     let mut stored = shared.stored_bytes.load(Ordering::Relaxed);
-    let mut inserted = false;
+    let mut inserted: Vec<(Stored, NewNotification)> = Vec::new();
     let now = now_ms();
     for op in writes {
         let failed = failure.is_some();
@@ -318,7 +329,7 @@ fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
             Op::Insert { notification, reply } => {
                 let result = (!failed).then(|| store(db, shared, &mut stored, now, &notification));
                 match &result {
-                    Some(Ok(_)) => inserted = true,
+                    Some(Ok(done)) => inserted.push((*done, notification)),
                     Some(Err(e)) if !e.is_full() => failure = Some(e.clone()),
                     _ => {}
                 }
@@ -370,7 +381,9 @@ fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
         }
         None => {
             shared.stored_bytes.store(stored, Ordering::Relaxed);
-            if inserted {
+            if !inserted.is_empty() {
+                // Before any later read is served: see `hand_off` for why.
+                hand_over(shared, now, inserted);
                 shared.inserted.send_modify(|generation| *generation += 1);
             }
             for reply in owed {
@@ -378,6 +391,32 @@ fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
             }
         }
     }
+}
+
+/// Offers each newly stored row to its destination's hand-off. A stored repeat queued again is not
+/// offered (its row may be in flight already): its destinations are told to look in the spool.
+fn hand_over(shared: &Shared, received_at: i64, inserted: Vec<(Stored, NewNotification)>) {
+    let mut hand_offs = shared.hand_offs.lock().unwrap_or_else(|p| p.into_inner());
+    if hand_offs.is_empty() {
+        return;
+    }
+    for (stored, notification) in inserted {
+        for destination in &notification.destinations {
+            let Some(offers) = hand_offs.get(destination) else { continue };
+            if stored.duplicate {
+                offers.mark_missed();
+                continue;
+            }
+            let row = DueDelivery {
+                notification_id: stored.notification_id,
+                received_at,
+                attempts: 0,
+                body: notification.body.clone(),
+            };
+            offers.offer(row);
+        }
+    }
+    hand_offs.retain(|_, offers| !offers.is_closed());
 }
 
 /// Stores a notification, or queues the one already stored under its duplicate key.

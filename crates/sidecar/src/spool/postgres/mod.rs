@@ -312,6 +312,11 @@ impl SpoolBackend for PostgresSpool {
         self.shared.inserted.subscribe()
     }
 
+    /// Rows are claimed by a due query's lease, which a hand-off would skip.
+    fn hand_off(&self, _destination: &str, _capacity: usize) -> Option<super::HandOff> {
+        None
+    }
+
     fn shared(&self) -> bool {
         true
     }
