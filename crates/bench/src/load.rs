@@ -83,6 +83,9 @@ fn client() -> reqwest::Client {
 }
 
 /// `rate` requests per second for `duration`, each timed from when it was due.
+/// Requests [`fixed_rate`] sends before the measured ones.
+pub const WARM_UP: u64 = 8;
+
 pub async fn fixed_rate(url: &str, body: &[u8], rate: u32, duration: Duration) -> Latency {
     fixed_rate_with(&client(), url, body, rate, duration).await
 }
@@ -97,7 +100,7 @@ pub async fn fixed_rate_with(
 ) -> Latency {
     let body = bytes::Bytes::copy_from_slice(body);
     // Warm the connection pool so the first requests do not pay for connecting.
-    for _ in 0..8 {
+    for _ in 0..WARM_UP {
         let _ = client.post(url).body(body.clone()).send().await;
     }
     let total = (rate as u64 * duration.as_secs()).max(1);

@@ -366,30 +366,42 @@ async fn run(quick: bool, sidecar: &Path, operator: &Path, choice: &Choice) -> V
     results
 }
 
-/// One measurement of one target: saturation throughput and CPU with wrk, then latency at a fixed rate.
+/// One measurement of one target: saturation throughput and CPU with wrk, then latency and CPU at a
+/// fixed rate. CPU is counted until the target is idle again, so what a load leaves behind (a sidecar's
+/// deliveries lag its ingest at saturation) counts against it, and never runs into the next load.
 async fn measure_proxy(url: &str, body: &[u8], body_file: &Path, pid: u32, timing: &Timing) -> Value {
+    let per_10k = |seconds: f64, requests: u64| if requests > 0 { seconds / requests as f64 * 10_000.0 } else { 0.0 };
     let idle_rss = procs::tree_rss_kib(pid);
-    let cpu_before = procs::tree_cpu_seconds(pid);
+    let cpu_before = procs::settled_cpu_seconds(pid).await;
     let saturation = load::wrk(url, body_file, timing.saturation, pid).await;
-    let cpu_after = procs::tree_cpu_seconds(pid);
+    let cpu_saturation = procs::settled_cpu_seconds(pid).await;
     let fixed = load::fixed_rate(url, body, timing.rate, timing.fixed_rate).await;
-    let cpu_per_10k =
-        if saturation.requests > 0 { (cpu_after - cpu_before) / saturation.requests as f64 * 10_000.0 } else { 0.0 };
+    let cpu_fixed = procs::settled_cpu_seconds(pid).await;
+    let fixed_requests = timing.rate as u64 * timing.fixed_rate.as_secs() + load::WARM_UP;
     json!({
         "throughput_rps": saturation.rps,
         "saturation_errors": saturation.errors,
         "p50_ms": fixed.p50_ms, "p99_ms": fixed.p99_ms, "p999_ms": fixed.p999_ms,
         "fixed_rate_errors": fixed.errors,
         "rss_idle_kib": idle_rss, "rss_load_kib": saturation.peak_rss_kib,
-        "cpu_seconds_per_10k": cpu_per_10k,
+        "cpu_seconds_per_10k": per_10k(cpu_saturation - cpu_before, saturation.requests),
+        "cpu_seconds_per_10k_fixed_rate": per_10k(cpu_fixed - cpu_saturation, fixed_requests),
     })
 }
 
 /// The rows of several rounds as one: each measure's median (what the report and the goals use), its
 /// `[min, max]` under `spread`, and errors summed over the rounds.
 fn summarize(samples: &[Value]) -> Value {
-    const MEASURES: [&str; 7] =
-        ["throughput_rps", "p50_ms", "p99_ms", "p999_ms", "rss_idle_kib", "rss_load_kib", "cpu_seconds_per_10k"];
+    const MEASURES: [&str; 8] = [
+        "throughput_rps",
+        "p50_ms",
+        "p99_ms",
+        "p999_ms",
+        "rss_idle_kib",
+        "rss_load_kib",
+        "cpu_seconds_per_10k",
+        "cpu_seconds_per_10k_fixed_rate",
+    ];
     let mut row = serde_json::Map::new();
     let mut spread = serde_json::Map::new();
     for measure in MEASURES {
@@ -651,16 +663,16 @@ fn render(results: &Value) -> String {
     }
     let f = |v: &Value, digits: usize| v.as_f64().map_or("-".to_string(), |x| format!("{x:.digits$}"));
     for (body, rows) in results["proxies"].as_object().into_iter().flatten() {
-        md.push_str(&format!("## Proxy and mirror, body {body}\n\nThe sidecar runs with `ack: upstream`, `sync: full`, one destination, and duplicate suppression off (the load repeats one body, and every request must be stored as a distinct notification). Throughput with wrk (1 thread, 32 connections) at saturation; latency at a fixed {} requests/s (open loop, measured from each request's scheduled time); RSS from /proc (process tree); CPU from /proc per 10,000 requests at saturation.\n\n", 1000));
+        md.push_str(&format!("## Proxy and mirror, body {body}\n\nThe sidecar runs with `ack: upstream`, `sync: full`, one destination, and duplicate suppression off (the load repeats one body, and every request must be stored as a distinct notification). Throughput with wrk (1 thread, 32 connections) at saturation; latency at a fixed {} requests/s (open loop, measured from each request's scheduled time); RSS from /proc (process tree); CPU from /proc (process tree) per 10,000 requests, at saturation and at the fixed rate, each counted until the target is idle again (at saturation the sidecar's deliveries fall behind its ingest and drain afterwards: that work counts too).\n\n", 1000));
         let rounds = rows.as_object().into_iter().flatten().find_map(|(_, r)| r["repetitions"].as_u64()).unwrap_or(1);
         if rounds > 1 {
             md.push_str(&format!("Each cell is the median of {rounds} rounds, with the lowest and highest in brackets; each round measures every target in turn (interleaved), so the machine's drift falls on all of them alike. Ratios and goals use the medians.\n\n"));
         }
-        md.push_str("| target | throughput (req/s) | p50 ms | p99 ms | p999 ms | RSS idle MiB | RSS load MiB | CPU s / 10k | errors |\n|---|---|---|---|---|---|---|---|---|\n");
+        md.push_str("| target | throughput (req/s) | p50 ms | p99 ms | p999 ms | RSS idle MiB | RSS load MiB | CPU s / 10k | CPU s / 10k at 1,000/s | errors |\n|---|---|---|---|---|---|---|---|---|---|\n");
         for (name, row) in rows.as_object().into_iter().flatten() {
             if row.get("skipped").is_some() {
                 md.push_str(&format!(
-                    "| {name} | skipped: {} | | | | | | | |\n",
+                    "| {name} | skipped: {} | | | | | | | | |\n",
                     row["skipped"].as_str().unwrap_or("")
                 ));
                 continue;
@@ -678,7 +690,7 @@ fn render(results: &Value) -> String {
                 }
             };
             md.push_str(&format!(
-                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 cell("throughput_rps", 1.0, 0),
                 cell("p50_ms", 1.0, 3),
                 cell("p99_ms", 1.0, 3),
@@ -686,6 +698,7 @@ fn render(results: &Value) -> String {
                 cell("rss_idle_kib", 1024.0, 1),
                 cell("rss_load_kib", 1024.0, 1),
                 cell("cpu_seconds_per_10k", 1.0, 2),
+                cell("cpu_seconds_per_10k_fixed_rate", 1.0, 2),
                 row["saturation_errors"].as_u64().unwrap_or(0) + row["fixed_rate_errors"].as_u64().unwrap_or(0),
             ));
         }

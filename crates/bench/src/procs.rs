@@ -43,6 +43,24 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmHWM:").unwrap_or(0)
 }
 
+/// Waits until the process tree is idle again (under 5 % of a core over a quarter second; at most a
+/// minute) and returns its CPU seconds then. Work a load leaves behind (the sidecar's deliveries lag
+/// its ingest at saturation and drain afterwards) is counted against that load, and does not run into
+/// the next measurement.
+pub async fn settled_cpu_seconds(pid: u32) -> f64 {
+    const LOOK: std::time::Duration = std::time::Duration::from_millis(250);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut last = tree_cpu_seconds(pid);
+    loop {
+        tokio::time::sleep(LOOK).await;
+        let now = tree_cpu_seconds(pid);
+        if now - last < 0.05 * LOOK.as_secs_f64() || std::time::Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
 pub fn tree_cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
