@@ -185,6 +185,10 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
                     let replied = due.len();
                     let (picked, left) = pick(due, handed, &in_flight, free);
                     look = left || replied >= free;
+                    if let Some(hand_off) = &hand_off {
+                        // Behind, the oldest rows come from the spool first; fresh ones would wait.
+                        hand_off.set_behind(look);
+                    }
                     for row in picked {
                         start(row, &mut in_flight);
                     }

@@ -362,6 +362,8 @@ impl SpoolDb {
         // prepares the statement again whenever that parameter is bound: the due query, run for every
         // few notifications, was parsed and planned afresh each time (a tenth of the writer's CPU).
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+        // Room for every statement this file prepares (the default 16 would evict some in turn).
+        conn.set_prepared_statement_cache_capacity(64);
         let configured = sync;
         let sync = pragma(sync);
         // temp_store: the sidecar's root filesystem is read-only, so SQLite's scratch space stays in memory.
@@ -407,10 +409,12 @@ impl SpoolDb {
     }
 
     pub fn begin(&self) -> Result<()> {
-        Ok(self.conn.execute_batch("BEGIN IMMEDIATE")?)
+        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        Ok(())
     }
     pub fn commit(&self) -> Result<()> {
-        Ok(self.conn.execute_batch("COMMIT")?)
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        Ok(())
     }
     pub fn rollback(&self) {
         // Fails only when SQLite already rolled back on its own (e.g. on SQLITE_FULL).

@@ -31,6 +31,9 @@ struct State {
     missed: AtomicBool,
     /// Body bytes sent and not yet taken.
     held_bytes: AtomicUsize,
+    /// The dispatcher is behind (the spool holds more due rows than it has slots for): rows are not
+    /// offered, only marked missed. Fresh rows would only wait behind the older ones and be dropped.
+    behind: AtomicBool,
 }
 
 /// The spool's end: offers committed rows.
@@ -55,6 +58,10 @@ pub fn channel(capacity: usize) -> (Offers, HandOff) {
 impl Offers {
     /// Hands `row` over if it fits; otherwise marks it missed.
     pub fn offer(&self, row: DueDelivery) {
+        if self.state.behind.load(Ordering::SeqCst) {
+            self.mark_missed();
+            return;
+        }
         let size = row.body.len();
         let held = self.state.held_bytes.fetch_add(size, Ordering::SeqCst);
         // A single body larger than the budget is never held.
@@ -95,6 +102,12 @@ impl HandOff {
         self.state.missed.swap(false, Ordering::SeqCst)
     }
 
+    /// Says whether the dispatcher is behind, i.e. left due rows in the spool for want of slots: until
+    /// it says otherwise new rows are only marked missed.
+    pub fn set_behind(&self, behind: bool) {
+        self.state.behind.store(behind, Ordering::SeqCst);
+    }
+
     /// Whether rows were missed, without clearing it.
     pub fn missed(&self) -> bool {
         self.state.missed.load(Ordering::SeqCst)
@@ -132,6 +145,13 @@ mod tests {
         offers.offer(row(6, MAX_HELD_BYTES + 1));
         assert!(hand_off.take_missed(), "a body larger than the budget is never held");
         assert_eq!(hand_off.state.held_bytes.load(Ordering::SeqCst), 0);
+
+        hand_off.set_behind(true);
+        offers.offer(row(7, 10));
+        assert!(hand_off.take_missed() && hand_off.try_recv().is_none(), "a dispatcher behind is offered nothing");
+        hand_off.set_behind(false);
+        offers.offer(row(8, 10));
+        assert_eq!(hand_off.try_recv().map(|r| r.notification_id), Some(8));
 
         assert!(!offers.is_closed());
         drop(hand_off);
