@@ -192,7 +192,8 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
                     for row in picked {
                         start(row, &mut in_flight);
                     }
-                    let until_due = next_due_at.map_or(MAX_IDLE, |next| Duration::from_millis((next - now).max(0) as u64));
+                    let until_due =
+                        next_due_at.map_or(MAX_IDLE, |next| Duration::from_millis((next - now).max(0) as u64));
                     next_look = tokio::time::Instant::now() + until_due.min(MAX_IDLE);
                 }
                 Err(error) => {

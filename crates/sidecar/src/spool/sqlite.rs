@@ -381,13 +381,15 @@ fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
         }
         None => {
             shared.stored_bytes.store(stored, Ordering::Relaxed);
+            // The requests waiting for this commit are answered first: a delivery started at once
+            // would compete with them for the CPU.
+            for reply in owed {
+                reply(None);
+            }
             if !inserted.is_empty() {
                 // Before any later read is served: see `hand_off` for why.
                 hand_over(shared, now, inserted);
                 shared.inserted.send_modify(|generation| *generation += 1);
-            }
-            for reply in owed {
-                reply(None);
             }
         }
     }
