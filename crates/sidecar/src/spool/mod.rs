@@ -182,7 +182,8 @@ pub trait SpoolBackend: Clone + Send + Sync + 'static {
     fn set_max_bytes(&self, max_bytes: u64);
     /// Bytes held now, as `maxBytes` counts them.
     fn stored_bytes(&self) -> u64;
-    /// A receiver that changes whenever new notifications are committed, so dispatchers wake at once.
+    /// A receiver that changes whenever new notifications are committed (just after the requests that
+    /// stored them are answered, and after their rows are handed over), so dispatchers wake at once.
     fn subscribe_inserts(&self) -> watch::Receiver<u64>;
     /// Rows of `destination` handed over as they are committed, up to `capacity` waiting ([`HandOff`]):
     /// its dispatcher then looks in the spool only when told it missed some. `None` from a backend

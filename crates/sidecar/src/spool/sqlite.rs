@@ -622,11 +622,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn inserts_wake_subscribers() {
+    async fn inserts_wake_subscribers_once_their_rows_are_handed_over() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = SqliteSpool::open(&dir.path().join("s.db"), SyncMode::Normal, 1 << 20).unwrap();
-        let inserts = spool.subscribe_inserts();
-        spool.insert(new("/", Bytes::from_static(b"{}"), &[])).await.unwrap();
-        assert!(inserts.has_changed().unwrap());
+        let mut inserts = spool.subscribe_inserts();
+        let mut hand_off = spool.hand_off("d", 4).unwrap();
+        let id = spool.insert(new("/", Bytes::from_static(b"{\"n\":1}"), &["d"])).await.unwrap().notification_id;
+        // The request is answered before the rows are handed over; the wake-up comes after.
+        tokio::time::timeout(std::time::Duration::from_secs(5), inserts.changed()).await.unwrap().unwrap();
+        let row = hand_off.try_recv().expect("handed over before subscribers are woken");
+        assert_eq!((row.notification_id, row.attempts, &row.body[..]), (id, 0, &b"{\"n\":1}"[..]));
+        assert!(!hand_off.missed());
     }
 }
