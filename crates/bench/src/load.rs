@@ -82,10 +82,10 @@ fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().pool_max_idle_per_host(512).build().unwrap_or_default()
 }
 
-/// `rate` requests per second for `duration`, each timed from when it was due.
 /// Requests [`fixed_rate`] sends before the measured ones.
 pub const WARM_UP: u64 = 8;
 
+/// `rate` requests per second for `duration`, each timed from when it was due.
 pub async fn fixed_rate(url: &str, body: &[u8], rate: u32, duration: Duration) -> Latency {
     fixed_rate_with(&client(), url, body, rate, duration).await
 }

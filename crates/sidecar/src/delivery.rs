@@ -178,10 +178,7 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
                 Ok(DueBatch { due, next_due_at }) => {
                     // Rows handed over while the query ran may be in its reply too: take them now,
                     // before sorting the reply out against what is in flight (see `spool::HandOff`).
-                    let mut handed = Vec::new();
-                    while let Some(row) = hand_off.as_mut().and_then(HandOff::try_recv) {
-                        handed.push(row);
-                    }
+                    let handed = hand_off.as_mut().map(|h| h.take(usize::MAX)).unwrap_or_default();
                     let replied = due.len();
                     let (picked, left) = pick(due, handed, &in_flight, free);
                     look = left || replied >= free;
@@ -214,12 +211,7 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
             }
             Some(row) = recv_handed(&mut hand_off), if take_handed => {
                 let mut handed = vec![row];
-                while handed.len() < free {
-                    match hand_off.as_mut().and_then(HandOff::try_recv) {
-                        Some(row) => handed.push(row),
-                        None => break,
-                    }
-                }
+                handed.extend(hand_off.as_mut().map(|h| h.take(free - 1)).unwrap_or_default());
                 let (picked, _) = pick(Vec::new(), handed, &in_flight, free);
                 for row in picked {
                     start(row, &mut in_flight);

@@ -96,6 +96,18 @@ impl HandOff {
         Some(row)
     }
 
+    /// Up to `at_most` rows that are waiting, without waiting for more.
+    pub fn take(&mut self, at_most: usize) -> Vec<DueDelivery> {
+        let mut rows = Vec::new();
+        while rows.len() < at_most {
+            match self.try_recv() {
+                Some(row) => rows.push(row),
+                None => break,
+            }
+        }
+        rows
+    }
+
     /// Whether rows were missed since the last call (which clears it): the spool must be looked in.
     /// Call it before the look, so a row missed during the look is seen by the next call.
     pub fn take_missed(&self) -> bool {
