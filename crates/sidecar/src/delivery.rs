@@ -68,6 +68,11 @@ impl Waiters {
         }
     }
 
+    /// Whether a request waits for this notification's deliveries.
+    fn waited_on(&self, notification_id: i64) -> bool {
+        self.by_notification.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&notification_id)
+    }
+
     fn finished(&self, notification_id: i64) {
         let map = self.by_notification.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((notify, _)) = map.get(&notification_id) {
@@ -326,6 +331,10 @@ async fn attempt(
 /// not called again for it, nor for more than `concurrency` others. Returns whether it was written;
 /// on shutdown it gives up, and the row, still due, is sent again after the restart: at least once,
 /// never lost.
+///
+/// An outcome nobody waits on (`ack: delivered` waits) rides with the spool's next commit
+/// (`record_in_next_commit`): writing each on its own cost the SQLite writer a commit and two thread
+/// switches per notification.
 async fn record(
     delivery: &Delivery,
     destination: &ResolvedDestination,
@@ -336,7 +345,13 @@ async fn record(
     let name = destination.name.as_str();
     let mut failures = 0u32;
     loop {
-        let error = match delivery.spool.record(name.to_string(), notification_id, outcome.clone()).await {
+        let (spool, outcome) = (&delivery.spool, outcome.clone());
+        let written = if failures == 0 && !delivery.waiters.waited_on(notification_id) {
+            spool.record_in_next_commit(name.to_string(), notification_id, outcome).await
+        } else {
+            spool.record(name.to_string(), notification_id, outcome).await
+        };
+        let error = match written {
             Ok(()) => return true,
             Err(error) => error,
         };

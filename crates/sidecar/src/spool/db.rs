@@ -291,6 +291,8 @@ pub struct SpoolDb {
     sync: SyncMode,
     /// Whether commits currently flush as `sync` says (true) or as NORMAL (false).
     flushing: std::cell::Cell<bool>,
+    /// Transactions committed on this connection.
+    commits: std::cell::Cell<u64>,
 }
 
 fn pragma(sync: SyncMode) -> &'static str {
@@ -379,7 +381,12 @@ impl SpoolDb {
         }
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
-        Ok(SpoolDb { conn, sync: configured, flushing: std::cell::Cell::new(true) })
+        Ok(SpoolDb {
+            conn,
+            sync: configured,
+            flushing: std::cell::Cell::new(true),
+            commits: std::cell::Cell::default(),
+        })
     }
 
     /// `None` when the file is sound, else SQLite's first complaint.
@@ -414,7 +421,13 @@ impl SpoolDb {
     }
     pub fn commit(&self) -> Result<()> {
         self.conn.prepare_cached("COMMIT")?.execute([])?;
+        self.commits.set(self.commits.get() + 1);
         Ok(())
+    }
+    /// Transactions committed since the spool was opened.
+    #[cfg(test)]
+    pub fn commits(&self) -> u64 {
+        self.commits.get()
     }
     pub fn rollback(&self) {
         // Fails only when SQLite already rolled back on its own (e.g. on SQLITE_FULL).

@@ -171,6 +171,18 @@ pub trait SpoolBackend: Clone + Send + Sync + 'static {
         notification_id: i64,
         outcome: Outcome,
     ) -> impl Future<Output = Result<()>> + Send;
+    /// Records one attempt's outcome in a transaction the spool commits anyway, soon: returns once it is
+    /// written, like `record`. For outcomes nobody waits on: at a steady rate each rides with the next
+    /// notification's commit instead of costing one of its own. A backend without a single writer
+    /// records at once.
+    fn record_in_next_commit(
+        &self,
+        destination: String,
+        notification_id: i64,
+        outcome: Outcome,
+    ) -> impl Future<Output = Result<()>> + Send {
+        self.record(destination, notification_id, outcome)
+    }
     /// Up to `wanted` deliveries due at `now`, oldest schedule first, now the caller's to attempt.
     fn due(&self, query: DueQuery) -> impl Future<Output = Result<DueBatch>> + Send;
     /// When the earliest pending delivery of any of `destinations` falls due.
@@ -253,6 +265,9 @@ impl SpoolBackend for Spool {
     }
     async fn record(&self, destination: String, notification_id: i64, outcome: Outcome) -> Result<()> {
         each!(self, spool => spool.record(destination, notification_id, outcome).await)
+    }
+    async fn record_in_next_commit(&self, destination: String, notification_id: i64, outcome: Outcome) -> Result<()> {
+        each!(self, spool => spool.record_in_next_commit(destination, notification_id, outcome).await)
     }
     async fn due(&self, query: DueQuery) -> Result<DueBatch> {
         each!(self, spool => spool.due(query).await)

@@ -32,10 +32,23 @@ const EVICT_BATCH: usize = 1_000;
 type ReadJob = Box<dyn FnOnce(&SpoolDb) + Send>;
 
 enum Op {
-    Insert { notification: NewNotification, reply: oneshot::Sender<Result<Stored>> },
-    Record { destination: String, notification_id: i64, outcome: Outcome, reply: oneshot::Sender<Result<()>> },
-    Prune { policy: PrunePolicy, reply: oneshot::Sender<Result<Pruned>> },
+    Insert {
+        notification: NewNotification,
+        reply: oneshot::Sender<Result<Stored>>,
+    },
+    Record {
+        destination: String,
+        notification_id: i64,
+        outcome: Outcome,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Prune {
+        policy: PrunePolicy,
+        reply: oneshot::Sender<Result<Pruned>>,
+    },
     Read(ReadJob),
+    /// Wakes the writer for the outcomes waiting to ride along ([`Shared::riders`]) and nothing else.
+    Flush,
 }
 
 impl Op {
@@ -61,6 +74,11 @@ struct Shared {
     full_holder: std::sync::Mutex<Option<(std::time::Instant, Option<String>)>>,
     /// Dispatchers' hand-offs by destination, offered every committed row ([`hand_off`]).
     hand_offs: std::sync::Mutex<std::collections::HashMap<String, Offers>>,
+    /// Outcomes waiting to be written in the writer's next transaction (`record_in_next_commit`),
+    /// put here without waking it: each one woken for would cost a commit and two thread switches.
+    riders: std::sync::Mutex<Vec<Op>>,
+    /// When notifications were last committed (unix ms): outcomes ride along only while they come.
+    last_stored_at: std::sync::atomic::AtomicI64,
 }
 
 impl Shared {
@@ -74,6 +92,8 @@ impl Shared {
 pub struct SqliteSpool {
     ops: mpsc::UnboundedSender<Op>,
     shared: Arc<Shared>,
+    /// [`RIDE_AT_MOST`]; longer in tests that must not race it.
+    ride_at_most: std::time::Duration,
 }
 
 impl SqliteSpool {
@@ -91,6 +111,8 @@ impl SqliteSpool {
             inserted: watch::Sender::new(0),
             full_holder: std::sync::Mutex::new(None),
             hand_offs: std::sync::Mutex::default(),
+            riders: std::sync::Mutex::default(),
+            last_stored_at: std::sync::atomic::AtomicI64::new(i64::MIN),
         });
         let checkpoints = start_checkpointer(path, sync);
         let writer_shared = shared.clone();
@@ -98,7 +120,7 @@ impl SqliteSpool {
             .name("spool-writer".into())
             .spawn(move || writer(db, rx, writer_shared, checkpoints))
             .map_err(|source| error(Failure::Io { action: "cannot start the writer thread", source }))?;
-        Ok((SqliteSpool { ops, shared }, report))
+        Ok((SqliteSpool { ops, shared, ride_at_most: RIDE_AT_MOST }, report))
     }
 
     pub fn path(&self) -> &Path {
@@ -134,6 +156,22 @@ impl SpoolBackend for SqliteSpool {
     async fn record(&self, destination: String, notification_id: i64, outcome: Outcome) -> Result<()> {
         let (reply, rx) = oneshot::channel();
         self.call(Op::Record { destination, notification_id, outcome, reply }, rx).await
+    }
+
+    async fn record_in_next_commit(&self, destination: String, notification_id: i64, outcome: Outcome) -> Result<()> {
+        let last_stored_at = self.shared.last_stored_at.load(Ordering::Relaxed);
+        if now_ms().saturating_sub(last_stored_at) > self.ride_at_most.as_millis() as i64 {
+            // No notification is likely to come soon (a backlog drains, or the app is quiet).
+            return self.record(destination, notification_id, outcome).await;
+        }
+        let (reply, mut rx) = oneshot::channel();
+        let op = Op::Record { destination, notification_id, outcome, reply };
+        self.shared.riders.lock().unwrap_or_else(|p| p.into_inner()).push(op);
+        tokio::select! {
+            written = &mut rx => return written.map_err(|_| self.shared.error(Failure::WriterStopped))?,
+            () = tokio::time::sleep(self.ride_at_most) => {}
+        }
+        self.call(Op::Flush, rx).await
     }
 
     async fn due(&self, query: DueQuery) -> Result<DueBatch> {
@@ -216,6 +254,13 @@ impl SpoolBackend for SqliteSpool {
     }
 }
 
+/// How long an outcome waits for a transaction to ride along with before it has the writer commit it
+/// on its own; it waits at all only if notifications were stored within as long. At a steady few
+/// hundred a second and more the next one nearly always comes first; slower, or while a backlog
+/// drains with nothing coming in, outcomes are written at once as before (a delivery slot waiting
+/// for a commit that is not coming would slow the drain to `concurrency` per this interval).
+const RIDE_AT_MOST: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// A reply owed once the batch's fate is known: called with the batch's failure, if any.
 type Owed = Box<dyn FnOnce(Option<&SpoolError>) + Send>;
 
@@ -283,7 +328,10 @@ fn writer(
     while let Some(first) = ops.blocking_recv() {
         let max_bytes = max_batch_bytes(shared.max_bytes.load(Ordering::Relaxed));
         let mut bytes = first.body_bytes();
-        let mut batch = vec![first];
+        // Outcomes riding along go first: each was put there before this wake, so before anything
+        // read below could depend on it.
+        let mut batch = std::mem::take(&mut *shared.riders.lock().unwrap_or_else(|p| p.into_inner()));
+        batch.push(first);
         while batch.len() < MAX_BATCH && bytes < max_bytes {
             match ops.try_recv() {
                 Ok(op) => {
@@ -293,6 +341,7 @@ fn writer(
                 Err(_) => break,
             }
         }
+        batch.retain(|op| !matches!(op, Op::Flush));
         let (reads, writes): (Vec<Op>, Vec<Op>) = batch.into_iter().partition(|op| matches!(op, Op::Read(_)));
         if !writes.is_empty() {
             since_checkpoint += writes.iter().map(|op| op.body_bytes() + WRITE_OVERHEAD_BYTES).sum::<u64>();
@@ -362,7 +411,7 @@ fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
                 }
                 owed.push(owe(reply, result));
             }
-            Op::Read(_) => unreachable!("reads run after the writes"),
+            Op::Read(_) | Op::Flush => unreachable!("reads run after the writes; flushes are dropped before"),
         }
     }
     if failure.is_none() {
@@ -387,6 +436,7 @@ fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
                 reply(None);
             }
             if !inserted.is_empty() {
+                shared.last_stored_at.store(now, Ordering::Relaxed);
                 // Before any later read is served: see `hand_off` for why.
                 hand_over(shared, now, inserted);
                 shared.inserted.send_modify(|generation| *generation += 1);
@@ -487,6 +537,7 @@ fn insert_within_capacity(
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use std::time::Duration;
 
     fn new(path: &str, body: Bytes, destinations: &[&str]) -> NewNotification {
         NewNotification {
@@ -619,6 +670,69 @@ mod tests {
         assert_eq!(spool.read(|db| Ok(db.synchronous())).await.unwrap(), 1, "an outcome alone commits with NORMAL");
         spool.insert(new("/", Bytes::from_static(b"{}"), &["d"])).await.unwrap();
         assert_eq!(spool.read(|db| Ok(db.synchronous())).await.unwrap(), 2, "and the next insert with FULL again");
+    }
+
+    /// Polls `future` once, so whatever it does before its first wait has happened; its output if
+    /// that finished it.
+    async fn poll_once<F: std::future::Future>(future: std::pin::Pin<&mut F>) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            output = future => Some(output),
+            () = std::future::ready(()) => None,
+        }
+    }
+
+    async fn delivered(spool: &SqliteSpool, id: i64) -> u32 {
+        spool.read(move |db| db.delivery_counts(id)).await.unwrap().delivered
+    }
+
+    #[tokio::test]
+    async fn while_notifications_come_an_outcome_rides_with_the_next_ones_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = SqliteSpool::open(&dir.path().join("s.db"), SyncMode::Full, 1 << 20).unwrap();
+        // Long enough that only the insert below can be what it rides with, however slow the machine.
+        spool.ride_at_most = Duration::from_secs(600);
+        let first = spool.insert(new("/", Bytes::from_static(b"{}"), &["d"])).await.unwrap().notification_id;
+        let commits = spool.read(|db| Ok(db.commits())).await.unwrap();
+
+        let outcome = spool.record_in_next_commit("d".into(), first, Outcome::Delivered { status: 200 });
+        tokio::pin!(outcome);
+        assert!(poll_once(outcome.as_mut()).await.is_none());
+        assert_eq!(spool.shared.riders.lock().unwrap().len(), 1, "it waits for a commit without waking the writer");
+        let both = async { tokio::join!(outcome, spool.insert(new("/", Bytes::from_static(b"{}"), &["d"]))) };
+        let (recorded, _) = tokio::time::timeout(Duration::from_secs(10), both).await.expect("written with the insert");
+        recorded.unwrap();
+
+        assert_eq!(spool.read(|db| Ok(db.commits())).await.unwrap(), commits + 1, "one commit for both");
+        assert_eq!(delivered(&spool, first).await, 1);
+    }
+
+    #[tokio::test]
+    async fn an_outcome_with_nothing_to_ride_with_is_written_on_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = SqliteSpool::open(&dir.path().join("s.db"), SyncMode::Full, 1 << 20).unwrap();
+        let first = spool.insert(new("/", Bytes::from_static(b"{}"), &["d"])).await.unwrap().notification_id;
+        let second = spool.insert(new("/", Bytes::from_static(b"{}"), &["d"])).await.unwrap().notification_id;
+
+        // Stored just now, but nothing else comes: after `RIDE_AT_MOST` it is written all the same.
+        let outcome = spool.record_in_next_commit("d".into(), first, Outcome::Delivered { status: 200 });
+        tokio::pin!(outcome);
+        assert!(poll_once(outcome.as_mut()).await.is_none());
+        assert_eq!(spool.shared.riders.lock().unwrap().len(), 1);
+        tokio::time::timeout(Duration::from_secs(10), outcome).await.expect("written without an insert").unwrap();
+        assert_eq!(delivered(&spool, first).await, 1);
+
+        // Nothing stored lately (a backlog draining): the writer is asked at once, no waiting.
+        tokio::time::sleep(RIDE_AT_MOST * 2).await;
+        let outcome = spool.record_in_next_commit("d".into(), second, Outcome::Delivered { status: 200 });
+        tokio::pin!(outcome);
+        let written = poll_once(outcome.as_mut()).await;
+        assert!(spool.shared.riders.lock().unwrap().is_empty(), "not left to wait for an insert");
+        match written {
+            Some(written) => written.unwrap(),
+            None => outcome.await.unwrap(),
+        }
+        assert_eq!(delivered(&spool, second).await, 1);
     }
 
     #[tokio::test]
