@@ -39,9 +39,23 @@ pub enum StartError {
     Bind { key: &'static str, address: std::net::SocketAddr, source: std::io::Error },
     #[error("cannot build the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
+    #[error("cannot start a thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
-/// Runs the sidecar until SIGTERM or SIGINT, then drains and returns.
+/// Runs the sidecar on its threads until SIGTERM or SIGINT, then drains and returns.
+///
+/// The threads, whatever the node's CPU count: this one (a single-threaded runtime: ingest, the
+/// proxy to the app, admin, reloads, housekeeping), `delivery` (see [`delivery::start`]),
+/// `spool-writer` and `spool-checkpointer` (SQLite; see [`crate::spool`]), and tokio's blocking pool
+/// for DNS lookups of destination and upstream host names.
+pub fn run_blocking(config_path: &Path) -> Result<(), StartError> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(StartError::Thread)?;
+    runtime.block_on(run(config_path))
+}
+
+/// Runs the sidecar until SIGTERM or SIGINT, then drains and returns: [`run_blocking`] on the runtime
+/// it makes.
 pub async fn run(config_path: &Path) -> Result<(), StartError> {
     // Fingerprinted before reading, so an edit made meanwhile is reloaded, not missed.
     let seen = config::Fingerprint::of_config(config_path);
@@ -102,7 +116,7 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
         waiters: waiters.clone(),
         in_flight: in_flight.clone(),
     };
-    let dispatchers = tokio::spawn(delivery::supervise(delivery, stop_delivery.clone()));
+    let dispatchers = delivery::start(delivery, stop_delivery.clone()).map_err(StartError::Thread)?;
     if settings.gap_fill.is_some() {
         // Replays come in through the listener, so it stops with ingest.
         let gap_fill = gap_fill::run(config_rx.clone(), spool.clone(), listening, metrics.clone(), stop_ingest.clone());
@@ -159,7 +173,7 @@ pub async fn run(config_path: &Path) -> Result<(), StartError> {
 
     drain_until(deadline, &spool, &config_rx, &in_flight).await;
     stop_delivery.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(1), dispatchers).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), dispatchers.join()).await;
     report_left_behind(&spool, &metrics).await;
     shutdown.cancel();
     let _ = admin_server.await;

@@ -27,4 +27,4 @@ pub mod self_test;
 pub mod spool;
 pub mod verify;
 
-pub use app::{StartError, run};
+pub use app::{StartError, run, run_blocking};

@@ -80,11 +80,7 @@ fn main() -> ExitCode {
 
 fn run(config: &std::path::Path) -> ExitCode {
     storerelay_runtime::log::init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => return fail(&format!("cannot start the runtime: {error}")),
-    };
-    match runtime.block_on(storerelay_sidecar::run(config)) {
+    match storerelay_sidecar::run_blocking(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "storerelay-sidecar cannot start");

@@ -289,3 +289,34 @@ async fn under_load_each_destination_gets_each_notification_exactly_once() {
         assert_eq!(sidecar.metric(&format!("storerelay_spool_pending{{destination=\"{name}\"}}")).await, 0.0);
     }
 }
+
+/// The threads a running sidecar has, by name, from `/proc`.
+fn thread_names(pid: i32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("read /proc/PID/task")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Deliveries run on a thread of their own beside ingest's, whatever the CPU count: a fixed set of
+/// threads, and no work-stealing runtime waking idle workers (see `delivery::start`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_runs_on_a_fixed_set_of_threads_with_deliveries_on_their_own() {
+    let rc = StandIn::start().await;
+    let sidecar = Sidecar::start(&format!("destinations:\n{}", destination("rc", &rc.url("/"), FAST)), "").await;
+    for n in 0..5 {
+        assert_eq!(sidecar.post(v2_body(300 + n)).await.status(), 200);
+    }
+    rc.wait_for(5, Duration::from_secs(10)).await;
+
+    let names = thread_names(sidecar.pid());
+    for expected in ["delivery", "spool-writer", "spool-checkpoin"] {
+        assert_eq!(names.iter().filter(|n| *n == expected).count(), 1, "one `{expected}` thread: {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.starts_with("tokio-rt-worker")), "no work-stealing workers: {names:?}");
+    // The main thread, the three above, and tokio's blocking pool only for DNS lookups (none here).
+    assert_eq!(names.len(), 4, "{names:?}");
+}
