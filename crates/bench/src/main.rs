@@ -336,7 +336,8 @@ async fn run(quick: bool, sidecar: &Path, operator: &Path, choice: &Choice) -> V
                 };
                 eprintln!("bench: {target}, body {body_name}, round {round} of {repetitions}");
                 let url = format!("http://127.0.0.1:{}/apple/notifications", server.port);
-                samples[index].push(measure_proxy(&url, &body, &body_file, server.pid(), &timing).await);
+                let database = postgres.as_ref().filter(|_| *target == "storerelay-sidecar-postgres");
+                samples[index].push(measure_proxy(&url, &body, &body_file, server.pid(), database, &timing).await);
                 server.stop();
             }
         }
@@ -377,12 +378,30 @@ async fn run(quick: bool, sidecar: &Path, operator: &Path, choice: &Choice) -> V
 /// One measurement of one target: saturation throughput and CPU with wrk, then latency and CPU at a
 /// fixed rate. CPU is counted until the target is idle again, so what a load leaves behind (a sidecar's
 /// deliveries lag its ingest at saturation) counts against it, and never runs into the next load.
-async fn measure_proxy(url: &str, body: &[u8], body_file: &Path, pid: u32, timing: &Timing) -> Value {
+///
+/// The same for the target's `database`: a load leaves PostgreSQL up to hundreds of MB of WAL past its
+/// last checkpoint, which it would otherwise write back (and fsync) spread over the next load. A
+/// `CHECKPOINT` before each load settles that debt first, as the sidecar's own drain is settled.
+async fn measure_proxy(
+    url: &str,
+    body: &[u8],
+    body_file: &Path,
+    pid: u32,
+    database: Option<&storerelay_testenv::postgres::Postgres>,
+    timing: &Timing,
+) -> Value {
     let per_10k = |seconds: f64, requests: u64| if requests > 0 { seconds / requests as f64 * 10_000.0 } else { 0.0 };
+    let checkpoint = || {
+        if let Some(database) = database {
+            tokio::task::block_in_place(|| database.psql("CHECKPOINT"));
+        }
+    };
     let idle_rss = procs::tree_rss_kib(pid);
+    checkpoint();
     let cpu_before = procs::settled_cpu_seconds(pid).await;
     let saturation = load::wrk(url, body_file, timing.saturation, pid).await;
     let cpu_saturation = procs::settled_cpu_seconds(pid).await;
+    checkpoint();
     let fixed = load::fixed_rate(url, body, timing.rate, timing.fixed_rate).await;
     let cpu_fixed = procs::settled_cpu_seconds(pid).await;
     let fixed_requests = timing.rate as u64 * timing.fixed_rate.as_secs() + load::WARM_UP;
@@ -728,7 +747,7 @@ fn render(results: &Value) -> String {
             _ => "-".into(),
         };
         md.push_str(&format!(
-            "\nWith `backend: postgres` (a local PostgreSQL from the machine's packages, `synchronous_commit=on`): p99 added over the SQLite sidecar {postgres_added}.\n"
+            "\nWith `backend: postgres` (a local PostgreSQL from the machine's packages, `synchronous_commit=on`, a `CHECKPOINT` before each load so that none inherits the last one's WAL): p99 added over the SQLite sidecar {postgres_added}.\n"
         ));
         md.push_str(&format!(
             "\nRatios: sidecar/direct throughput {}, sidecar/node throughput {}, sidecar/nginx throughput {}; sidecar/node idle RSS {}; p99 added over direct {}, p50 added {}.\n\n",
