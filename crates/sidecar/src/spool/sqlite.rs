@@ -686,20 +686,31 @@ mod tests {
         spool.read(move |db| db.delivery_counts(id)).await.unwrap().delivered
     }
 
+    /// A spool whose outcomes wait at most `ride_at_most` for a transaction to ride with.
+    fn riding_spool(dir: &Path, ride_at_most: Duration) -> SqliteSpool {
+        let (mut spool, _) = SqliteSpool::open(&dir.join("s.db"), SyncMode::Full, 1 << 20).unwrap();
+        spool.ride_at_most = ride_at_most;
+        spool
+    }
+
+    /// Stores one notification for destination `d`; its id.
+    async fn store_one(spool: &SqliteSpool) -> i64 {
+        spool.insert(new("/", Bytes::from_static(b"{}"), &["d"])).await.unwrap().notification_id
+    }
+
     #[tokio::test]
     async fn while_notifications_come_an_outcome_rides_with_the_next_ones_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut spool, _) = SqliteSpool::open(&dir.path().join("s.db"), SyncMode::Full, 1 << 20).unwrap();
         // Long enough that only the insert below can be what it rides with, however slow the machine.
-        spool.ride_at_most = Duration::from_secs(600);
-        let first = spool.insert(new("/", Bytes::from_static(b"{}"), &["d"])).await.unwrap().notification_id;
+        let spool = riding_spool(dir.path(), Duration::from_secs(600));
+        let first = store_one(&spool).await;
         let commits = spool.read(|db| Ok(db.commits())).await.unwrap();
 
         let outcome = spool.record_in_next_commit("d".into(), first, Outcome::Delivered { status: 200 });
         tokio::pin!(outcome);
         assert!(poll_once(outcome.as_mut()).await.is_none());
         assert_eq!(spool.shared.riders.lock().unwrap().len(), 1, "it waits for a commit without waking the writer");
-        let both = async { tokio::join!(outcome, spool.insert(new("/", Bytes::from_static(b"{}"), &["d"]))) };
+        let both = async { tokio::join!(outcome, store_one(&spool)) };
         let (recorded, _) = tokio::time::timeout(Duration::from_secs(10), both).await.expect("written with the insert");
         recorded.unwrap();
 
@@ -710,11 +721,10 @@ mod tests {
     #[tokio::test]
     async fn an_outcome_with_nothing_to_ride_with_is_written_on_its_own() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut spool, _) = SqliteSpool::open(&dir.path().join("s.db"), SyncMode::Full, 1 << 20).unwrap();
         // Longer than a slow machine's fsync, so the insert just made still counts as recent.
-        spool.ride_at_most = Duration::from_millis(500);
-        let first = spool.insert(new("/", Bytes::from_static(b"{}"), &["d"])).await.unwrap().notification_id;
-        let second = spool.insert(new("/", Bytes::from_static(b"{}"), &["d"])).await.unwrap().notification_id;
+        let spool = riding_spool(dir.path(), Duration::from_millis(500));
+        let first = store_one(&spool).await;
+        let second = store_one(&spool).await;
 
         // Stored just now, but nothing else comes: after `ride_at_most` it is written all the same.
         let outcome = spool.record_in_next_commit("d".into(), first, Outcome::Delivered { status: 200 });

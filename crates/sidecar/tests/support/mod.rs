@@ -191,26 +191,8 @@ async fn answer(
     }
 }
 
-/// A loopback port that was free a moment ago.
-/// A port free now for a sidecar to bind soon. Picked below the kernel's ephemeral range: the outgoing
-/// connections of everything running meanwhile (sidecars to PostgreSQL and the stand-ins) take
-/// ephemeral ports, and one took a port picked there before the sidecar had bound it (ten replicas
-/// starting at once). Only another test's pick can collide here, which `Sidecar::start` survives.
-pub fn free_port() -> u16 {
-    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
-    if first_ephemeral > 11_000 {
-        for _ in 0..100 {
-            let port = fastrand::u16(10_000..first_ephemeral);
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return port;
-            }
-        }
-    }
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+/// Ports for sidecars: below the ephemeral range, see there.
+pub use storerelay_testenv::free_port;
 
 /// The sidecar binary running as a child process with its own config, spool and log file.
 pub struct Sidecar {
