@@ -21,7 +21,8 @@ async fn kill_9_under_load_loses_no_acknowledged_notification() {
     let rc = StandIn::start().await;
     let mut sidecar = Sidecar::start(&format!("destinations:\n{}", destination("rc", &rc.url("/"))), "").await;
 
-    // 1,200 notifications from 64 concurrent senders; the sidecar is killed part-way through.
+    // 1,200 notifications from 64 concurrent senders; the sidecar is killed part-way through. Every
+    // other one is V2-sized (20 KB), so commits store their bodies both inline and in the body log.
     let url = sidecar.ingest_url("/apple/notifications");
     let http = client();
     let limit = Arc::new(Semaphore::new(64));
@@ -31,7 +32,8 @@ async fn kill_9_under_load_loses_no_acknowledged_notification() {
         let (http, url, limit, acked) = (http.clone(), url.clone(), limit.clone(), acked.clone());
         senders.push(tokio::spawn(async move {
             let _permit = limit.acquire().await.unwrap();
-            let body = format!("{{\"signedPayload\":\"kill9-{n:05}\"}}");
+            let padding = if n % 2 == 1 { "A".repeat(20_000) } else { String::new() };
+            let body = format!("{{\"signedPayload\":\"kill9-{n:05}{padding}\"}}");
             match http.post(&url).body(body.clone()).send().await {
                 Ok(response) if response.status() == 200 => {
                     acked.fetch_add(1, Ordering::SeqCst);
@@ -56,6 +58,11 @@ async fn kill_9_under_load_loses_no_acknowledged_notification() {
     assert!(acknowledged.len() >= 300, "only {} acknowledged before the kill", acknowledged.len());
     assert!(acknowledged.len() < 1_200, "the kill came too late to test anything");
     assert_file_sound(&sidecar.spool_path());
+    let segments = std::fs::read_dir(sidecar.spool_path().parent().unwrap())
+        .unwrap()
+        .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().contains(".db-body-")))
+        .count();
+    assert!(segments > 0, "no commit was large enough to use the body log");
 
     sidecar.spawn();
     sidecar.wait_ready(Duration::from_secs(20)).await;

@@ -1,6 +1,7 @@
 //! The spool's SQL: one SQLite file in WAL mode, two tables.
 //!
-//! `notifications` holds each body exactly as received; `deliveries` holds one row per (destination,
+//! `notifications` holds each body exactly as received, inline or (stored in a burst) as its place in a
+//! segment of the [`BodyLog`] beside the file; `deliveries` holds one row per (destination,
 //! notification) with its state. Everything here is synchronous and owned by one thread at a time: the
 //! sidecar's writer thread, or a `spool` tool running beside it (WAL lets both read while one writes).
 
@@ -11,7 +12,10 @@ use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRe
 use rusqlite::{Connection, ErrorCode, OptionalExtension, ToSql, params};
 use storerelay_config::SyncMode;
 
-const SCHEMA_VERSION: i64 = 1;
+use super::body_log::{self, BodyLog, BodyRef};
+
+/// 2 added `notifications.body_segment`/`body_offset`/`body_length` (bodies in the body log).
+const SCHEMA_VERSION: i64 = 2;
 
 /// What the WAL is cut back to after each checkpoint. It grows between checkpoints by at most SQLite's
 /// auto-checkpoint interval (1,000 pages, 4 MiB) plus one write batch (see `Spool`'s batch limit).
@@ -22,7 +26,10 @@ CREATE TABLE IF NOT EXISTS notifications (
     id          INTEGER PRIMARY KEY,
     received_at INTEGER NOT NULL,          -- unix milliseconds
     path        TEXT    NOT NULL,
-    body        BLOB    NOT NULL
+    body        BLOB    NOT NULL,          -- empty when the body is in the body log
+    body_segment INTEGER,                  -- the body log's segment, offset and length, if there
+    body_offset  INTEGER,
+    body_length  INTEGER
 );
 CREATE TABLE IF NOT EXISTS deliveries (
     destination     TEXT    NOT NULL,
@@ -43,6 +50,11 @@ CREATE TABLE IF NOT EXISTS dedupe (
     first_seen      INTEGER NOT NULL       -- unix milliseconds
 ) WITHOUT ROWID;
 ";
+/// Created after [`SCHEMA`] and, on a version 1 file, after its columns were added.
+const BODY_LOG_INDEX: &str = "CREATE INDEX IF NOT EXISTS notifications_by_segment
+    ON notifications (body_segment, body_length) WHERE body_segment IS NOT NULL;";
+/// A body's length whether it is inline or in the body log.
+const BODY_LENGTH: &str = "COALESCE(n.body_length, LENGTH(n.body))";
 
 pub use super::Failure;
 
@@ -293,6 +305,7 @@ pub struct SpoolDb {
     flushing: std::cell::Cell<bool>,
     /// Transactions committed on this connection.
     commits: std::cell::Cell<u64>,
+    bodies: std::cell::RefCell<BodyLog>,
 }
 
 fn pragma(sync: SyncMode) -> &'static str {
@@ -322,7 +335,8 @@ impl Checkpointer {
 }
 
 /// [`SpoolDb::due`]'s query (its own constant so a test can look at the cached statement).
-const DUE_SQL: &str = "SELECT d.notification_id, n.received_at, d.attempts, n.body
+const DUE_SQL: &str = "SELECT d.notification_id, n.received_at, d.attempts, n.body, n.body_segment, n.body_offset,
+            n.body_length
      FROM deliveries d JOIN notifications n ON n.id = d.notification_id
      WHERE d.destination = ?1 AND d.state = ?4 AND d.next_attempt_at <= ?2
        AND d.notification_id NOT IN (SELECT value FROM json_each(?5))
@@ -380,12 +394,19 @@ impl SpoolDb {
             return Err(Failure::SchemaTooNew { found, supported: SCHEMA_VERSION });
         }
         conn.execute_batch(SCHEMA)?;
+        if found < SCHEMA_VERSION {
+            migrate(&conn)?;
+        }
+        conn.execute_batch(BODY_LOG_INDEX)?;
         conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+        let bodies =
+            BodyLog::open(path).map_err(|source| Failure::Io { action: "cannot list its body segments", source })?;
         Ok(SpoolDb {
             conn,
             sync: configured,
             flushing: std::cell::Cell::new(true),
             commits: std::cell::Cell::default(),
+            bodies: std::cell::RefCell::new(bodies),
         })
     }
 
@@ -419,7 +440,17 @@ impl SpoolDb {
         self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         Ok(())
     }
+    /// A body-log segment is started after about this many bytes (see [`BodyLog::set_segment_bytes`]).
+    pub fn set_segment_bytes(&self, bytes: u64) {
+        self.bodies.borrow_mut().set_segment_bytes(bytes);
+    }
+
+    /// Commits, after making the bodies this transaction put in the body log durable.
     pub fn commit(&self) -> Result<()> {
+        self.bodies
+            .borrow_mut()
+            .flush()
+            .map_err(|source| Failure::Io { action: "cannot flush a body segment", source })?;
         self.conn.prepare_cached("COMMIT")?.execute([])?;
         self.commits.set(self.commits.get() + 1);
         Ok(())
@@ -434,6 +465,7 @@ impl SpoolDb {
         let _ = self.conn.execute_batch("ROLLBACK");
     }
 
+    /// Stores a notification with its body inline, and a pending delivery for each destination.
     pub fn insert(&self, received_at: i64, path: &str, body: &[u8], destinations: &[String]) -> Result<i64> {
         self.conn
             .prepare_cached("INSERT INTO notifications (received_at, path, body) VALUES (?1, ?2, ?3)")?
@@ -441,6 +473,30 @@ impl SpoolDb {
         let id = self.conn.last_insert_rowid();
         self.queue(id, destinations, received_at)?;
         Ok(id)
+    }
+
+    /// As [`SpoolDb::insert`], with the body appended to the body log (made durable by the commit).
+    pub fn insert_logged(&self, received_at: i64, path: &str, body: &[u8], destinations: &[String]) -> Result<i64> {
+        let at = self
+            .bodies
+            .borrow_mut()
+            .append(body)
+            .map_err(|source| Failure::Io { action: "cannot append to a body segment", source })?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO notifications (received_at, path, body, body_segment, body_offset, body_length)
+                 VALUES (?1, ?2, x'', ?3, ?4, ?5)",
+            )?
+            .execute(params![received_at, path, at.segment, at.offset, at.length])?;
+        let id = self.conn.last_insert_rowid();
+        self.queue(id, destinations, received_at)?;
+        Ok(id)
+    }
+
+    /// A stored body: the inline blob, or read from the body log.
+    fn body(&self, inline: Vec<u8>, logged: Option<BodyRef>) -> Result<Vec<u8>> {
+        let Some(at) = logged else { return Ok(inline) };
+        self.bodies.borrow().read(at).map_err(|source| Failure::Io { action: "cannot read a body segment", source })
     }
 
     /// Makes sure each destination has the notification pending or delivered: adds missing delivery
@@ -510,14 +566,15 @@ impl SpoolDb {
         let mut stmt = self.conn.prepare_cached(DUE_SQL)?;
         let except = serde_json::to_string(except).unwrap_or_else(|_| "[]".into());
         let rows = stmt.query_map(params![destination, now, limit as i64, DeliveryState::Pending, except], |r| {
-            Ok(DueDelivery {
-                notification_id: r.get(0)?,
-                received_at: r.get(1)?,
-                attempts: r.get(2)?,
-                body: bytes::Bytes::from(r.get::<_, Vec<u8>>(3)?),
-            })
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, u32>(2)?, r.get::<_, Vec<u8>>(3)?, body_ref(r, 4)?))
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let rows = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(notification_id, received_at, attempts, inline, logged)| {
+                let body = bytes::Bytes::from(self.body(inline, logged)?);
+                Ok(DueDelivery { notification_id, received_at, attempts, body })
+            })
+            .collect()
     }
 
     /// When the next pending delivery for `destination` scheduled after `now` falls due.
@@ -597,27 +654,28 @@ impl SpoolDb {
         Ok(self.conn.query_row("SELECT COUNT(*) FROM notifications", [], |r| r.get(0))?)
     }
 
-    /// Bytes of stored bodies: what `spool.maxBytes` limits.
     /// The bodies' bytes alone (for `spool stats`).
     pub fn body_bytes(&self) -> Result<u64> {
-        Ok(self.conn.query_row("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM notifications", [], |r| r.get(0))?)
+        let sql = format!("SELECT COALESCE(SUM({BODY_LENGTH}), 0) FROM notifications n");
+        Ok(self.conn.query_row(&sql, [], |r| r.get(0))?)
     }
 
-    /// Bytes of the database file in use: bodies, rows, indexes, duplicate keys. Pages a delete frees
-    /// are reused before the file grows, so this bounds the file. Read from the pager, so it is exact
-    /// inside a transaction too, and costs no scan.
+    /// What `spool.maxBytes` limits: the database file's pages in use (bodies, rows, indexes, duplicate
+    /// keys) and the body log's segments. Pages a delete frees are reused before the file grows, so
+    /// this bounds the file; a segment's bytes count until it is deleted. Read from the pager and the
+    /// log's own tally, so it is exact inside a transaction too, and costs no scan.
     pub fn used_bytes(&self) -> Result<u64> {
         let read = |pragma: &str| -> Result<u64> {
             Ok(self.conn.prepare_cached(pragma)?.query_row([], |r| r.get::<_, i64>(0)).map(|n| n.max(0) as u64)?)
         };
         let pages = read("PRAGMA page_count")?.saturating_sub(read("PRAGMA freelist_count")?);
-        Ok(pages * read("PRAGMA page_size")?)
+        Ok(pages * read("PRAGMA page_size")? + self.bodies.borrow().bytes())
     }
 
     pub fn list(&self, filter: &ListFilter) -> Result<Vec<DeliveryRow>> {
         let mut stmt = self.conn.prepare(
             "SELECT d.notification_id, d.destination, d.state, d.attempts, n.received_at, d.next_attempt_at,
-                    d.finished_at, d.last_status, d.last_error, LENGTH(n.body)
+                    d.finished_at, d.last_status, d.last_error, COALESCE(n.body_length, LENGTH(n.body))
              FROM deliveries d JOIN notifications n ON n.id = d.notification_id
              WHERE (?1 IS NULL OR d.destination = ?1) AND (?2 IS NULL OR d.state = ?2)
              ORDER BY d.notification_id, d.destination LIMIT ?3",
@@ -740,7 +798,7 @@ impl SpoolDb {
             .conn
             .prepare_cached(
                 "SELECT d.destination, COUNT(*) FROM deliveries d JOIN notifications n ON n.id = d.notification_id
-                 WHERE d.state != ?1 GROUP BY d.destination ORDER BY SUM(LENGTH(n.body)) DESC LIMIT 1",
+                 WHERE d.state != ?1 GROUP BY d.destination ORDER BY SUM(COALESCE(n.body_length, LENGTH(n.body))) DESC LIMIT 1",
             )?
             .query_row(params![DeliveryState::Delivered], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
@@ -770,8 +828,115 @@ impl SpoolDb {
     }
 
     pub fn notification_body(&self, id: i64) -> Result<Option<Vec<u8>>> {
-        Ok(self.conn.query_row("SELECT body FROM notifications WHERE id = ?1", params![id], |r| r.get(0)).optional()?)
+        let found = self
+            .conn
+            .query_row(
+                "SELECT body, body_segment, body_offset, body_length FROM notifications WHERE id = ?1",
+                params![id],
+                |r| Ok((r.get::<_, Vec<u8>>(0)?, body_ref(r, 1)?)),
+            )
+            .optional()?;
+        found.map(|(inline, logged)| self.body(inline, logged)).transpose()
     }
+
+    /// Body-log segments no row refers to (as this connection sees them), with their lengths.
+    fn unreferenced_segments(&self) -> Result<Vec<(i64, u64)>> {
+        let bodies = self.bodies.borrow();
+        let mut referenced =
+            self.conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM notifications WHERE body_segment = ?1)")?;
+        let mut unreferenced = Vec::new();
+        for (segment, len) in bodies.segments() {
+            if !referenced.query_row(params![segment], |r| r.get::<_, bool>(0))? {
+                unreferenced.push((segment, len));
+            }
+        }
+        Ok(unreferenced)
+    }
+
+    /// [`SpoolDb::used_bytes`] once the segments no row refers to now are deleted: what rows dropped
+    /// inside a transaction free, before [`SpoolDb::delete_unreferenced_segments`] can run.
+    /// The segment being appended to is counted still: the next logged body goes there.
+    pub fn used_bytes_after_sweep(&self) -> Result<u64> {
+        let appending = self.bodies.borrow().appending();
+        let unreferenced = self.unreferenced_segments()?;
+        let unreferenced: u64 =
+            unreferenced.iter().filter(|(segment, _)| Some(*segment) != appending).map(|(_, len)| len).sum();
+        Ok(self.used_bytes()?.saturating_sub(unreferenced))
+    }
+
+    /// Deletes the body-log segments no committed row refers to. Only outside a transaction: a
+    /// rolled-back delete would bring back rows that refer to them.
+    pub fn delete_unreferenced_segments(&self) -> Result<usize> {
+        let unreferenced = self.unreferenced_segments()?;
+        let mut bodies = self.bodies.borrow_mut();
+        for (segment, _) in &unreferenced {
+            bodies.delete(*segment).map_err(|source| Failure::Io { action: "cannot delete a body segment", source })?;
+        }
+        Ok(unreferenced.len())
+    }
+
+    /// Moves the bodies still in mostly-emptied segments inline, up to `budget` bytes, so that one
+    /// long-kept notification (a dead delivery waits for `retainDead`) does not pin a whole segment:
+    /// the segment then goes with the next [`SpoolDb::delete_unreferenced_segments`]. Runs inside the
+    /// caller's transaction; returns the bodies moved.
+    pub fn inline_sparse_segments(&self, budget: u64) -> Result<usize> {
+        let sizes: Vec<(i64, u64)> = {
+            let bodies = self.bodies.borrow();
+            bodies.segments().filter(|(segment, _)| bodies.appending() != Some(*segment)).collect()
+        };
+        let mut live = self.conn.prepare_cached(
+            "SELECT COALESCE(SUM(body_length), 0) FROM notifications WHERE body_segment = ?1",
+        )?;
+        let mut rows = self.conn.prepare_cached(
+            "SELECT id, body_segment, body_offset, body_length FROM notifications WHERE body_segment = ?1",
+        )?;
+        let mut inline = self.conn.prepare_cached(
+            "UPDATE notifications SET body = ?2, body_segment = NULL, body_offset = NULL, body_length = NULL
+             WHERE id = ?1",
+        )?;
+        let (mut moved, mut spent) = (0, 0u64);
+        for (segment, len) in sizes {
+            let live_bytes: u64 = live.query_row(params![segment], |r| r.get::<_, i64>(0))?.max(0) as u64;
+            if live_bytes == 0 || live_bytes * 4 > len || spent + live_bytes > budget {
+                continue;
+            }
+            let found = rows
+                .query_map(params![segment], |r| Ok((r.get::<_, i64>(0)?, body_ref(r, 1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            for (id, logged) in found {
+                let body = self.body(Vec::new(), logged)?;
+                inline.execute(params![id, body])?;
+                moved += 1;
+            }
+            spent += live_bytes;
+        }
+        Ok(moved)
+    }
+}
+
+/// The body-log columns from `first` on (segment, offset, length), if the body is there.
+fn body_ref(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Option<BodyRef>> {
+    let segment: Option<i64> = row.get(first)?;
+    Ok(match segment {
+        Some(segment) => Some(BodyRef { segment, offset: row.get(first + 1)?, length: row.get(first + 2)? }),
+        None => None,
+    })
+}
+
+/// Brings a version 1 file (every body inline) to this schema.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_log_columns: bool =
+        conn.query_row("SELECT EXISTS (SELECT 1 FROM pragma_table_info('notifications') WHERE name = 'body_segment')", [], |r| {
+            r.get(0)
+        })?;
+    if !has_log_columns {
+        conn.execute_batch(
+            "ALTER TABLE notifications ADD COLUMN body_segment INTEGER;
+             ALTER TABLE notifications ADD COLUMN body_offset INTEGER;
+             ALTER TABLE notifications ADD COLUMN body_length INTEGER;",
+        )?;
+    }
+    Ok(())
 }
 
 fn is_corruption(e: &rusqlite::Error) -> bool {
@@ -793,6 +958,10 @@ fn quarantine(path: &Path) -> std::io::Result<PathBuf> {
         if from.exists() {
             std::fs::rename(&from, with_suffix(&format!(".corrupt-{stamp}{companion}")))?;
         }
+    }
+    // Its bodies in the body log go with it: a new spool's rows must never refer to them.
+    for (from, segment) in body_log::segment_files(path)? {
+        std::fs::rename(&from, with_suffix(&format!(".corrupt-{stamp}-body-{segment:010}")))?;
     }
     Ok(aside)
 }
@@ -1010,6 +1179,142 @@ mod tests {
         assert_eq!(names(&SetAside::find(&path).unwrap().files), ["spool.db.corrupt-200"]);
         assert_eq!(names(&SetAside::discard_all(&path).unwrap()), ["spool.db.corrupt-200"]);
         assert!(dir.path().join("other.db.corrupt-1").exists(), "another spool's copies are not ours");
+    }
+
+    fn segment_files(dir: &tempfile::TempDir) -> Vec<i64> {
+        body_log::segment_files(&dir.path().join("spool.db")).unwrap().into_iter().map(|(_, n)| n).collect()
+    }
+
+    #[test]
+    fn logged_bodies_come_back_byte_for_byte_and_their_segment_goes_after_the_last_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir);
+        let bodies: Vec<Vec<u8>> = (0..3u8).map(|n| (0..=255u8).cycle().skip(n.into()).take(20_000).collect()).collect();
+        db.begin().unwrap();
+        let inline = db.insert(1_000, "/apple", b"{}", &dests(&["a"])).unwrap();
+        let ids: Vec<i64> = bodies.iter().map(|b| db.insert_logged(1_000, "/apple", b, &dests(&["a"])).unwrap()).collect();
+        db.commit().unwrap();
+        assert_eq!(segment_files(&dir), [1]);
+        let due = db.due("a", 1_000, 10, &[]).unwrap();
+        assert_eq!(due.iter().map(|d| d.notification_id).collect::<Vec<_>>(), [&[inline][..], &ids].concat());
+        for (row, body) in due[1..].iter().zip(&bodies) {
+            assert_eq!(&row.body[..], &body[..], "a logged body changed");
+        }
+        assert_eq!(db.notification_body(ids[2]).unwrap().unwrap(), bodies[2]);
+        assert_eq!(db.body_bytes().unwrap(), 2 + 60_000, "logged bodies count by their length");
+        let listed = db.list(&ListFilter { limit: 10, ..ListFilter::default() }).unwrap();
+        assert_eq!(listed.iter().map(|r| r.bytes).collect::<Vec<_>>(), [2, 20_000, 20_000, 20_000]);
+
+        db.begin().unwrap();
+        for id in &ids[..2] {
+            db.record("a", *id, 2_000, &Outcome::Delivered { status: 200 }).unwrap();
+        }
+        assert_eq!(db.prune_delivered(3_000, 100).unwrap(), 2);
+        assert_eq!(db.used_bytes_after_sweep().unwrap(), db.used_bytes().unwrap(), "one body still holds the segment");
+        db.record("a", ids[2], 2_000, &Outcome::Delivered { status: 200 }).unwrap();
+        assert_eq!(db.prune_delivered(3_000, 100).unwrap(), 1);
+        let before = db.used_bytes().unwrap();
+        assert_eq!(db.used_bytes_after_sweep().unwrap(), before, "the segment being appended to is not freed");
+        db.set_segment_bytes(1);
+        db.insert_logged(3_000, "/apple", b"next", &dests(&["a"])).unwrap();
+        let before = db.used_bytes().unwrap();
+        assert_eq!(db.used_bytes_after_sweep().unwrap(), before - 60_000, "an emptied segment's room counts at once");
+        db.commit().unwrap();
+        assert_eq!(segment_files(&dir), [1, 2], "nothing is deleted before the commit");
+        assert_eq!(db.delete_unreferenced_segments().unwrap(), 1);
+        assert_eq!(segment_files(&dir), [2]);
+        assert_eq!(db.used_bytes().unwrap(), before - 60_000);
+    }
+
+    #[test]
+    fn a_rolled_back_transaction_leaves_no_reference_to_what_it_logged() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir);
+        db.begin().unwrap();
+        db.insert_logged(1_000, "/", b"rolled back", &dests(&["a"])).unwrap();
+        db.rollback();
+        db.begin().unwrap();
+        let kept = db.insert_logged(1_000, "/", b"kept", &dests(&["a"])).unwrap();
+        db.commit().unwrap();
+        let due = db.due("a", 1_000, 10, &[]).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].notification_id, &due[0].body[..]), (kept, &b"kept"[..]));
+        drop(db);
+        let db = open(&dir);
+        assert_eq!(db.notification_body(kept).unwrap().unwrap(), b"kept", "read back after a restart");
+        db.begin().unwrap();
+        let next = db.insert_logged(1_000, "/", b"next", &dests(&["a"])).unwrap();
+        db.commit().unwrap();
+        assert_eq!(segment_files(&dir), [1, 2], "a restarted writer appends to a new segment");
+        assert_eq!(db.notification_body(next).unwrap().unwrap(), b"next");
+    }
+
+    #[test]
+    fn a_mostly_emptied_segment_has_its_last_bodies_moved_inline_and_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir);
+        db.set_segment_bytes(40_000);
+        db.begin().unwrap();
+        let ids: Vec<i64> =
+            (0..4u8).map(|n| db.insert_logged(1_000, "/", &[b'a' + n; 10_000], &dests(&["a"])).unwrap()).collect();
+        let later = db.insert_logged(1_000, "/", b"in the next segment", &dests(&["a"])).unwrap();
+        for id in &ids[..2] {
+            db.record("a", *id, 2_000, &Outcome::Delivered { status: 200 }).unwrap();
+        }
+        db.prune_delivered(3_000, 100).unwrap();
+        db.commit().unwrap();
+        assert_eq!(segment_files(&dir), [1, 2]);
+        db.begin().unwrap();
+        assert_eq!(db.inline_sparse_segments(1 << 20).unwrap(), 0, "half of segment 1 is still in use");
+        db.record("a", ids[2], 2_000, &Outcome::Delivered { status: 200 }).unwrap();
+        db.prune_delivered(3_000, 100).unwrap();
+        assert_eq!(db.inline_sparse_segments(5_000).unwrap(), 0, "over this pass's budget");
+        assert_eq!(db.inline_sparse_segments(1 << 20).unwrap(), 1, "a quarter left: moved inline");
+        db.commit().unwrap();
+        assert_eq!(db.delete_unreferenced_segments().unwrap(), 1);
+        assert_eq!(segment_files(&dir), [2], "the segment being appended to stays");
+        assert_eq!(db.notification_body(ids[3]).unwrap().unwrap(), vec![b'd'; 10_000]);
+        assert_eq!(db.notification_body(later).unwrap().unwrap(), b"in the next segment");
+    }
+
+    #[test]
+    fn a_version_1_spool_is_brought_up_to_date_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let v1 = Connection::open(&path).unwrap();
+        v1.execute_batch(
+            "CREATE TABLE notifications (id INTEGER PRIMARY KEY, received_at INTEGER NOT NULL, path TEXT NOT NULL,
+                                         body BLOB NOT NULL);
+             INSERT INTO notifications (received_at, path, body) VALUES (1000, '/apple', x'7b7d');
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        drop(v1);
+        let db = open(&dir);
+        assert_eq!(db.notification_body(1).unwrap().unwrap(), b"{}");
+        db.begin().unwrap();
+        let logged = db.insert_logged(2_000, "/apple", b"logged", &dests(&["a"])).unwrap();
+        db.commit().unwrap();
+        assert_eq!(db.notification_body(logged).unwrap().unwrap(), b"logged");
+        let version: i64 = db.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_corrupt_spool_takes_its_body_segments_aside_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let db = open(&dir);
+        db.begin().unwrap();
+        db.insert_logged(1_000, "/", b"body", &dests(&["a"])).unwrap();
+        db.commit().unwrap();
+        drop(db);
+        std::fs::write(&path, vec![0x42; 8192]).unwrap();
+        let (db, report) = SpoolDb::open_checked(&path, SyncMode::Full).unwrap();
+        assert!(report.quarantined.is_some());
+        assert!(segment_files(&dir).is_empty(), "a new spool starts without the old one's segments");
+        assert_eq!(report.set_aside.bytes, 8192 + 4, "the set-aside segment counts against maxBytes");
+        assert_eq!(db.used_bytes_after_sweep().unwrap(), db.used_bytes().unwrap());
     }
 
     #[test]

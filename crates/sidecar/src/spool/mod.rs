@@ -5,6 +5,7 @@
 //! deleted pod loses nothing and Apple's retries are de-duplicated across replicas. The sidecar holds a
 //! [`Spool`], an enum over both.
 
+mod body_log;
 mod db;
 mod hand_off;
 mod postgres;

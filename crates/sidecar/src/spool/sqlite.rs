@@ -28,6 +28,13 @@ fn max_batch_bytes(max_bytes: u64) -> u64 {
 }
 /// Notifications evicted per pass when the spool is full and delivered rows can make room.
 const EVICT_BATCH: usize = 1_000;
+/// A transaction that stores at least this many body bytes (four V2 notifications) appends them to
+/// the body log ([`super::body_log`]) instead of putting them in SQLite. Below it they stay inline: the
+/// log costs a flush of its own per commit, which at a steady rate (a body or two per commit) costs
+/// more than it saves; in a burst it spares SQLite writing every body twice, page by page.
+const LOG_BODIES_FROM: u64 = 64 << 10;
+/// Bytes of bodies a housekeeping pass moves back inline out of mostly-emptied segments.
+const INLINE_PER_PRUNE: u64 = 8 << 20;
 
 type ReadJob = Box<dyn FnOnce(&SpoolDb) + Send>;
 
@@ -327,6 +334,9 @@ fn writer(
     let mut since_checkpoint = 0;
     while let Some(first) = ops.blocking_recv() {
         let max_bytes = max_batch_bytes(shared.max_bytes.load(Ordering::Relaxed));
+        // Twice a batch: whatever is left of the segment being appended to counts against `maxBytes`
+        // until it is deleted.
+        db.set_segment_bytes(2 * max_bytes);
         let mut bytes = first.body_bytes();
         // Outcomes riding along go first: each was put there before this wake, so before anything
         // read below could depend on it.
@@ -344,8 +354,12 @@ fn writer(
         batch.retain(|op| !matches!(op, Op::Flush));
         let (reads, writes): (Vec<Op>, Vec<Op>) = batch.into_iter().partition(|op| matches!(op, Op::Read(_)));
         if !writes.is_empty() {
-            since_checkpoint += writes.iter().map(|op| op.body_bytes() + WRITE_OVERHEAD_BYTES).sum::<u64>();
-            run_writes(&db, writes, &shared);
+            let body_bytes: u64 = writes.iter().map(Op::body_bytes).sum();
+            let log_bodies = body_bytes >= LOG_BODIES_FROM;
+            // Logged bodies never pass through the WAL.
+            since_checkpoint +=
+                writes.len() as u64 * WRITE_OVERHEAD_BYTES + if log_bodies { 0 } else { body_bytes };
+            run_writes(&db, writes, &shared, log_bodies);
             if let Some(checkpoints) = checkpoints.as_ref().filter(|_| since_checkpoint >= CHECKPOINT_AFTER_BYTES) {
                 // Full: a checkpoint is due already and will take this commit's pages too.
                 let _ = checkpoints.try_send(());
@@ -360,23 +374,33 @@ fn writer(
     }
 }
 
+/// How one transaction stores bodies, and what it did to the spool's size.
+struct Space {
+    /// [`SpoolDb::used_bytes`] as of the last write.
+    stored: u64,
+    /// Whether bodies go to the body log ([`LOG_BODIES_FROM`]).
+    log_bodies: bool,
+    /// Whether rows were dropped, so body segments may have been emptied.
+    dropped: bool,
+}
+
 /// Runs every write in one transaction. The first SQLite error fails the whole batch (SQLite may have
 /// rolled back already, e.g. on a full disk) and the writes after it are not run; a full spool fails
 /// only the insert that did not fit.
-fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
+fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared, log_bodies: bool) {
     let mut owed: Vec<Owed> = Vec::with_capacity(writes.len());
     // Only a batch that stores notifications is owed the configured fsync before its replies.
     let stores = writes.iter().any(|op| matches!(op, Op::Insert { .. }));
     let mut failure: Option<SpoolError> =
         db.flush_commits(stores).and_then(|()| db.begin()).err().map(|f| shared.error(f));
-    let mut stored = shared.stored_bytes.load(Ordering::Relaxed);
+    let mut space = Space { stored: shared.stored_bytes.load(Ordering::Relaxed), log_bodies, dropped: false };
     let mut inserted: Vec<(Stored, NewNotification)> = Vec::new();
     let now = now_ms();
     for op in writes {
         let failed = failure.is_some();
         match op {
             Op::Insert { notification, reply } => {
-                let result = (!failed).then(|| store(db, shared, &mut stored, now, &notification));
+                let result = (!failed).then(|| store(db, shared, &mut space, now, &notification));
                 match &result {
                     Some(Ok(done)) => inserted.push((*done, notification)),
                     Some(Err(e)) if !e.is_full() => failure = Some(e.clone()),
@@ -398,7 +422,9 @@ fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
                         db.expire_unfinishable(&policy.configured, policy.unfinishable_before)?;
                     let delivered = db.prune_delivered(policy.delivered_before, usize::MAX >> 1)?;
                     db.forget_dedupe_before(policy.dedupe_before)?;
-                    stored = db.used_bytes()?;
+                    db.inline_sparse_segments(INLINE_PER_PRUNE)?;
+                    space.dropped = true;
+                    space.stored = db.used_bytes()?;
                     // A set-aside copy may have been discarded (`spool discard-set-aside`) meanwhile.
                     if let Ok(set_aside) = SetAside::find(&shared.path) {
                         shared.set_aside_bytes.store(set_aside.bytes, Ordering::Relaxed);
@@ -429,7 +455,14 @@ fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared) {
             }
         }
         None => {
-            shared.stored_bytes.store(stored, Ordering::Relaxed);
+            if space.dropped {
+                // Only now that the rows are gone for good may the segments they emptied go.
+                match db.delete_unreferenced_segments().and_then(|_| db.used_bytes()) {
+                    Ok(now_stored) => space.stored = now_stored,
+                    Err(error) => tracing::warn!(%error, "spool: body segments were left to the next housekeeping"),
+                }
+            }
+            shared.stored_bytes.store(space.stored, Ordering::Relaxed);
             // The requests waiting for this commit are answered first: a delivery started at once
             // would compete with them for the CPU.
             for reply in owed {
@@ -472,7 +505,7 @@ fn hand_over(shared: &Shared, received_at: i64, inserted: Vec<(Stored, NewNotifi
 }
 
 /// Stores a notification, or queues the one already stored under its duplicate key.
-fn store(db: &SpoolDb, shared: &Shared, stored: &mut u64, now: i64, notification: &NewNotification) -> Result<Stored> {
+fn store(db: &SpoolDb, shared: &Shared, space: &mut Space, now: i64, notification: &NewNotification) -> Result<Stored> {
     let mut run = || -> db::Result<Stored> {
         if let Some((key, since)) = &notification.dedupe {
             if let Some(notification_id) = db.find_duplicate(key, *since)? {
@@ -480,7 +513,7 @@ fn store(db: &SpoolDb, shared: &Shared, stored: &mut u64, now: i64, notification
                 return Ok(Stored { notification_id, duplicate: true });
             }
         }
-        let notification_id = insert_within_capacity(db, shared, stored, now, notification)?;
+        let notification_id = insert_within_capacity(db, shared, space, now, notification)?;
         if let Some((key, _)) = &notification.dedupe {
             db.remember(key, notification_id, now)?;
         }
@@ -509,27 +542,38 @@ fn full_holder(db: &SpoolDb, shared: &Shared) -> db::Result<Option<String>> {
 fn insert_within_capacity(
     db: &SpoolDb,
     shared: &Shared,
-    stored: &mut u64,
+    space: &mut Space,
     now: i64,
     notification: &NewNotification,
 ) -> db::Result<i64> {
     let set_aside = shared.set_aside_bytes.load(Ordering::Relaxed);
     let max = shared.max_bytes.load(Ordering::Relaxed).saturating_sub(set_aside);
     let size = notification.body.len() as u64;
-    while *stored + size > max {
+    while space.stored + size > max {
         let evicted = db.prune_delivered(now + 1, EVICT_BATCH)?;
-        *stored = db.used_bytes()?;
+        space.dropped |= evicted > 0;
+        // Segments the evicted rows emptied are deleted after the commit; their room counts now.
+        space.stored = db.used_bytes_after_sweep()?;
         if evicted == 0 {
             break;
         }
     }
-    if *stored + size > max {
+    if space.stored + size > max {
         // Rare, and what an operator needs first: whose undelivered work fills it.
         let held_by = full_holder(db, shared)?;
-        return Err(Failure::Full { stored: *stored + set_aside, max: max + set_aside, held_by, set_aside });
+        return Err(Failure::Full { stored: space.stored + set_aside, max: max + set_aside, held_by, set_aside });
     }
-    let id = db.insert(now, &notification.path, &notification.body, &notification.destinations)?;
-    *stored = db.used_bytes()?;
+    let NewNotification { path, body, destinations, .. } = notification;
+    let id = if space.log_bodies {
+        db.insert_logged(now, path, body, destinations)?
+    } else {
+        db.insert(now, path, body, destinations)?
+    };
+    space.stored = db.used_bytes()?;
+    if space.dropped {
+        // Segments emptied but not yet deleted are not counted twice.
+        space.stored = db.used_bytes_after_sweep()?;
+    }
     Ok(id)
 }
 
@@ -642,6 +686,43 @@ mod tests {
         spool.insert(new("/", body(b'c'), &["d"])).await.unwrap();
         assert_eq!(spool.stored_bytes(), one);
         assert_eq!(spool.read(|db| db.notification_count()).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn large_bodies_go_to_the_body_log_and_a_full_spool_evicts_them_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        // Batches of at most 64 KiB, so segments of 128 KiB: two of these bodies fill one.
+        let (spool, _) = SqliteSpool::open(&path, SyncMode::Full, 400 << 10).unwrap();
+        let body = |n: usize| Bytes::from(vec![b'a' + n as u8; 70 << 10]);
+        let mut ids = Vec::new();
+        let full = loop {
+            match spool.insert(new("/", body(ids.len()), &["d"])).await {
+                Ok(stored) => ids.push(stored.notification_id),
+                Err(error) => break error,
+            }
+            assert!(ids.len() < 10, "never full");
+        };
+        assert!(full.is_full(), "{full}");
+        assert_eq!(ids.len(), 5, "24 KiB of pages and five bodies fit in 400 KiB, not six");
+        let segments = || {
+            let files = crate::spool::body_log::segment_files(&path).unwrap();
+            files.into_iter().map(|(_, n)| n).collect::<Vec<_>>()
+        };
+        assert_eq!(segments(), [1, 2, 3]);
+        let due = spool.read(|db| db.due("d", i64::MAX, 10, &[])).await.unwrap();
+        for (n, row) in due.iter().enumerate() {
+            assert_eq!(row.body, body(n), "body {n} came back changed");
+        }
+        for id in &ids {
+            spool.record("d".into(), *id, Outcome::Delivered { status: 200 }).await.unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        let stored = spool.insert(new("/", body(9), &["d"])).await.unwrap();
+        assert_eq!(segments(), [3], "the segments the evicted rows emptied are deleted after the commit");
+        assert!(spool.stored_bytes() < 200 << 10, "their room is given back: {}", spool.stored_bytes());
+        let due = spool.read(|db| db.due("d", i64::MAX, 10, &[])).await.unwrap();
+        assert_eq!((due.len(), due[0].notification_id, &due[0].body), (1, stored.notification_id, &body(9)));
     }
 
     #[tokio::test]
