@@ -379,9 +379,11 @@ async fn run(quick: bool, sidecar: &Path, operator: &Path, choice: &Choice) -> V
 /// fixed rate. CPU is counted until the target is idle again, so what a load leaves behind (a sidecar's
 /// deliveries lag its ingest at saturation) counts against it, and never runs into the next load.
 ///
-/// The same for the target's `database`: a load leaves PostgreSQL up to hundreds of MB of WAL past its
-/// last checkpoint, which it would otherwise write back (and fsync) spread over the next load. A
-/// `CHECKPOINT` before each load settles that debt first, as the sidecar's own drain is settled.
+/// The same for the disk: a load leaves PostgreSQL up to hundreds of MB of WAL past its last checkpoint,
+/// and the page cache up to a few GB of dirty pages (a spool's files, nginx's temp files), which would
+/// otherwise be written back (and fsynced) spread over the next load, of this target or the next one:
+/// the order of the targets then decided the V2 saturation rows more than the targets did. Before each
+/// load a `CHECKPOINT` and a `sync()` settle that debt first, as the sidecar's own drain is settled.
 async fn measure_proxy(
     url: &str,
     body: &[u8],
@@ -391,17 +393,21 @@ async fn measure_proxy(
     timing: &Timing,
 ) -> Value {
     let per_10k = |seconds: f64, requests: u64| if requests > 0 { seconds / requests as f64 * 10_000.0 } else { 0.0 };
-    let checkpoint = || {
-        if let Some(database) = database {
-            tokio::task::block_in_place(|| database.psql("CHECKPOINT"));
-        }
+    let settle_disk = || {
+        tokio::task::block_in_place(|| {
+            if let Some(database) = database {
+                database.psql("CHECKPOINT");
+            }
+            // SAFETY: sync has no preconditions; it returns once the writeback it started is done.
+            unsafe { libc::sync() };
+        });
     };
     let idle_rss = procs::tree_rss_kib(pid);
-    checkpoint();
+    settle_disk();
     let cpu_before = procs::settled_cpu_seconds(pid).await;
     let saturation = load::wrk(url, body_file, timing.saturation, pid).await;
     let cpu_saturation = procs::settled_cpu_seconds(pid).await;
-    checkpoint();
+    settle_disk();
     let fixed = load::fixed_rate(url, body, timing.rate, timing.fixed_rate).await;
     let cpu_fixed = procs::settled_cpu_seconds(pid).await;
     let fixed_requests = timing.rate as u64 * timing.fixed_rate.as_secs() + load::WARM_UP;

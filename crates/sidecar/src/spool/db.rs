@@ -306,6 +306,8 @@ pub struct SpoolDb {
     /// Transactions committed on this connection.
     commits: std::cell::Cell<u64>,
     bodies: std::cell::RefCell<BodyLog>,
+    /// Fixed once the file exists (a WAL database cannot change it).
+    page_size: u64,
 }
 
 fn pragma(sync: SyncMode) -> &'static str {
@@ -401,12 +403,14 @@ impl SpoolDb {
         conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
         let bodies =
             BodyLog::open(path).map_err(|source| Failure::Io { action: "cannot list its body segments", source })?;
+        let page_size = conn.query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))?.max(0) as u64;
         Ok(SpoolDb {
             conn,
             sync: configured,
             flushing: std::cell::Cell::new(true),
             commits: std::cell::Cell::default(),
             bodies: std::cell::RefCell::new(bodies),
+            page_size,
         })
     }
 
@@ -669,7 +673,7 @@ impl SpoolDb {
             Ok(self.conn.prepare_cached(pragma)?.query_row([], |r| r.get::<_, i64>(0)).map(|n| n.max(0) as u64)?)
         };
         let pages = read("PRAGMA page_count")?.saturating_sub(read("PRAGMA freelist_count")?);
-        Ok(pages * read("PRAGMA page_size")? + self.bodies.borrow().bytes())
+        Ok(pages * self.page_size + self.bodies.borrow().bytes())
     }
 
     pub fn list(&self, filter: &ListFilter) -> Result<Vec<DeliveryRow>> {
