@@ -128,9 +128,7 @@ fn main() {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0)).unwrap_or(0)
-}
+pub use storerelay_testenv::free_port;
 
 /// A process that is killed when dropped.
 struct Proc {
@@ -339,6 +337,8 @@ async fn run(quick: bool, sidecar: &Path, operator: &Path, choice: &Choice) -> V
                 let database = postgres.as_ref().filter(|_| *target == "storerelay-sidecar-postgres");
                 samples[index].push(measure_proxy(&url, &body, &body_file, server.pid(), database, &timing).await);
                 server.stop();
+                // A saturation run leaves a SQLite spool of a few GB; a dozen rounds' would fill the disk.
+                remove_spool(work.path(), server.port);
             }
         }
         let mut rows = serde_json::Map::new();
@@ -485,9 +485,24 @@ pub enum SpoolKind {
     Postgres(String),
 }
 
+/// The SQLite spool of the sidecar on `port` in `dir`.
+fn spool_file(dir: &Path, port: u16) -> PathBuf {
+    dir.join(format!("spool-{port}.db"))
+}
+
+/// Deletes the SQLite spool (with its WAL and body segments) of the sidecar on `port`, if it had one.
+fn remove_spool(dir: &Path, port: u16) {
+    let Some(name) = spool_file(dir, port).file_name().map(|n| n.to_string_lossy().into_owned()) else { return };
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&name) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 pub fn sidecar_config(dir: &Path, port: u16, admin: u16, extra: &str, spool: &SpoolKind) -> PathBuf {
     let path = dir.join(format!("sidecar-{port}.yaml"));
-    let file = dir.join(format!("spool-{port}.db"));
+    let file = spool_file(dir, port);
     let spool = match spool {
         SpoolKind::Sqlite(sync) => format!("{{path: {}, sync: {sync}, maxBytes: 4Gi}}", file.display()),
         SpoolKind::Postgres(url) => format!(
