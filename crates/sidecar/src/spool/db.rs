@@ -570,7 +570,13 @@ impl SpoolDb {
         let mut stmt = self.conn.prepare_cached(DUE_SQL)?;
         let except = serde_json::to_string(except).unwrap_or_else(|_| "[]".into());
         let rows = stmt.query_map(params![destination, now, limit as i64, DeliveryState::Pending, except], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, u32>(2)?, r.get::<_, Vec<u8>>(3)?, body_ref(r, 4)?))
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+                body_ref(r, 4)?,
+            ))
         })?;
         let rows = rows.collect::<rusqlite::Result<Vec<_>>>()?;
         rows.into_iter()
@@ -888,9 +894,9 @@ impl SpoolDb {
             let bodies = self.bodies.borrow();
             bodies.segments().filter(|(segment, _)| bodies.appending() != Some(*segment)).collect()
         };
-        let mut live = self.conn.prepare_cached(
-            "SELECT COALESCE(SUM(body_length), 0) FROM notifications WHERE body_segment = ?1",
-        )?;
+        let mut live = self
+            .conn
+            .prepare_cached("SELECT COALESCE(SUM(body_length), 0) FROM notifications WHERE body_segment = ?1")?;
         let mut rows = self.conn.prepare_cached(
             "SELECT id, body_segment, body_offset, body_length FROM notifications WHERE body_segment = ?1",
         )?;
@@ -929,10 +935,11 @@ fn body_ref(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Option<Bo
 
 /// Brings a version 1 file (every body inline) to this schema.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let has_log_columns: bool =
-        conn.query_row("SELECT EXISTS (SELECT 1 FROM pragma_table_info('notifications') WHERE name = 'body_segment')", [], |r| {
-            r.get(0)
-        })?;
+    let has_log_columns: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('notifications') WHERE name = 'body_segment')",
+        [],
+        |r| r.get(0),
+    )?;
     if !has_log_columns {
         conn.execute_batch(
             "ALTER TABLE notifications ADD COLUMN body_segment INTEGER;
@@ -1193,10 +1200,12 @@ mod tests {
     fn logged_bodies_come_back_byte_for_byte_and_their_segment_goes_after_the_last_row() {
         let dir = tempfile::tempdir().unwrap();
         let db = open(&dir);
-        let bodies: Vec<Vec<u8>> = (0..3u8).map(|n| (0..=255u8).cycle().skip(n.into()).take(20_000).collect()).collect();
+        let bodies: Vec<Vec<u8>> =
+            (0..3u8).map(|n| (0..=255u8).cycle().skip(n.into()).take(20_000).collect()).collect();
         db.begin().unwrap();
         let inline = db.insert(1_000, "/apple", b"{}", &dests(&["a"])).unwrap();
-        let ids: Vec<i64> = bodies.iter().map(|b| db.insert_logged(1_000, "/apple", b, &dests(&["a"])).unwrap()).collect();
+        let ids: Vec<i64> =
+            bodies.iter().map(|b| db.insert_logged(1_000, "/apple", b, &dests(&["a"])).unwrap()).collect();
         db.commit().unwrap();
         assert_eq!(segment_files(&dir), [1]);
         let due = db.due("a", 1_000, 10, &[]).unwrap();

@@ -357,8 +357,7 @@ fn writer(
             let body_bytes: u64 = writes.iter().map(Op::body_bytes).sum();
             let log_bodies = body_bytes >= LOG_BODIES_FROM;
             // Logged bodies never pass through the WAL.
-            since_checkpoint +=
-                writes.len() as u64 * WRITE_OVERHEAD_BYTES + if log_bodies { 0 } else { body_bytes };
+            since_checkpoint += writes.len() as u64 * WRITE_OVERHEAD_BYTES + if log_bodies { 0 } else { body_bytes };
             run_writes(&db, writes, &shared, log_bodies);
             if let Some(checkpoints) = checkpoints.as_ref().filter(|_| since_checkpoint >= CHECKPOINT_AFTER_BYTES) {
                 // Full: a checkpoint is due already and will take this commit's pages too.
