@@ -874,8 +874,9 @@ impl SpoolDb {
         Ok(self.used_bytes()?.saturating_sub(unreferenced))
     }
 
-    /// Deletes the body-log segments no committed row refers to. Only outside a transaction: a
-    /// rolled-back delete would bring back rows that refer to them.
+    /// Deletes the body-log segments no committed row refers to. Only outside a transaction (a
+    /// rolled-back delete would bring back rows that refer to them), and only by the writer: a `spool`
+    /// tool beside it could see the segment the writer is appending to before its rows commit.
     pub fn delete_unreferenced_segments(&self) -> Result<usize> {
         let unreferenced = self.unreferenced_segments()?;
         let mut bodies = self.bodies.borrow_mut();
