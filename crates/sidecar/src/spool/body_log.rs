@@ -37,7 +37,7 @@ pub struct BodyLog {
     segments: BTreeMap<i64, u64>,
     appending: Option<Appending>,
     /// The segment last read from, kept open: a drain reads one segment after another.
-    reading: std::cell::RefCell<Option<(i64, File)>>,
+    reading: Option<(i64, File)>,
 }
 
 struct Appending {
@@ -49,11 +49,8 @@ struct Appending {
     created: bool,
 }
 
-/// `<spool>-body-`: what every segment's name starts with.
-fn prefix(spool: &Path) -> String {
-    let name = spool.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    format!("{name}-body-")
-}
+/// What follows the spool's file name in a segment's: `<spool>-body-<number>`.
+const SEGMENT_INFIX: &str = "-body-";
 
 fn folder(spool: &Path) -> &Path {
     spool.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
@@ -71,7 +68,7 @@ impl BodyLog {
             segment_bytes: SEGMENT_BYTES,
             segments,
             appending: None,
-            reading: Default::default(),
+            reading: None,
         })
     }
 
@@ -83,7 +80,8 @@ impl BodyLog {
 
     /// The file of `segment`.
     pub fn path(&self, segment: i64) -> PathBuf {
-        folder(&self.spool).join(format!("{}{segment:010}", prefix(&self.spool)))
+        let name = self.spool.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        folder(&self.spool).join(format!("{name}{SEGMENT_INFIX}{segment:010}"))
     }
 
     /// Appends `body` to the current segment (starting a new one when there is none or it is full).
@@ -129,15 +127,14 @@ impl BodyLog {
     }
 
     /// Reads one body back.
-    pub fn read(&self, at: BodyRef) -> std::io::Result<Vec<u8>> {
+    pub fn read(&mut self, at: BodyRef) -> std::io::Result<Vec<u8>> {
         let (Ok(offset), Ok(length)) = (u64::try_from(at.offset), usize::try_from(at.length)) else {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "a negative body offset or length"));
         };
-        let mut reading = self.reading.borrow_mut();
-        if reading.as_ref().is_none_or(|(segment, _)| *segment != at.segment) {
-            *reading = Some((at.segment, File::open(self.path(at.segment))?));
+        if self.reading.as_ref().is_none_or(|(segment, _)| *segment != at.segment) {
+            self.reading = Some((at.segment, File::open(self.path(at.segment))?));
         }
-        let Some((_, file)) = reading.as_ref() else { unreachable!("just opened") };
+        let Some((_, file)) = self.reading.as_ref() else { unreachable!("just opened") };
         let mut body = vec![0; length];
         file.read_exact_at(&mut body, offset)?;
         Ok(body)
@@ -164,8 +161,8 @@ impl BodyLog {
         if self.appending() == Some(segment) {
             self.appending = None;
         }
-        if self.reading.borrow().as_ref().is_some_and(|(open, _)| *open == segment) {
-            *self.reading.borrow_mut() = None;
+        if self.reading.as_ref().is_some_and(|(open, _)| *open == segment) {
+            self.reading = None;
         }
         match std::fs::remove_file(self.path(segment)) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
@@ -178,7 +175,19 @@ impl BodyLog {
 
 /// The segment files beside the spool at `spool`, with their numbers.
 pub fn segment_files(spool: &Path) -> std::io::Result<Vec<(PathBuf, i64)>> {
-    let prefix = prefix(spool);
+    let mut found: Vec<(PathBuf, i64)> = files_beside(spool, SEGMENT_INFIX)?
+        .into_iter()
+        .filter_map(|(path, number)| Some((path, number.parse().ok()?)))
+        .collect();
+    found.sort_by_key(|(_, segment)| *segment);
+    Ok(found)
+}
+
+/// The files beside the spool at `spool` named `<spool><infix><rest>`, each with its `rest` (none
+/// when the folder does not exist yet): the spool's companions, body segments and set-aside copies.
+pub fn files_beside(spool: &Path, infix: &str) -> std::io::Result<Vec<(PathBuf, String)>> {
+    let Some(name) = spool.file_name().and_then(|n| n.to_str()) else { return Ok(Vec::new()) };
+    let prefix = format!("{name}{infix}");
     let entries = match std::fs::read_dir(folder(spool)) {
         Ok(entries) => entries,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -187,13 +196,10 @@ pub fn segment_files(spool: &Path) -> std::io::Result<Vec<(PathBuf, i64)>> {
     let mut found = Vec::new();
     for entry in entries {
         let entry = entry?;
-        let name = entry.file_name();
-        let Some(number) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
-        if let Ok(segment) = number.parse::<i64>() {
-            found.push((entry.path(), segment));
+        if let Some(rest) = entry.file_name().to_str().and_then(|n| n.strip_prefix(&prefix)) {
+            found.push((entry.path(), rest.to_string()));
         }
     }
-    found.sort_by_key(|(_, segment)| *segment);
     Ok(found)
 }
 

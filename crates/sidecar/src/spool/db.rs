@@ -276,24 +276,13 @@ fn tidy_set_aside(path: &Path) -> Result<(Vec<PathBuf>, SetAside)> {
 
 /// `<spool>.corrupt-<stamp>[-wal|-shm]` files beside `path`, with their stamps.
 fn set_aside_files(path: &Path) -> std::io::Result<Vec<(PathBuf, u64)>> {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return Ok(Vec::new()) };
-    let prefix = format!("{name}.corrupt-");
-    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut files = Vec::new();
-    let entries = match std::fs::read_dir(folder) {
-        Ok(entries) => entries,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(files),
-        Err(error) => return Err(error),
-    };
-    for entry in entries {
-        let entry = entry?;
-        let file_name = entry.file_name();
-        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
-        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        if let Ok(stamp) = digits.parse::<u64>() {
-            files.push((entry.path(), stamp));
-        }
-    }
+    let mut files: Vec<(PathBuf, u64)> = body_log::files_beside(path, ".corrupt-")?
+        .into_iter()
+        .filter_map(|(file, rest)| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            Some((file, digits.parse().ok()?))
+        })
+        .collect();
     files.sort();
     Ok(files)
 }
@@ -500,7 +489,7 @@ impl SpoolDb {
     /// A stored body: the inline blob, or read from the body log.
     fn body(&self, inline: Vec<u8>, logged: Option<BodyRef>) -> Result<Vec<u8>> {
         let Some(at) = logged else { return Ok(inline) };
-        self.bodies.borrow().read(at).map_err(|source| Failure::Io { action: "cannot read a body segment", source })
+        self.bodies.borrow_mut().read(at).map_err(|source| Failure::Io { action: "cannot read a body segment", source })
     }
 
     /// Makes sure each destination has the notification pending or delivered: adds missing delivery
@@ -683,13 +672,13 @@ impl SpoolDb {
     }
 
     pub fn list(&self, filter: &ListFilter) -> Result<Vec<DeliveryRow>> {
-        let mut stmt = self.conn.prepare(
+        let mut stmt = self.conn.prepare(&format!(
             "SELECT d.notification_id, d.destination, d.state, d.attempts, n.received_at, d.next_attempt_at,
-                    d.finished_at, d.last_status, d.last_error, COALESCE(n.body_length, LENGTH(n.body))
+                    d.finished_at, d.last_status, d.last_error, {BODY_LENGTH}
              FROM deliveries d JOIN notifications n ON n.id = d.notification_id
              WHERE (?1 IS NULL OR d.destination = ?1) AND (?2 IS NULL OR d.state = ?2)
-             ORDER BY d.notification_id, d.destination LIMIT ?3",
-        )?;
+             ORDER BY d.notification_id, d.destination LIMIT ?3"
+        ))?;
         let rows = stmt.query_map(params![filter.destination, filter.state, filter.limit], |r| {
             Ok(DeliveryRow {
                 notification_id: r.get(0)?,
@@ -806,10 +795,10 @@ impl SpoolDb {
     pub fn largest_holder(&self) -> Result<Option<(String, u64)>> {
         let holder = self
             .conn
-            .prepare_cached(
+            .prepare_cached(&format!(
                 "SELECT d.destination, COUNT(*) FROM deliveries d JOIN notifications n ON n.id = d.notification_id
-                 WHERE d.state != ?1 GROUP BY d.destination ORDER BY SUM(COALESCE(n.body_length, LENGTH(n.body))) DESC LIMIT 1",
-            )?
+                 WHERE d.state != ?1 GROUP BY d.destination ORDER BY SUM({BODY_LENGTH}) DESC LIMIT 1"
+            ))?
             .query_row(params![DeliveryState::Delivered], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         Ok(holder)

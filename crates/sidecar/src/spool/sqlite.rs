@@ -568,11 +568,8 @@ fn insert_within_capacity(
     } else {
         db.insert(now, path, body, destinations)?
     };
-    space.stored = db.used_bytes()?;
-    if space.dropped {
-        // Segments emptied but not yet deleted are not counted twice.
-        space.stored = db.used_bytes_after_sweep()?;
-    }
+    // Segments emptied but not yet deleted are not counted twice.
+    space.stored = if space.dropped { db.used_bytes_after_sweep()? } else { db.used_bytes()? };
     Ok(id)
 }
 
