@@ -68,6 +68,8 @@ pub struct Latency {
     pub p999_ms: f64,
     pub errors: u64,
     pub rps: f64,
+    /// How late the generator itself sent (p99), which the latencies include.
+    pub sent_late_p99_ms: f64,
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> f64 {
@@ -105,28 +107,61 @@ pub async fn fixed_rate_with(
     }
     let total = (rate as u64 * duration.as_secs()).max(1);
     let in_flight = Arc::new(Semaphore::new(2048));
-    let started = tokio::time::Instant::now();
+    let started = Instant::now();
+    let mut due_times = pace(rate, total);
     let mut tasks = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
-        tokio::time::sleep_until(due).await;
+    while let Some(due) = due_times.recv().await {
         let permit = in_flight.clone().acquire_owned().await;
         let (client, url, body) = (client.clone(), url.to_string(), body.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
+            let sent_late = due.elapsed();
             let ok = client.post(&url).body(body).send().await.is_ok_and(|r| r.status().is_success());
-            (due.elapsed(), ok)
+            (due.elapsed(), sent_late, ok)
         }));
     }
     let mut latencies = Vec::with_capacity(tasks.len());
+    let mut sent_late = Vec::with_capacity(tasks.len());
     let mut errors = 0;
     for task in tasks {
         match task.await {
-            Ok((took, true)) => latencies.push(took),
+            Ok((took, late, true)) => {
+                latencies.push(took);
+                sent_late.push(late);
+            }
             _ => errors += 1,
         }
     }
-    summarize(latencies, errors, total as f64 / started.elapsed().as_secs_f64())
+    sent_late.sort();
+    let mut latency = summarize(latencies, errors, total as f64 / started.elapsed().as_secs_f64());
+    latency.sent_late_p99_ms = percentile(&sent_late, 0.99);
+    latency
+}
+
+/// The instants `total` requests are due at, `rate` a second, each delivered when it comes.
+///
+/// Paced by a thread of its own rather than `tokio::time::sleep_until`: tokio's timer wheel ticks in
+/// whole milliseconds and an idle runtime's timers fire late by p50 1.5 ms, p99 2.0 ms at 500/s on
+/// this machine. An open-loop generator times each request from when it was due, so that lateness was
+/// charged to the target; on the webhook row it was as large as the goal. `thread::sleep` (a
+/// high-resolution timer) was late by p50 0.09 ms, p99 0.18 ms in the same measurement. Whatever
+/// lateness remains is still charged to the target and reported as `sent_late_p99_ms`.
+fn pace(rate: u32, total: u64) -> tokio::sync::mpsc::UnboundedReceiver<Instant> {
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        for i in 0..total {
+            let due = started + interval.mul_f64(i as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if sender.send(due).is_err() {
+                return;
+            }
+        }
+    });
+    receiver
 }
 
 fn summarize(mut latencies: Vec<Duration>, errors: u64, rps: f64) -> Latency {
@@ -137,6 +172,7 @@ fn summarize(mut latencies: Vec<Duration>, errors: u64, rps: f64) -> Latency {
         p999_ms: percentile(&latencies, 0.999),
         errors,
         rps,
+        sent_late_p99_ms: 0.0,
     }
 }
 
@@ -184,4 +220,24 @@ pub async fn closed_loop_with(
         }
     }
     summarize(latencies, errors, count as f64 / started.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pace_hands_out_every_due_instant_in_order_and_never_early() {
+        let mut due_times = pace(1_000, 50);
+        let mut received = Vec::new();
+        while let Some(due) = due_times.recv().await {
+            assert!(Instant::now() >= due, "request {} was handed out before it was due", received.len());
+            received.push(due);
+        }
+        assert_eq!(received.len(), 50);
+        for pair in received.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(gap.abs_diff(Duration::from_millis(1)) < Duration::from_micros(1), "gap {gap:?} at 1,000/s");
+        }
+    }
 }

@@ -97,8 +97,8 @@ fn main() {
             let body = std::fs::read(&body).expect("body file");
             let result = runtime.block_on(load::fixed_rate(&url, &body, rate, Duration::from_secs(seconds)));
             println!(
-                "p50 {:.3} ms, p99 {:.3} ms, p999 {:.3} ms, {:.0} req/s, {} errors",
-                result.p50_ms, result.p99_ms, result.p999_ms, result.rps, result.errors
+                "p50 {:.3} ms, p99 {:.3} ms, p999 {:.3} ms, {:.0} req/s, {} errors (sent late: p99 {:.3} ms)",
+                result.p50_ms, result.p99_ms, result.p999_ms, result.rps, result.errors, result.sent_late_p99_ms
             );
         }
         Cmd::Report { results, report } => {
@@ -415,6 +415,7 @@ async fn measure_proxy(
         "throughput_rps": saturation.rps,
         "saturation_errors": saturation.errors,
         "p50_ms": fixed.p50_ms, "p99_ms": fixed.p99_ms, "p999_ms": fixed.p999_ms,
+        "sent_late_p99_ms": fixed.sent_late_p99_ms,
         "fixed_rate_errors": fixed.errors,
         "rss_idle_kib": idle_rss, "rss_load_kib": saturation.peak_rss_kib,
         "cpu_seconds_per_10k": per_10k(cpu_saturation - cpu_before, saturation.requests),
@@ -425,11 +426,12 @@ async fn measure_proxy(
 /// The rows of several rounds as one: each measure's median (what the report and the goals use), its
 /// `[min, max]` under `spread`, and errors summed over the rounds.
 fn summarize(samples: &[Value]) -> Value {
-    const MEASURES: [&str; 8] = [
+    const MEASURES: [&str; 9] = [
         "throughput_rps",
         "p50_ms",
         "p99_ms",
         "p999_ms",
+        "sent_late_p99_ms",
         "rss_idle_kib",
         "rss_load_kib",
         "cpu_seconds_per_10k",
@@ -858,7 +860,7 @@ fn operator_memory(o: &Value) -> String {
     let w = &o["webhook_open_loop"];
     let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.2}"));
     format!(
-        "\n## The operator\n\nThe operator process against a real kube-apiserver and etcd (crates/testenv) with the chart installed, before and after {} NotificationRoutes (over 50 namespaces) and {} pods exist; RSS from /proc, \"steady\" 5 s after every route's status was written. Then its webhook at a fixed {} AdmissionReviews/s for {} s, three times (open loop: each review timed from when it was due; medians of the rounds, the p99's range in brackets) over HTTPS, trusting the CA the operator published in the webhook configuration.\n\n| measure | value |\n|---|---|\n| RSS, empty cluster (MiB) | {} |\n| RSS at ready, caches synced (MiB) | {} |\n| RSS steady, every route reconciled (MiB) | {} |\n| peak RSS (MiB) | {} |\n| RSS after the webhook load (MiB) | {} |\n| time to ready (ms) | {} |\n| time until every route's status is written (ms) | {} |\n| webhook at {}/s: p50 / p99 / p999 (ms) | {} / {} ({}–{}) / {} |\n| webhook errors | {} |\n",
+        "\n## The operator\n\nThe operator process against a real kube-apiserver and etcd (crates/testenv) with the chart installed, before and after {} NotificationRoutes (over 50 namespaces) and {} pods exist; RSS from /proc, \"steady\" 5 s after every route's status was written. Then its webhook at a fixed {} AdmissionReviews/s for {} s, three times (open loop: each review timed from when it was due; medians of the rounds, the p99's range in brackets) over HTTPS, trusting the CA the operator published in the webhook configuration.\n\n| measure | value |\n|---|---|\n| RSS, empty cluster (MiB) | {} |\n| RSS at ready, caches synced (MiB) | {} |\n| RSS steady, every route reconciled (MiB) | {} |\n| peak RSS (MiB) | {} |\n| RSS after the webhook load (MiB) | {} |\n| time to ready (ms) | {} |\n| time until every route's status is written (ms) | {} |\n| webhook at {}/s: p50 / p99 / p999 (ms) | {} / {} ({}–{}) / {} |\n| the load generator's own lateness in sending, p99 (ms, included above) | {} |\n| webhook errors | {} |\n",
         o["routes"],
         o["pods"],
         w["rate"],
@@ -876,6 +878,7 @@ fn operator_memory(o: &Value) -> String {
         f(&w["p99_range_ms"][0]),
         f(&w["p99_range_ms"][1]),
         f(&w["p999_ms"]),
+        f(&w["sent_late_p99_ms"]),
         w["errors"],
     )
 }

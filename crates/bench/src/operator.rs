@@ -92,9 +92,10 @@ async fn webhook_open_loop(client: &kube::Client, port: u16, rate: u32, duration
     let (p50, _, _) = pick(|l| l.p50_ms);
     let (p99, p99_min, p99_max) = pick(|l| l.p99_ms);
     let (p999, _, _) = pick(|l| l.p999_ms);
+    let (sent_late, _, _) = pick(|l| l.sent_late_p99_ms);
     let errors: u64 = rounds.iter().map(|l| l.errors).sum();
     json!({"rate": rate, "seconds": duration.as_secs(), "rounds": WEBHOOK_ROUNDS, "p50_ms": p50, "p99_ms": p99,
-           "p99_range_ms": [p99_min, p99_max], "p999_ms": p999, "errors": errors})
+           "p99_range_ms": [p99_min, p99_max], "p999_ms": p999, "sent_late_p99_ms": sent_late, "errors": errors})
 }
 
 /// Rounds of the operator's webhook at a fixed rate.
