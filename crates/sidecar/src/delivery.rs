@@ -5,7 +5,7 @@
 //! nor the ack of new notifications. The spool is the only queue: a crash loses nothing but the attempts
 //! in flight, which are simply made again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -155,6 +155,9 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Finished>();
     let mut client: Option<(Arc<ResolvedDestination>, reqwest::Client)> = None;
     let mut hand_off: Option<HandOff> = None;
+    // Due rows fetched ahead for the next free slots, oldest first. Like rows in flight, they are
+    // left out of later queries until started (see `DueQuery::attempting`).
+    let mut ready: VecDeque<DueDelivery> = VecDeque::new();
     // Whether the spool may hold due rows this dispatcher has not seen; at start, any backlog.
     let mut look = true;
     let mut next_look = tokio::time::Instant::now();
@@ -195,31 +198,45 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
         if tokio::time::Instant::now() >= next_look {
             look = true;
         }
+        if http.is_some() {
+            let free = destination.concurrency.saturating_sub(in_flight.len());
+            for row in ready.drain(..free.min(ready.len())) {
+                start(row, &mut in_flight);
+            }
+        }
         let free = destination.concurrency.saturating_sub(in_flight.len());
-        if http.is_some() && free > 0 && (look || hand_off.is_none()) {
+        if http.is_some() && free > 0 && ready.is_empty() && (look || hand_off.is_none()) {
             look = false;
             if let Some(hand_off) = &hand_off {
                 hand_off.take_missed();
             }
             let now = now_ms();
+            // With a hand-off (one replica, no leases) a look also fetches the rows for the next
+            // `concurrency` free slots: a backlog then costs one query per that many rows, not one per
+            // finished attempt.
+            let prefetch = if hand_off.is_some() { destination.concurrency } else { 0 };
+            let wanted = free + prefetch;
             let query = DueQuery {
                 destination: name.clone(),
                 now,
-                wanted: free,
+                wanted,
                 attempting: in_flight.iter().copied().collect(),
                 lease: destination.timeout + LEASE_MARGIN,
             };
+            delivery.metrics.count_due_query(&name);
             match delivery.spool.due(query).await {
                 Ok(DueBatch { due, next_due_at }) => {
                     // Rows handed over while the query ran may be in its reply too: take them now,
                     // before sorting the reply out against what is in flight (see `spool::HandOff`).
                     let handed = hand_off.as_mut().map(|h| h.take(usize::MAX)).unwrap_or_default();
                     let replied = due.len();
-                    let (picked, left) = pick(due, handed, &in_flight, free);
-                    look = left || replied >= free;
+                    let (picked, rest) = pick(due, handed, &in_flight, free);
+                    let dropped = rest.len() > prefetch;
+                    ready.extend(rest.into_iter().take(prefetch));
+                    look = dropped || replied >= wanted;
                     if let Some(hand_off) = &hand_off {
                         // Behind, the oldest rows come from the spool first; fresh ones would wait.
-                        hand_off.set_behind(look);
+                        hand_off.set_behind(look || !ready.is_empty());
                     }
                     for row in picked {
                         start(row, &mut in_flight);
@@ -247,6 +264,8 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
             Some(row) = recv_handed(&mut hand_off), if take_handed => {
                 let mut handed = vec![row];
                 handed.extend(hand_off.as_mut().map(|h| h.take(free - 1)).unwrap_or_default());
+                // Never in `ready` (rows are offered before any later query is served), but cheap to be sure of.
+                handed.retain(|row| ready.iter().all(|r| r.notification_id != row.notification_id));
                 let (picked, _) = pick(Vec::new(), handed, &in_flight, free);
                 for row in picked {
                     start(row, &mut in_flight);
@@ -273,28 +292,29 @@ async fn recv_handed(hand_off: &mut Option<HandOff>) -> Option<DueDelivery> {
 }
 
 /// The rows to start in `free` slots: the due query's reply first (oldest schedule first), then rows
-/// handed over, leaving out those in flight or picked already. Also says whether a row was left over
-/// for want of a slot (it stays due in the spool).
+/// handed over, leaving out those in flight or picked already. Also returns the rows left over for
+/// want of a slot, in the same order (each stays due in the spool until its outcome is recorded).
 fn pick(
     reply: Vec<DueDelivery>,
     handed: Vec<DueDelivery>,
     in_flight: &HashSet<i64>,
     free: usize,
-) -> (Vec<DueDelivery>, bool) {
+) -> (Vec<DueDelivery>, Vec<DueDelivery>) {
     let mut picked: Vec<DueDelivery> = Vec::with_capacity(free);
-    let mut left = false;
+    let mut rest: Vec<DueDelivery> = Vec::new();
     for row in reply.into_iter().chain(handed) {
         let id = row.notification_id;
-        if in_flight.contains(&id) || picked.iter().any(|p| p.notification_id == id) {
+        let seen = |rows: &[DueDelivery]| rows.iter().any(|p| p.notification_id == id);
+        if in_flight.contains(&id) || seen(&picked) || seen(&rest) {
             continue;
         }
         if picked.len() == free {
-            left = true;
+            rest.push(row);
         } else {
             picked.push(row);
         }
     }
-    (picked, left)
+    (picked, rest)
 }
 
 fn build_client(destination: &ResolvedDestination) -> reqwest::Result<reqwest::Client> {
@@ -457,14 +477,16 @@ mod tests {
     #[test]
     fn a_row_both_handed_over_and_in_a_reply_is_started_once_and_nothing_in_flight_again() {
         let in_flight = HashSet::from([9]);
-        let (picked, left) = pick(vec![row(1), row(2), row(9)], vec![row(2), row(3), row(9)], &in_flight, 5);
+        let (picked, rest) = pick(vec![row(1), row(2), row(9)], vec![row(2), row(3), row(9)], &in_flight, 5);
         assert_eq!(ids(&picked), [1, 2, 3]);
-        assert!(!left);
-        let (picked, left) = pick(vec![row(1), row(2)], vec![row(2), row(3)], &in_flight, 2);
+        assert!(rest.is_empty());
+        let (picked, rest) = pick(vec![row(1), row(2)], vec![row(2), row(3)], &in_flight, 2);
         assert_eq!(ids(&picked), [1, 2], "the reply's older rows first");
-        assert!(left, "3 was left for want of a slot: look in the spool again");
-        let (picked, left) = pick(vec![row(1)], vec![row(1)], &in_flight, 1);
-        assert_eq!((ids(&picked), left), (vec![1], false), "a row counted twice does not take two slots");
+        assert_eq!(ids(&rest), [3], "3 was left for want of a slot");
+        let (picked, rest) = pick(vec![row(1)], vec![row(1)], &in_flight, 1);
+        assert_eq!((ids(&picked), ids(&rest)), (vec![1], vec![]), "a row counted twice does not take two slots");
+        let (picked, rest) = pick(vec![row(1), row(2), row(3), row(4)], vec![row(4), row(5)], &in_flight, 1);
+        assert_eq!((ids(&picked), ids(&rest)), (vec![1], vec![2, 3, 4, 5]), "left over once each, oldest first");
     }
 
     #[tokio::test]

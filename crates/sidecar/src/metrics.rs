@@ -90,6 +90,7 @@ pub struct Metrics {
     pub config_reloads: Family<Result, Counter>,
     pub secret_file_errors: Family<Destination, Counter>,
     outcome_write_failures: Family<Destination, Counter>,
+    due_queries: Family<Destination, Counter>,
     spool_expired: Family<Reason, Counter>,
     spool_left_behind: Family<Destination, Counter>,
     pub apple_api_requests: Family<ApiRequest, Counter>,
@@ -180,6 +181,12 @@ impl Default for Metrics {
                 &mut registry,
                 "storerelay_outcome_write_failures",
                 "Delivery outcomes that could not be written to the spool (tried again with backoff)",
+                Family::default(),
+            ),
+            due_queries: register(
+                &mut registry,
+                "storerelay_due_queries",
+                "Due queries a destination's dispatcher made in the spool (backlogs, retries, rows not handed over)",
                 Family::default(),
             ),
             spool_expired: register(
@@ -367,6 +374,10 @@ impl Metrics {
             }
             self.apple_send_attempt.get_or_create(&SendAttempt { result: current.to_string() }).set(1);
         }
+    }
+
+    pub fn count_due_query(&self, destination: &str) {
+        self.due_queries.get_or_create(&Destination { destination: destination.to_string() }).inc();
     }
 
     pub fn count_outcome_write_failure(&self, destination: &str) {
