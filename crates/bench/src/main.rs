@@ -817,8 +817,8 @@ fn render(results: &Value) -> String {
     md.push_str(&spool_backends(&results["spool"]));
     let w = &results["webhook"];
     md.push_str(&format!(
-        "## The webhook\n\nIn the benchmark's process (closed loop: throughput more than latency, load and server sharing the cores): {} AdmissionReviews over HTTPS, 50 at a time, against an index of {} routes: p50 {} ms, p99 {} ms, {} reviews/s, {} errors. The operator process at a fixed rate is in the next section.\n",
-        w["reviews"], w["routes"], f(&w["p50_ms"], 3), f(&w["p99_ms"], 3), f(&w["rps"], 0), w["errors"]
+        "## The webhook\n\nIn the benchmark's process (closed loop: throughput more than latency, load and server sharing the cores): {} AdmissionReviews over HTTPS, 50 at a time, against an index of {} routes, {} rounds (medians; the p99's range in brackets): p50 {} ms, p99 {} ms ({}–{}), {} reviews/s, {} errors. The operator process at a fixed rate is in the next section.\n",
+        w["reviews"], w["routes"], w["rounds"], f(&w["p50_ms"], 3), f(&w["p99_ms"], 3), f(&w["p99_range_ms"][0], 3), f(&w["p99_range_ms"][1], 3), f(&w["rps"], 0), w["errors"]
     ));
     md.push_str(&operator_memory(&results["operator"]));
     md.push_str(&goals(results));

@@ -214,7 +214,7 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
             // With a hand-off (one replica, no leases) a look also fetches the rows for the next
             // `concurrency` free slots: a backlog then costs one query per that many rows, not one per
             // finished attempt.
-            let prefetch = if hand_off.is_some() { destination.concurrency } else { 0 };
+            let prefetch = if hand_off.is_some() { destination.concurrency.min(READY_ROWS) } else { 0 };
             let wanted = free + prefetch;
             let query = DueQuery {
                 destination: name.clone(),
@@ -231,8 +231,7 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
                     let handed = hand_off.as_mut().map(|h| h.take(usize::MAX)).unwrap_or_default();
                     let replied = due.len();
                     let (picked, rest) = pick(due, handed, &in_flight, free);
-                    let dropped = rest.len() > prefetch;
-                    ready.extend(rest.into_iter().take(prefetch));
+                    let dropped = keep_ready(&mut ready, rest, prefetch);
                     look = dropped || replied >= wanted;
                     if let Some(hand_off) = &hand_off {
                         // Behind, the oldest rows come from the spool first; fresh ones would wait.
@@ -289,6 +288,28 @@ async fn recv_handed(hand_off: &mut Option<HandOff>) -> Option<DueDelivery> {
         Some(hand_off) => hand_off.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// Rows fetched ahead at most ([`keep_ready`]), and their bodies' bytes: the bound the hand-off has
+/// (`spool::HandOff`), so a destination's rows held in memory stay within twice it.
+const READY_ROWS: usize = 64;
+const READY_BYTES: usize = 1 << 20;
+
+/// Keeps up to `at_most` of `rest` (and [`READY_BYTES`] of bodies, but always one row) for the next
+/// free slots, in order; says whether any were left out (they stay due in the spool).
+fn keep_ready(ready: &mut VecDeque<DueDelivery>, rest: Vec<DueDelivery>, at_most: usize) -> bool {
+    let mut bytes: usize = ready.iter().map(|row| row.body.len()).sum();
+    let mut dropped = false;
+    for row in rest {
+        let fits = ready.is_empty() || bytes + row.body.len() <= READY_BYTES;
+        if ready.len() < at_most && fits {
+            bytes += row.body.len();
+            ready.push_back(row);
+        } else {
+            dropped = true;
+        }
+    }
+    dropped
 }
 
 /// The rows to start in `free` slots: the due query's reply first (oldest schedule first), then rows
@@ -487,6 +508,23 @@ mod tests {
         assert_eq!((ids(&picked), ids(&rest)), (vec![1], vec![]), "a row counted twice does not take two slots");
         let (picked, rest) = pick(vec![row(1), row(2), row(3), row(4)], vec![row(4), row(5)], &in_flight, 1);
         assert_eq!((ids(&picked), ids(&rest)), (vec![1], vec![2, 3, 4, 5]), "left over once each, oldest first");
+    }
+
+    #[test]
+    fn rows_fetched_ahead_are_kept_in_order_within_a_count_and_a_byte_bound() {
+        let sized = |id: i64, bytes: usize| DueDelivery { body: Bytes::from(vec![b'x'; bytes]), ..row(id) };
+        let mut ready = VecDeque::new();
+        assert!(!keep_ready(&mut ready, vec![row(1), row(2)], 3));
+        assert!(keep_ready(&mut ready, vec![row(3), row(4)], 3), "4 is one more than the count allows");
+        assert_eq!(ready.iter().map(|r| r.notification_id).collect::<Vec<_>>(), [1, 2, 3]);
+
+        let mut ready = VecDeque::new();
+        let big = READY_BYTES / 2 + 1;
+        assert!(keep_ready(&mut ready, vec![sized(1, big), sized(2, big), sized(3, 10)], 64));
+        assert_eq!(ready.iter().map(|r| r.notification_id).collect::<Vec<_>>(), [1, 3], "2 would pass the byte bound");
+        let mut ready = VecDeque::new();
+        assert!(!keep_ready(&mut ready, vec![sized(1, READY_BYTES * 2)], 64), "one row is kept whatever its size");
+        assert!(!keep_ready(&mut ready, vec![], 0));
     }
 
     #[tokio::test]
