@@ -64,12 +64,12 @@ pub async fn webhook(reviews: usize) -> Value {
            "p99_range_ms": [p99_min, p99_max], "errors": errors, "rps": rps})
 }
 
-/// One measure over rounds: the median (the middle one of an odd count), the lowest and the highest.
+/// One measure over rounds: the median (as the proxy rows take it), the lowest and the highest.
 fn of_rounds(rounds: &[load::Latency], measure: fn(&load::Latency) -> f64) -> (f64, f64, f64) {
     let mut values: Vec<f64> = rounds.iter().map(measure).collect();
     values.sort_by(f64::total_cmp);
-    match (values.first(), values.last()) {
-        (Some(&min), Some(&max)) => (values[values.len() / 2], min, max),
+    match (crate::median(&values), values.first(), values.last()) {
+        (Some(median), Some(&min), Some(&max)) => (median, min, max),
         _ => (0.0, 0.0, 0.0),
     }
 }

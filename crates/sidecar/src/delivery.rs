@@ -252,6 +252,8 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
         }
 
         let free = destination.concurrency.saturating_sub(in_flight.len());
+        // A free slot here means `ready` is empty: it was drained into free slots first, and a reply
+        // leaves rows there only once it has filled every slot.
         let take_handed = http.is_some() && free > 0;
         // A look that is owed but cannot be made now (no free slot) is tried again on the next wake.
         let wake_at = if look { tokio::time::Instant::now() + MAX_IDLE } else { next_look };
@@ -263,8 +265,6 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
             Some(row) = recv_handed(&mut hand_off), if take_handed => {
                 let mut handed = vec![row];
                 handed.extend(hand_off.as_mut().map(|h| h.take(free - 1)).unwrap_or_default());
-                // Never in `ready` (rows are offered before any later query is served), but cheap to be sure of.
-                handed.retain(|row| ready.iter().all(|r| r.notification_id != row.notification_id));
                 let (picked, _) = pick(Vec::new(), handed, &in_flight, free);
                 for row in picked {
                     start(row, &mut in_flight);
@@ -323,10 +323,11 @@ fn pick(
 ) -> (Vec<DueDelivery>, Vec<DueDelivery>) {
     let mut picked: Vec<DueDelivery> = Vec::with_capacity(free);
     let mut rest: Vec<DueDelivery> = Vec::new();
+    // A reply and a full hand-off together can be thousands of rows: no scan of what is kept per row.
+    let mut seen: HashSet<i64> = HashSet::new();
     for row in reply.into_iter().chain(handed) {
         let id = row.notification_id;
-        let seen = |rows: &[DueDelivery]| rows.iter().any(|p| p.notification_id == id);
-        if in_flight.contains(&id) || seen(&picked) || seen(&rest) {
+        if in_flight.contains(&id) || !seen.insert(id) {
             continue;
         }
         if picked.len() == free {
