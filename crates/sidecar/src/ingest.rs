@@ -341,7 +341,7 @@ fn admit(metrics: &Metrics, config: &RuntimeConfig, body: &[u8]) -> Result<Notif
     if mode == VerifyMode::Off {
         return Ok(notification);
     }
-    match config.verifier.check(&notification) {
+    match config.verifier.check(&notification, body) {
         Ok(()) => Ok(notification),
         // Our own files are missing: not the sender's fault, so never a 4xx. Apple retries the 503.
         Err(Reason::Unavailable) if mode == VerifyMode::Enforce => {

@@ -140,10 +140,11 @@ impl Verifier {
         }
     }
 
-    /// Checks a notification; `Ok` when it passes every check that applies to its version.
-    pub fn check(&self, notification: &Notification) -> Result<(), Reason> {
+    /// Checks a notification decoded from `body`; `Ok` when it passes every check that applies to its
+    /// version.
+    pub fn check(&self, notification: &Notification, body: &[u8]) -> Result<(), Reason> {
         match notification.version {
-            Some(NotificationVersion::V2) => self.check_v2(notification)?,
+            Some(NotificationVersion::V2) => self.check_v2(notification, body)?,
             Some(NotificationVersion::V1) => self.check_v1(notification)?,
             // Nothing to verify in a body of unknown shape.
             None => return Err(Reason::Malformed),
@@ -151,11 +152,12 @@ impl Verifier {
         self.check_allowlists(notification)
     }
 
-    fn check_v2(&self, notification: &Notification) -> Result<(), Reason> {
+    fn check_v2(&self, notification: &Notification, body: &[u8]) -> Result<(), Reason> {
         if notification.malformed.is_some() {
             return Err(Reason::Malformed);
         }
-        let token = notification.signed_payload.as_deref().ok_or(Reason::Malformed)?;
+        let token = crate::apple::signed_payload(body).ok_or(Reason::Malformed)?;
+        let token = token.as_ref();
         let (signing_input, signature) = token.rsplit_once('.').ok_or(Reason::Malformed)?;
         // Apple's header is three certificates (about 4 KB): a bigger one is not Apple's, and decoding it
         // into typed certificates would cost many times its size.

@@ -23,7 +23,7 @@ fn verifier(roots: &[&Path], configure: impl FnOnce(&mut VerifyConfig)) -> Verif
 }
 
 fn check(verifier: &Verifier, body: &[u8]) -> Result<(), Reason> {
-    verifier.check(&decode(body).expect("decodes"))
+    verifier.check(&decode(body).expect("decodes"), body)
 }
 
 fn signed_fixture(dir: &Path, name: &str) -> Vec<u8> {

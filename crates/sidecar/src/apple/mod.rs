@@ -4,6 +4,7 @@
 
 mod fields;
 
+use std::borrow::Cow;
 use std::fmt;
 
 use app_store_server_library::crypto::jws;
@@ -63,8 +64,6 @@ pub struct Notification {
     pub signed_date: Option<i64>,
     /// A V2 body whose `signedPayload` could not be read as a JWS with a JSON payload.
     pub malformed: Option<String>,
-    /// V2: the JWS, for verification.
-    pub signed_payload: Option<String>,
     /// V1: the app's shared secret. Never printed (see the `Debug` impl).
     pub v1_password: Option<String>,
     /// Duplicate key: `v2:<notificationUUID>`, else `sha256:<hex of the body>`.
@@ -142,17 +141,14 @@ pub fn decode(body: &[u8]) -> Result<Notification, DecodeError> {
     if let Some(signed) = top.signed_payload {
         notification.version = Some(NotificationVersion::V2);
         match signed.as_str() {
-            Some(jws) => {
-                match jws::decode_payload_bytes(jws) {
-                    Ok(payload) => match fields::object::<Payload>(&payload) {
-                        Ok(Some(payload)) => read_v2_payload(&payload, &mut notification),
-                        Ok(None) => {}
-                        Err(_) => notification.malformed = Some("signedPayload: the payload is not JSON".into()),
-                    },
-                    Err(error) => notification.malformed = Some(format!("signedPayload: {error}")),
-                }
-                notification.signed_payload = Some(jws.to_string());
-            }
+            Some(jws) => match jws::decode_payload_bytes(jws) {
+                Ok(payload) => match fields::object::<Payload>(&payload) {
+                    Ok(Some(payload)) => read_v2_payload(&payload, &mut notification),
+                    Ok(None) => {}
+                    Err(_) => notification.malformed = Some("signedPayload: the payload is not JSON".into()),
+                },
+                Err(error) => notification.malformed = Some(format!("signedPayload: {error}")),
+            },
             None => notification.malformed = Some("signedPayload is not a string".into()),
         }
     } else if top.notification_type.is_some() {
@@ -169,6 +165,15 @@ pub fn decode(body: &[u8]) -> Result<Notification, DecodeError> {
         None => body_key(body),
     };
     Ok(notification)
+}
+
+/// A V2 body's JWS, for verification. Read from the body again rather than kept in every
+/// [`Notification`]: it is most of the body, and only verification (off by default) needs it.
+pub fn signed_payload(body: &[u8]) -> Option<Cow<'_, str>> {
+    match fields::object::<Body>(body).ok()??.signed_payload? {
+        Scalar::Text(jws) => Some(jws),
+        _ => None,
+    }
 }
 
 /// The top level of a body: V2's one field and the V1 fields we route and verify by. A key that is
@@ -357,5 +362,19 @@ mod tests {
         let broken = decode(br#"{"signedPayload":"abc"}"#).unwrap();
         assert_eq!(broken.version, Some(NotificationVersion::V2));
         assert!(broken.malformed.is_some());
+    }
+
+    #[test]
+    fn the_jws_is_read_again_from_the_body_only_for_verification() {
+        let body = v2(r#"{"notificationType":"TEST"}"#);
+        let text = String::from_utf8(body.clone()).unwrap();
+        let jws = text.split('"').nth(3).unwrap();
+        assert_eq!(signed_payload(&body).as_deref(), Some(jws));
+        assert!(matches!(signed_payload(&body), Some(Cow::Borrowed(_))), "not copied out of the body");
+        let escaped = format!(r#"{{"signedPayload":"{}"}}"#, jws.replace('.', r"."));
+        assert_eq!(signed_payload(escaped.as_bytes()).as_deref(), Some(jws), "JSON escapes are undone");
+        assert_eq!(signed_payload(br#"{"signedPayload":7}"#), None);
+        assert_eq!(signed_payload(br#"{"notification_type":"RENEWAL"}"#), None);
+        assert_eq!(signed_payload(b"not json"), None);
     }
 }

@@ -221,7 +221,7 @@ struct Row<'a> {
 impl<'a> Row<'a> {
     fn of(item: &'a HistoryItem, verifier: &Verifier, in_spool: Option<&HashSet<String>>) -> Row<'a> {
         let notification = &item.notification;
-        let verification = match (verifier.mode, verifier.check(notification)) {
+        let verification = match (verifier.mode, verifier.check(notification, &item.body)) {
             (VerifyMode::Off, _) => "not checked".to_string(),
             (_, Ok(())) => "passes".to_string(),
             (_, Err(reason)) => format!("fails: {}", reason.as_str()),

@@ -164,7 +164,7 @@ pub fn inspect(body: &[u8], config_path: Option<&Path>) -> Result<String, Comman
     if let Some(path) = config_path {
         let file = storerelay_config::load(path)?;
         let runtime = config::resolve(file, None, &Metrics::default());
-        let verdict = match (runtime.verifier.mode, runtime.verifier.check(&notification)) {
+        let verdict = match (runtime.verifier.mode, runtime.verifier.check(&notification, body)) {
             (storerelay_config::VerifyMode::Off, _) => "not checked (verify.mode: off)".to_string(),
             (_, Ok(())) => "passes".to_string(),
             (mode, Err(reason)) => {
