@@ -371,7 +371,7 @@ mod tests {
         let jws = text.split('"').nth(3).unwrap();
         assert_eq!(signed_payload(&body).as_deref(), Some(jws));
         assert!(matches!(signed_payload(&body), Some(Cow::Borrowed(_))), "not copied out of the body");
-        let escaped = format!(r#"{{"signedPayload":"{}"}}"#, jws.replace('.', r"."));
+        let escaped = format!(r#"{{"signedPayload":"{}"}}"#, jws.replace('.', r"\u002e"));
         assert_eq!(signed_payload(escaped.as_bytes()).as_deref(), Some(jws), "JSON escapes are undone");
         assert_eq!(signed_payload(br#"{"signedPayload":7}"#), None);
         assert_eq!(signed_payload(br#"{"notification_type":"RENEWAL"}"#), None);
