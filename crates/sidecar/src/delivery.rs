@@ -155,8 +155,8 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Finished>();
     let mut client: Option<(Arc<ResolvedDestination>, reqwest::Client)> = None;
     let mut hand_off: Option<HandOff> = None;
-    // Due rows fetched ahead for the next free slots, oldest first. Like rows in flight, they are
-    // left out of later queries until started (see `DueQuery::attempting`).
+    // Due rows fetched ahead for the next free slots, oldest first. No due query runs while any wait
+    // here, so no reply can bring one of them again.
     let mut ready: VecDeque<DueDelivery> = VecDeque::new();
     // Whether the spool may hold due rows this dispatcher has not seen; at start, any backlog.
     let mut look = true;
