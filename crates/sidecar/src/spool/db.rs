@@ -410,8 +410,8 @@ impl SpoolDb {
     }
 
     /// Whether the next commits must survive a power loss as `spool.sync` says (batches that store
-    /// notifications), or may be flushed with the next such commit (batches that only record delivery
-    /// outcomes or prune: losing one to a power cut means a repeated delivery, never a lost
+    /// notifications or prune), or may be flushed with the next such commit (batches that only record
+    /// delivery outcomes: losing one to a power cut means a repeated delivery, never a lost
     /// notification). In WAL mode a later flushed commit flushes every earlier one with it.
     pub fn flush_commits(&self, as_configured: bool) -> Result<()> {
         if self.flushing.get() == as_configured || self.sync == SyncMode::Normal {
@@ -852,18 +852,16 @@ impl SpoolDb {
         Ok(unreferenced)
     }
 
-    /// [`SpoolDb::used_bytes`] once the segments no row refers to now are deleted: what rows dropped
-    /// inside a transaction free, before [`SpoolDb::delete_unreferenced_segments`] can run.
-    /// The segment being appended to is counted still: the next logged body goes there.
+    /// [`SpoolDb::used_bytes`] once the segments no row refers to now are let go of: what rows
+    /// dropped inside a transaction free, before [`SpoolDb::delete_unreferenced_segments`] can run.
+    /// The segment being appended to and the one kept as the free segment are counted still.
     pub fn used_bytes_after_sweep(&self) -> Result<u64> {
-        let appending = self.bodies.borrow().appending();
         let unreferenced = self.unreferenced_segments()?;
-        let unreferenced: u64 =
-            unreferenced.iter().filter(|(segment, _)| Some(*segment) != appending).map(|(_, len)| len).sum();
-        Ok(self.used_bytes()?.saturating_sub(unreferenced))
+        let freed = self.bodies.borrow().bytes_freed(&unreferenced);
+        Ok(self.used_bytes()?.saturating_sub(freed))
     }
 
-    /// Deletes the body-log segments no committed row refers to. Only outside a transaction (a
+    /// Lets go of the body-log segments no committed row refers to ([`BodyLog::delete`]). Only outside a transaction (a
     /// rolled-back delete would bring back rows that refer to them), and only by the writer: a `spool`
     /// tool beside it could see the segment the writer is appending to before its rows commit.
     pub fn delete_unreferenced_segments(&self) -> Result<usize> {
@@ -1219,14 +1217,35 @@ mod tests {
         let before = db.used_bytes().unwrap();
         assert_eq!(db.used_bytes_after_sweep().unwrap(), before, "the segment being appended to is not freed");
         db.set_segment_bytes(1);
-        db.insert_logged(3_000, "/apple", b"next", &dests(&["a"])).unwrap();
+        let next = db.insert_logged(3_000, "/apple", b"next", &dests(&["a"])).unwrap();
         let before = db.used_bytes().unwrap();
-        assert_eq!(db.used_bytes_after_sweep().unwrap(), before - 60_000, "an emptied segment's room counts at once");
+        assert_eq!(db.used_bytes_after_sweep().unwrap(), before, "segment 1 will be the free one: it still counts");
         db.commit().unwrap();
-        assert_eq!(segment_files(&dir), [1, 2], "nothing is deleted before the commit");
+        assert_eq!(segment_files(&dir), [1, 2], "nothing is let go of before the commit");
         assert_eq!(db.delete_unreferenced_segments().unwrap(), 1);
         assert_eq!(segment_files(&dir), [2]);
+        assert_eq!(db.used_bytes().unwrap(), before);
+
+        db.begin().unwrap();
+        let recycled = db.insert_logged(4_000, "/apple", b"in segment 1's file", &dests(&["a"])).unwrap();
+        let last = db.insert_logged(4_000, "/apple", b"last", &dests(&["a"])).unwrap();
+        assert_eq!(segment_files(&dir), [2, 3, 4]);
+        assert_eq!(db.notification_body(recycled).unwrap().unwrap(), b"in segment 1's file");
+        for id in [next, recycled] {
+            db.record("a", id, 5_000, &Outcome::Delivered { status: 200 }).unwrap();
+        }
+        assert_eq!(db.prune_delivered(6_000, 100).unwrap(), 2);
+        let before = db.used_bytes().unwrap();
+        assert_eq!(
+            db.used_bytes_after_sweep().unwrap(),
+            before - 60_000,
+            "with segment 2 to be the free one, segment 3 (segment 1's file) is given back at once"
+        );
+        db.commit().unwrap();
+        assert_eq!(db.delete_unreferenced_segments().unwrap(), 2);
+        assert_eq!(segment_files(&dir), [4]);
         assert_eq!(db.used_bytes().unwrap(), before - 60_000);
+        assert_eq!(db.notification_body(last).unwrap().unwrap(), b"last");
     }
 
     #[test]

@@ -388,10 +388,12 @@ struct Space {
 /// only the insert that did not fit.
 fn run_writes(db: &SpoolDb, writes: Vec<Op>, shared: &Shared, log_bodies: bool) {
     let mut owed: Vec<Owed> = Vec::with_capacity(writes.len());
-    // Only a batch that stores notifications is owed the configured fsync before its replies.
-    let stores = writes.iter().any(|op| matches!(op, Op::Insert { .. }));
+    // Only a batch that stores notifications is owed the configured fsync before its replies, and
+    // one that prunes: the segments its dropped rows emptied are let go right after it, and a power
+    // cut that took back an unflushed prune would bring back rows whose bodies are gone.
+    let flushed = writes.iter().any(|op| matches!(op, Op::Insert { .. } | Op::Prune { .. }));
     let mut failure: Option<SpoolError> =
-        db.flush_commits(stores).and_then(|()| db.begin()).err().map(|f| shared.error(f));
+        db.flush_commits(flushed).and_then(|()| db.begin()).err().map(|f| shared.error(f));
     let mut space = Space { stored: shared.stored_bytes.load(Ordering::Relaxed), log_bodies, dropped: false };
     let mut inserted: Vec<(Stored, NewNotification)> = Vec::new();
     let now = now_ms();
@@ -715,10 +717,21 @@ mod tests {
         }
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         let stored = spool.insert(new("/", body(9), &["d"])).await.unwrap();
-        assert_eq!(segments(), [3], "the segments the evicted rows emptied are deleted after the commit");
-        assert!(spool.stored_bytes() < 200 << 10, "their room is given back: {}", spool.stored_bytes());
+        assert_eq!(segments(), [3], "the segments the evicted rows emptied are let go of after the commit");
+        let free = dir.path().join("s.db-body-free-0000000001");
+        assert!(free.exists(), "segment 1 is kept as the free segment; 2 is deleted");
+        let room = (400 << 10) - spool.stored_bytes();
+        assert!(room >= 70 << 10, "room for another body, the free segment counted: {room}");
         let due = spool.read(|db| db.due("d", i64::MAX, 10, &[])).await.unwrap();
         assert_eq!((due.len(), due[0].notification_id, &due[0].body), (1, stored.notification_id, &body(9)));
+
+        // Segment 3 holds two bodies now: the next one goes to segment 4, in segment 1's file.
+        let next = spool.insert(new("/", body(8), &["d"])).await.unwrap();
+        assert_eq!(segments(), [3, 4]);
+        assert!(!free.exists());
+        let due = spool.read(|db| db.due("d", i64::MAX, 10, &[])).await.unwrap();
+        assert_eq!((due[1].notification_id, &due[1].body), (next.notification_id, &body(8)));
+        assert!(spool.stored_bytes() <= 400 << 10);
     }
 
     #[tokio::test]
@@ -747,6 +760,14 @@ mod tests {
         assert_eq!(spool.read(|db| Ok(db.synchronous())).await.unwrap(), 1, "an outcome alone commits with NORMAL");
         spool.insert(new("/", Bytes::from_static(b"{}"), &["d"])).await.unwrap();
         assert_eq!(spool.read(|db| Ok(db.synchronous())).await.unwrap(), 2, "and the next insert with FULL again");
+        spool.record("d".into(), id, Outcome::Delivered { status: 200 }).await.unwrap();
+        let policy = PrunePolicy { delivered_before: 0, dedupe_before: 0, unfinishable_before: 0, configured: vec![] };
+        spool.prune(policy).await.unwrap();
+        assert_eq!(
+            spool.read(|db| Ok(db.synchronous())).await.unwrap(),
+            2,
+            "a prune with FULL: the segments it empties go right after it"
+        );
     }
 
     /// Polls `future` once, so whatever it does before its first wait has happened; its output if
