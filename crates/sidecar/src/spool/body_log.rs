@@ -19,7 +19,9 @@
 //! flush also writes the file's metadata; overwriting blocks a full segment already has writes only
 //! the data. A spool at its `maxBytes` (where every spool with the default 7-day `retainDelivered`
 //! ends up) lets go of a segment for every one it fills, so a burst into it appends to recycled files
-//! only. The free segment's bytes count against `maxBytes` like any other's.
+//! only. The free segment's bytes count against `maxBytes` like any other's. A `spool` tool beside
+//! the writer that kept a segment open across its reuse could read the new bytes where a deleted file
+//! would still have given the old; tools run for seconds, and nothing they read is delivered.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -217,7 +219,7 @@ impl BodyLog {
 
     /// Whether a segment of `len` bytes let go now would be kept as the free segment: none is kept
     /// yet, and it is long enough that the next segment never appends past its end.
-    pub fn would_keep(&self, len: u64) -> bool {
+    fn would_keep(&self, len: u64) -> bool {
         self.free.is_none() && len >= self.segment_bytes
     }
 
