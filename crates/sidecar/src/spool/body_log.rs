@@ -227,16 +227,12 @@ impl BodyLog {
     /// kept as the free segment nor the one being appended to (the next body goes there, or to the
     /// segment that follows it).
     pub fn bytes_freed(&self, segments: &[(i64, u64)]) -> u64 {
-        let mut keeps = self.free.is_none();
-        let mut freed = 0;
-        for &(segment, len) in segments {
-            if keeps && len >= self.segment_bytes {
-                keeps = false;
-            } else if Some(segment) != self.appending() {
-                freed += len;
-            }
-        }
-        freed
+        let kept = segments.iter().position(|(_, len)| self.would_keep(*len));
+        let freed = segments
+            .iter()
+            .enumerate()
+            .filter(|(index, (segment, _))| Some(*index) != kept && Some(*segment) != self.appending());
+        freed.map(|(_, (_, len))| len).sum()
     }
 
     /// Lets go of a segment no row refers to: it becomes the free segment ([`BodyLog::would_keep`])
