@@ -38,7 +38,7 @@ pub enum StartError {
     #[error("cannot listen on {address} ({key}): {source}")]
     Bind { key: &'static str, address: std::net::SocketAddr, source: std::io::Error },
     #[error("cannot build the HTTP client: {0}")]
-    Client(#[source] reqwest::Error),
+    Client(#[source] rustls::Error),
     #[error("cannot start a thread: {0}")]
     Thread(#[source] std::io::Error),
 }
@@ -229,7 +229,7 @@ async fn drain_until(
     while tokio::time::Instant::now() < deadline {
         let horizon = now_ms() + deadline.saturating_duration_since(tokio::time::Instant::now()).as_millis() as i64;
         let deliverable: Vec<String> =
-            config.borrow().destinations.iter().filter(|d| d.url.is_some()).map(|d| d.name.clone()).collect();
+            config.borrow().destinations.iter().filter(|d| d.uri.is_some()).map(|d| d.name.clone()).collect();
         let due_soon =
             !spool.shared() && spool.earliest_due(deliverable).await.ok().flatten().is_some_and(|at| at <= horizon);
         if in_flight.load(Ordering::SeqCst) == 0 && !due_soon {

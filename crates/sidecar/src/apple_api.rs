@@ -2,7 +2,7 @@
 //! the spool holds.
 //!
 //! `app-store-server-library` builds each request and signs its ES256 JWT with the in-app purchase key;
-//! [`HttpTransport`] sends it on the sidecar's own reqwest (one TLS stack), to `baseUrl` when one is set,
+//! [`HttpTransport`] sends it on the sidecar's own HTTP client (one TLS stack), to `baseUrl` when one is set,
 //! paced to Apple's rate limits, waiting out a `429`'s `Retry-After`. The key and the tokens never
 //! appear in an error, a log line or printed output: errors say which request, Apple's status and code,
 //! and what to check.
@@ -16,6 +16,8 @@ use app_store_server_library::crypto::CryptoProvider;
 use app_store_server_library::models::app_store_environment::Environment as LibraryEnvironment;
 use app_store_server_library::models::notification_history_request::NotificationHistoryRequest;
 use app_store_server_library::models::send_attempt_item::SendAttemptItem;
+use bytes::Bytes;
+use http_body_util::Full;
 use storerelay_config::{ApiEnvironment, AppStoreServerApi};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -25,6 +27,7 @@ use prometheus_client::metrics::family::Family;
 
 use crate::apple::{self, Notification};
 use crate::metrics::{ApiRequest, Metrics};
+use crate::outbound;
 use crate::retry::parse_retry_after;
 
 /// The most history pages one listing reads (20 notifications each): a bound, not a limit Apple sets.
@@ -305,9 +308,11 @@ fn refused(endpoint: Endpoint, error: &AppStoreServerApiClientError) -> ApiError
     }
 }
 
-/// Sends the library's requests with reqwest.
+/// Sends the library's requests with the sidecar's own client ([`outbound`]).
 pub struct HttpTransport {
-    http: reqwest::Client,
+    http: outbound::Client,
+    /// For each request, from the first byte sent to the last byte of the answer.
+    timeout: Duration,
     /// `baseUrl` without a trailing `/`, replacing Apple's host; `None`: the library's URL as built.
     base_url: Option<String>,
     environment: ApiEnvironment,
@@ -320,14 +325,11 @@ impl HttpTransport {
     /// Counts each request in `requests` by endpoint and status.
     pub fn new(config: &AppStoreServerApi, requests: Family<ApiRequest, Counter>) -> Result<HttpTransport, ApiError> {
         let timeout = config.timeout.get();
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .build()
+        let http = outbound::client(timeout.min(Duration::from_secs(5)), 1)
             .map_err(|e| ApiError::Transport { endpoint: Endpoint::Other, message: e.to_string() })?;
         Ok(HttpTransport {
             http,
+            timeout,
             base_url: config.base_url.as_deref().map(|u| u.trim_end_matches('/').to_string()),
             environment: config.environment,
             next_slot: Mutex::default(),
@@ -361,29 +363,30 @@ impl Transport for HttpTransport {
             Some(base) => format!("{base}{path_and_query}"),
             None => parts.uri.to_string(),
         };
+        // `baseUrl` is checked at load; the message holds the parser's reason, not the URL.
+        let uri = http::Uri::try_from(url)
+            .map_err(|e| TransportError::NetworkError(format!("not a valid request URI: {e}")))?;
+        let body = Bytes::from(body);
         let mut rate_limited = 0;
         loop {
             self.pace(endpoint).await;
-            let response = self
-                .http
-                .request(parts.method.clone(), &url)
-                .headers(parts.headers.clone())
-                .body(body.clone())
-                .send()
+            let mut request = http::Request::new(Full::new(body.clone()));
+            *request.method_mut() = parts.method.clone();
+            *request.uri_mut() = uri.clone();
+            *request.headers_mut() = parts.headers.clone();
+            let (answer, bytes) = outbound::exchange(&self.http, request, self.timeout)
                 .await
-                .inspect(|response| self.count(endpoint, response.status().as_str()))
-                .map_err(|e| {
+                .inspect(|(answer, _)| self.count(endpoint, answer.status.as_str()))
+                .map_err(|failure| {
                     self.count(endpoint, "error");
-                    if e.is_timeout() {
-                        TransportError::Timeout
-                    } else {
-                        TransportError::NetworkError(e.without_url().to_string())
+                    match failure {
+                        outbound::Failure::Timeout => TransportError::Timeout,
+                        failure => TransportError::NetworkError(failure.describe().to_string()),
                     }
                 })?;
-            let status = response.status();
-            if status == http::StatusCode::TOO_MANY_REQUESTS && rate_limited < MAX_RATE_LIMITED_RETRIES {
-                let wait = response
-                    .headers()
+            if answer.status == http::StatusCode::TOO_MANY_REQUESTS && rate_limited < MAX_RATE_LIMITED_RETRIES {
+                let wait = answer
+                    .headers
                     .get(http::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| parse_retry_after(v, SystemTime::now()))
@@ -395,13 +398,7 @@ impl Transport for HttpTransport {
                     continue;
                 }
             }
-            let mut answer = http::Response::builder().status(status);
-            for (name, value) in response.headers() {
-                answer = answer.header(name, value);
-            }
-            let bytes =
-                response.bytes().await.map_err(|e| TransportError::NetworkError(e.without_url().to_string()))?;
-            return answer.body(bytes.to_vec()).map_err(|e| TransportError::InvalidResponse(e.to_string()));
+            return Ok(http::Response::from_parts(answer, bytes.to_vec()));
         }
     }
 }

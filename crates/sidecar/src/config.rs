@@ -10,12 +10,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use storerelay_config::{ConfigError, RetryPolicy, SidecarConfig, VerifyMode, check_http_url, redact_url};
 use tokio::sync::watch;
 
 use crate::apple::Notification;
 use crate::metrics::Metrics;
+use crate::outbound::{self, AppTarget};
 use crate::verify::Verifier;
 
 /// Why a destination's secrets cannot be used. Never contains the URL or a header value.
@@ -29,6 +30,9 @@ pub enum SecretError {
     UrlFile { file: PathBuf, problem: storerelay_config::UrlProblem },
     #[error("url: {0}")]
     Url(url::ParseError),
+    /// The `http` crate's reason, as text: its error type is neither `Clone` nor `Eq`.
+    #[error("url: not usable as a request target ({0})")]
+    Uri(String),
     #[error("headersFile {}: not a YAML or JSON map of header names to strings", file.display())]
     HeadersFile { file: PathBuf },
     #[error("header `{0}`: invalid name")]
@@ -44,7 +48,7 @@ pub enum SecretError {
 pub struct ResolvedDestination {
     pub name: String,
     /// `None` while its `urlFile` cannot be read: its deliveries wait in the spool.
-    pub url: Option<reqwest::Url>,
+    pub uri: Option<http::Uri>,
     /// `scheme://host[:port]`: the only form of the URL that is ever shown.
     pub display: String,
     pub headers: HeaderMap,
@@ -60,6 +64,9 @@ pub struct RuntimeConfig {
     pub file: SidecarConfig,
     pub destinations: Vec<Arc<ResolvedDestination>>,
     pub verifier: Arc<Verifier>,
+    /// Where proxy mode sends requests: `upstream.url` as a request target; `None` without an
+    /// upstream, or if its URL cannot be one (then each request is answered 503, and the start says why).
+    pub app: Option<AppTarget>,
     /// The V1 shared secret in force (from `v1Password` or `v1PasswordFile`).
     v1_password: Option<String>,
     /// Why `v1PasswordFile` could not be read, if it could not.
@@ -132,20 +139,20 @@ pub fn resolve(file: SidecarConfig, previous: Option<&RuntimeConfig>, metrics: &
         .map(|d| {
             let earlier = previous.and_then(|p| p.destination(&d.name));
             let resolved = resolve_destination(d);
-            let (url, display, headers, problem) = match resolved {
-                Ok((url, headers)) => (Some(url.clone()), redact_url(url.as_str()), headers, None),
+            let (uri, display, headers, problem) = match resolved {
+                Ok((url, uri, headers)) => (Some(uri), redact_url(url.as_str()), headers, None),
                 Err(problem) => {
                     metrics.count_secret_error(&d.name);
                     tracing::error!(destination = %d.name, problem = %problem, "destination secrets unusable; its deliveries wait in the spool");
-                    match earlier.filter(|e| e.url.is_some()) {
-                        Some(e) => (e.url.clone(), e.display.clone(), e.headers.clone(), Some(format!("{problem} (using the previous values)"))),
+                    match earlier.filter(|e| e.uri.is_some()) {
+                        Some(e) => (e.uri.clone(), e.display.clone(), e.headers.clone(), Some(format!("{problem} (using the previous values)"))),
                         None => (None, "<unresolved>".to_string(), HeaderMap::new(), Some(problem.to_string())),
                     }
                 }
             };
             Arc::new(ResolvedDestination {
                 name: d.name.clone(),
-                url,
+                uri,
                 display,
                 headers,
                 timeout: d.timeout.get(),
@@ -155,10 +162,17 @@ pub fn resolve(file: SidecarConfig, previous: Option<&RuntimeConfig>, metrics: &
             })
         })
         .collect();
-    RuntimeConfig { file, destinations, verifier, v1_password, v1_password_problem }
+    let app = file.upstream.as_ref().and_then(|upstream| match AppTarget::parse(&upstream.url) {
+        Ok(app) => Some(app),
+        Err(problem) => {
+            tracing::error!(%problem, "upstream.url cannot be a request target; notifications are answered 503");
+            None
+        }
+    });
+    RuntimeConfig { file, destinations, verifier, app, v1_password, v1_password_problem }
 }
 
-fn resolve_destination(d: &storerelay_config::Destination) -> Result<(reqwest::Url, HeaderMap), SecretError> {
+fn resolve_destination(d: &storerelay_config::Destination) -> Result<(url::Url, http::Uri, HeaderMap), SecretError> {
     let url_text = match (&d.url, &d.url_file) {
         (Some(url), _) => url.clone(),
         (None, Some(file)) => read_secret(file)?.trim().to_string(),
@@ -167,7 +181,8 @@ fn resolve_destination(d: &storerelay_config::Destination) -> Result<(reqwest::U
     if let Some(file) = &d.url_file {
         check_http_url(&url_text, true).map_err(|problem| SecretError::UrlFile { file: file.clone(), problem })?;
     }
-    let url = reqwest::Url::parse(&url_text).map_err(SecretError::Url)?;
+    let url = url::Url::parse(&url_text).map_err(SecretError::Url)?;
+    let uri = outbound::destination_uri(&url).map_err(|e| SecretError::Uri(e.to_string()))?;
 
     let mut pairs: BTreeMap<String, String> = d.headers.clone();
     if let Some(file) = &d.headers_file {
@@ -186,7 +201,7 @@ fn resolve_destination(d: &storerelay_config::Destination) -> Result<(reqwest::U
         header_value.set_sensitive(true);
         headers.insert(header_name, header_value);
     }
-    Ok((url, headers))
+    Ok((url, uri, headers))
 }
 
 fn read_secret(path: &Path) -> Result<String, SecretError> {
@@ -334,7 +349,7 @@ mod tests {
         ));
         let resolved = resolve(config, None, &Metrics::default());
         let rc = &resolved.destinations[0];
-        assert_eq!(rc.url.as_ref().unwrap().as_str(), "https://hooks.example.invalid/v1/TOKEN");
+        assert_eq!(rc.uri.as_ref().unwrap().to_string(), "https://hooks.example.invalid/v1/TOKEN");
         assert_eq!(rc.display, "https://hooks.example.invalid");
         assert_eq!(rc.headers["authorization"], "Bearer s3cret");
         assert_eq!(rc.headers["x-source"], "storerelay");
@@ -352,7 +367,7 @@ mod tests {
         let resolved = resolve(config, None, &Metrics::default());
         let problem = resolved.destinations[0].problem.clone().expect("a problem");
         assert!(problem.contains("content-type") && problem.contains("storerelay sets"), "{problem}");
-        assert!(resolved.destinations[0].url.is_none(), "not delivered with a changed Content-Type");
+        assert!(resolved.destinations[0].uri.is_none(), "not delivered with a changed Content-Type");
     }
 
     #[test]
@@ -364,7 +379,7 @@ mod tests {
         let resolved = resolve(config.clone(), None, &metrics);
         let problem = resolved.destinations[0].problem.clone().unwrap();
         assert!(problem.contains("cannot read") && problem.contains("url"), "{problem}");
-        assert!(resolved.destinations[0].url.is_none());
+        assert!(resolved.destinations[0].uri.is_none());
         assert_eq!(
             metrics.secret_file_errors.get_or_create(&crate::metrics::Destination { destination: "rc".into() }).get(),
             1
@@ -378,7 +393,7 @@ mod tests {
         let kept = resolve(config, Some(&good), &metrics);
         let problem = kept.destinations[0].problem.clone().unwrap();
         assert!(!problem.contains("SECRET"), "{problem}");
-        assert_eq!(kept.destinations[0].url.as_ref().unwrap().as_str(), "https://a.example.invalid/SECRET");
+        assert_eq!(kept.destinations[0].uri.as_ref().unwrap().to_string(), "https://a.example.invalid/SECRET");
     }
 
     #[tokio::test]

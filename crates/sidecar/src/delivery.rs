@@ -11,13 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT as USER_AGENT_HEADER};
+use http_body_util::{BodyExt, Full};
 use storerelay_runtime::CancellationToken;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::clock::now_ms;
 use crate::config::{ResolvedDestination, RuntimeConfig};
 use crate::metrics::Metrics;
+use crate::outbound;
 use crate::retry::{self, AttemptResult};
 use crate::spool::{DueBatch, DueDelivery, DueQuery, HandOff, Outcome, Spool, SpoolBackend};
 
@@ -153,7 +155,7 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
     let mut config = delivery.config.clone();
     let mut in_flight: HashSet<i64> = HashSet::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Finished>();
-    let mut client: Option<(Arc<ResolvedDestination>, reqwest::Client)> = None;
+    let mut client: Option<(Arc<ResolvedDestination>, outbound::Client)> = None;
     let mut hand_off: Option<HandOff> = None;
     // Due rows fetched ahead for the next free slots, oldest first. No due query runs while any wait
     // here, so no reply can bring one of them again.
@@ -180,7 +182,7 @@ async fn dispatch(name: String, delivery: Delivery, stop: CancellationToken) {
             hand_off = delivery.spool.hand_off(&name, destination.concurrency * HAND_OFF_PER_SLOT);
             look = true;
         }
-        let http = client.as_ref().filter(|_| destination.url.is_some()).map(|(_, http)| http.clone());
+        let http = client.as_ref().filter(|_| destination.uri.is_some()).map(|(_, http)| http.clone());
         let start = |row: DueDelivery, in_flight: &mut HashSet<i64>| {
             let Some(http) = http.clone() else { return };
             in_flight.insert(row.notification_id);
@@ -339,14 +341,8 @@ fn pick(
     (picked, rest)
 }
 
-fn build_client(destination: &ResolvedDestination) -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(destination.timeout)
-        .connect_timeout(destination.timeout.min(Duration::from_secs(5)))
-        .user_agent(USER_AGENT)
-        .pool_max_idle_per_host(destination.concurrency)
-        .build()
+fn build_client(destination: &ResolvedDestination) -> Result<outbound::Client, rustls::Error> {
+    outbound::client(destination.timeout.min(Duration::from_secs(5)), destination.concurrency)
 }
 
 /// One POST of the stored bytes, its outcome recorded in the spool, counted and logged. Returns whether
@@ -354,15 +350,15 @@ fn build_client(destination: &ResolvedDestination) -> reqwest::Result<reqwest::C
 async fn attempt(
     delivery: &Delivery,
     destination: &ResolvedDestination,
-    http: &reqwest::Client,
+    http: &outbound::Client,
     row: DueDelivery,
     stop: &CancellationToken,
 ) -> bool {
-    let Some(url) = destination.url.clone() else {
+    let Some(uri) = destination.uri.clone() else {
         return false;
     };
     let started = Instant::now();
-    let result = post(http, url, destination, row.body).await;
+    let result = post(http, uri, destination, row.body).await;
     let took = started.elapsed();
     let outcome = retry::decide(&result, &destination.retry, row.attempts, row.received_at, now_ms(), fastrand::f64());
 
@@ -445,18 +441,25 @@ async fn record(
     }
 }
 
+/// POSTs the stored bytes with the destination's headers. The status decides the outcome; the answer's
+/// body is read only so that the connection can be used again.
 async fn post(
-    http: &reqwest::Client,
-    url: reqwest::Url,
+    http: &outbound::Client,
+    uri: http::Uri,
     destination: &ResolvedDestination,
     body: Bytes,
 ) -> AttemptResult {
-    let request = http
-        .post(url)
-        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-        .headers(destination.headers.clone())
-        .body(body);
-    match request.send().await {
+    let mut request = http::Request::new(Full::new(body));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(USER_AGENT_HEADER, HeaderValue::from_static(USER_AGENT));
+    for (name, value) in &destination.headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    let deadline = tokio::time::Instant::now() + destination.timeout;
+    match outbound::send(http, request, destination.timeout).await {
         Ok(response) => {
             let status = response.status().as_u16();
             let retry_after = response
@@ -464,24 +467,12 @@ async fn post(
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| retry::parse_retry_after(v, SystemTime::now()));
-            // Read the answer so the connection can be reused; its content does not matter.
-            let _ = response.bytes().await;
+            let _ = tokio::time::timeout_at(deadline, response.into_body().collect()).await;
             AttemptResult::Response { status, retry_after }
         }
-        Err(error) if error.is_timeout() => AttemptResult::Timeout,
-        Err(error) => AttemptResult::Failed(describe_error(&error)),
+        Err(outbound::Failure::Timeout) => AttemptResult::Timeout,
+        Err(failure) => AttemptResult::Failed(failure.describe().to_string()),
     }
-}
-
-/// The error's kind and innermost cause, without the URL reqwest would print.
-fn describe_error(error: &reqwest::Error) -> String {
-    let kind = if error.is_connect() { "connect error" } else { "request error" };
-    let mut source: &dyn std::error::Error = error;
-    while let Some(next) = source.source() {
-        source = next;
-    }
-    let cause = source.to_string();
-    if cause.contains("://") { kind.to_string() } else { format!("{kind}: {cause}") }
 }
 
 #[cfg(test)]

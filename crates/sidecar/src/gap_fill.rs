@@ -12,6 +12,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+use http_body_util::Full;
 use storerelay_config::{GapFillScope, SidecarConfig};
 use storerelay_runtime::CancellationToken;
 use tokio::sync::watch;
@@ -19,6 +21,7 @@ use tokio::sync::watch;
 use crate::apple_api::{AppleApi, HistoryItem};
 use crate::config::RuntimeConfig;
 use crate::metrics::Metrics;
+use crate::outbound;
 use crate::spool::{Spool, SpoolBackend};
 
 /// Marks a replayed notification for the app: `history`. Destinations get the body alone, as always.
@@ -51,14 +54,38 @@ pub fn replay_url(listen: SocketAddr, config: &SidecarConfig) -> String {
     format!("http://{}{path}", SocketAddr::new(ip, listen.port()))
 }
 
-/// The client replays are posted with: no proxy (it is our own listener), the app's time to answer.
-pub fn replay_client(config: &SidecarConfig) -> reqwest::Result<reqwest::Client> {
-    let app_timeout = config.upstream.as_ref().map_or(Duration::from_secs(5), |u| u.timeout.get());
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(app_timeout + config.ack_timeout.get() + Duration::from_secs(5))
-        .build()
+/// Posts replays to the sidecar's own listener ([`replay_url`]), allowing each the app's time to answer
+/// and `ackTimeout`.
+pub struct Replayer {
+    http: outbound::Client,
+    uri: http::Uri,
+    timeout: Duration,
+}
+
+impl Replayer {
+    pub fn new(listen: SocketAddr, config: &SidecarConfig) -> Result<Replayer, String> {
+        let app_timeout = config.upstream.as_ref().map_or(Duration::from_secs(5), |u| u.timeout.get());
+        let http =
+            outbound::client(Duration::from_secs(2), 1).map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        // Our own address and a checked path: not a secret, and only unusable for a path that is no URI.
+        let uri = http::Uri::try_from(replay_url(listen, config))
+            .map_err(|e| format!("the notification path cannot be posted to: {e}"))?;
+        Ok(Replayer { http, uri, timeout: app_timeout + config.ack_timeout.get() + Duration::from_secs(5) })
+    }
+
+    /// Posts Apple's body, byte for byte, to the sidecar's front door.
+    pub async fn replay(&self, item: &HistoryItem) -> Replayed {
+        let mut request = http::Request::new(Full::new(Bytes::from(item.body.clone())));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = self.uri.clone();
+        let headers = request.headers_mut();
+        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        headers.insert(REPLAY_HEADER, http::HeaderValue::from_static("history"));
+        match outbound::exchange(&self.http, request, self.timeout).await {
+            Ok((answer, _)) => Replayed::Answered(answer.status.as_u16()),
+            Err(failure) => Replayed::Failed(failure.describe().to_string()),
+        }
+    }
 }
 
 /// How one replay went: the sidecar's answer (2xx: stored, and accepted by the app in proxy mode), or
@@ -82,21 +109,6 @@ impl std::fmt::Display for Replayed {
             Replayed::Answered(status) => write!(f, "not replayed: the sidecar answered {status}"),
             Replayed::Failed(why) => write!(f, "not replayed: {why}"),
         }
-    }
-}
-
-/// Posts Apple's body, byte for byte, to the sidecar's front door.
-pub async fn replay(http: &reqwest::Client, url: &str, item: &HistoryItem) -> Replayed {
-    let sent = http
-        .post(url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .header(REPLAY_HEADER, "history")
-        .body(item.body.clone())
-        .send()
-        .await;
-    match sent {
-        Ok(response) => Replayed::Answered(response.status().as_u16()),
-        Err(error) => Replayed::Failed(error.without_url().to_string()),
     }
 }
 
@@ -182,11 +194,10 @@ pub async fn run_once(
     let window_start = file.dedupe_since(crate::clock::now_ms()).unwrap_or(i64::MIN);
     let seen = spool.seen(keys(&items), window_start).await.map_err(|e| e.to_string())?;
     let missing = missing(&items, &seen);
-    let http = replay_client(file).map_err(|e| e.to_string())?;
-    let url = replay_url(listen, file);
+    let replayer = Replayer::new(listen, file)?;
     let mut report = RunReport { listed: items.len(), missing: missing.len(), ..RunReport::default() };
     for item in missing {
-        let outcome = replay(&http, &url, item).await;
+        let outcome = replayer.replay(item).await;
         tracing::info!(uuid = item.notification.uuid.as_deref(), r#type = item.notification.notification_type.as_deref(),
             outcome = %outcome, "gap-fill: replay");
         if outcome.stored() {

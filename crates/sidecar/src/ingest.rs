@@ -13,7 +13,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full};
 use storerelay_config::{AckMode, Limits, UnknownBodies, VerifyMode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
@@ -22,6 +22,7 @@ use crate::clock::now_ms;
 use crate::config::RuntimeConfig;
 use crate::delivery::Waiters;
 use crate::metrics::Metrics;
+use crate::outbound::{self, AppTarget};
 use crate::spool::{DeliveryCounts, NewNotification, Spool, SpoolBackend};
 use crate::verify::Reason;
 
@@ -36,19 +37,15 @@ pub struct IngestState {
     /// Body bytes held by requests being handled (`limits.maxBufferedBytes`).
     pub body_budget: Arc<BodyBudget>,
     /// The client for the app container: no redirects, no proxy, timeouts per request.
-    pub upstream: reqwest::Client,
+    pub upstream: outbound::Client,
 }
 
 pub fn router(state: Arc<IngestState>) -> Router {
     Router::new().fallback(receive).with_state(state)
 }
 
-pub fn upstream_client() -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .connect_timeout(Duration::from_secs(2))
-        .build()
+pub fn upstream_client() -> Result<outbound::Client, rustls::Error> {
+    outbound::client(Duration::from_secs(2), usize::MAX)
 }
 
 fn json(status: StatusCode, body: &'static str) -> Response {
@@ -103,12 +100,7 @@ async fn receive(State(state): State<Arc<IngestState>>, request: Request) -> Res
     });
     let (stored, app_answer) = match &config.file.upstream {
         Some(upstream) => {
-            let url = format!(
-                "{}{}",
-                upstream.url.trim_end_matches('/'),
-                parts.uri.path_and_query().map_or("/", |p| p.as_str())
-            );
-            let forward = forward(&state, url, upstream.timeout.get(), &parts.method, &parts.headers, body.clone());
+            let forward = forward(&state, config.app.as_ref(), upstream.timeout.get(), &parts, body.clone());
             let (stored, answer) = tokio::join!(store, forward);
             (stored, Some(answer))
         }
@@ -431,43 +423,40 @@ fn is_end_to_end(name: &HeaderName) -> bool {
 /// a 4xx.
 async fn forward(
     state: &IngestState,
-    url: String,
+    app: Option<&AppTarget>,
     timeout: Duration,
-    method: &Method,
-    headers: &HeaderMap,
+    received: &axum::http::request::Parts,
     body: Bytes,
 ) -> Response {
-    let mut request = state.upstream.request(method.clone(), url).timeout(timeout).body(body);
-    for (name, value) in headers.iter().filter(|(name, _)| is_end_to_end(name)) {
-        request = request.header(name, value);
-    }
-    let answer = match request.send().await {
-        Ok(answer) => answer,
-        Err(error) => {
-            let code = if error.is_timeout() { "timeout" } else { "unreachable" };
-            state.metrics.count_upstream(code);
-            tracing::warn!(upstream = code, "app did not answer; answering 503");
-            return json(StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"app unavailable, retry"}"#);
-        }
+    let unavailable = |code: &'static str| {
+        state.metrics.count_upstream(code);
+        tracing::warn!(upstream = code, "app did not answer; answering 503");
+        json(StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"app unavailable, retry"}"#)
     };
-    let status = answer.status();
-    state.metrics.count_upstream(status.as_str());
-    let mut response_headers = HeaderMap::new();
-    for (name, value) in answer.headers().iter().filter(|(name, _)| is_end_to_end(name)) {
-        response_headers.append(name.clone(), value.clone());
+    let Some(uri) = app.and_then(|app| app.uri(received.uri.path_and_query()).ok()) else {
+        return unavailable("unreachable");
+    };
+    let mut request = axum::http::Request::new(Full::new(body));
+    *request.method_mut() = received.method.clone();
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    for (name, value) in received.headers.iter().filter(|(name, _)| is_end_to_end(name)) {
+        headers.append(name.clone(), value.clone());
     }
-    match answer.bytes().await {
-        Ok(bytes) => {
-            let mut response = Response::new(Body::from(bytes));
-            *response.status_mut() = status;
-            *response.headers_mut() = response_headers;
-            response
-        }
-        Err(_) => {
-            state.metrics.count_upstream("unreachable");
-            json(StatusCode::SERVICE_UNAVAILABLE, r#"{"error":"app answer broken, retry"}"#)
-        }
+    let (answer, bytes) = match outbound::exchange(&state.upstream, request, timeout).await {
+        Ok(answer) => answer,
+        Err(outbound::Failure::Timeout) => return unavailable("timeout"),
+        // Refused, reset, or an answer cut short: Apple's retry brings the notification again.
+        Err(outbound::Failure::Connect(_) | outbound::Failure::Request(_)) => return unavailable("unreachable"),
+    };
+    state.metrics.count_upstream(answer.status.as_str());
+    let mut response = Response::new(Body::from(bytes));
+    *response.status_mut() = answer.status;
+    let headers = response.headers_mut();
+    for (name, value) in answer.headers.iter().filter(|(name, _)| is_end_to_end(name)) {
+        headers.append(name.clone(), value.clone());
     }
+    response
 }
 
 #[cfg(test)]

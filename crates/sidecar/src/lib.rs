@@ -5,7 +5,8 @@
 //! * [`ingest`] receives Apple's POST, [`apple`] decodes it and [`verify`] checks its signature;
 //! * the [`spool`] commits the raw body before anything is acknowledged (by the app's own answer in
 //!   proxy mode, see [`ingest::acknowledgement`]);
-//! * [`delivery`] drains the spool to every destination, with retries decided by [`retry`].
+//! * [`delivery`] drains the spool to every destination, with retries decided by [`retry`];
+//! * [`outbound`] is the HTTP client of both the proxy path and delivery.
 //!
 //! Around it: [`config`] follows the config file and its secret files, [`admin`] serves health and
 //! [`metrics`], [`app`] wires it all together and shuts it down in order, and [`cli`] holds the other
@@ -22,6 +23,7 @@ pub mod delivery;
 pub mod gap_fill;
 pub mod ingest;
 pub mod metrics;
+pub mod outbound;
 pub mod retry;
 pub mod self_test;
 pub mod spool;

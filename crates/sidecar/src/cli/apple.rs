@@ -116,11 +116,10 @@ pub fn apple(command: &AppleCommand, json: bool, config_path: &Path) -> Result<S
                 }
                 return Ok(out);
             }
-            let http = gap_fill::replay_client(&file).map_err(|e| CommandError::Runtime(e.to_string()))?;
-            let url = gap_fill::replay_url(file.listen, &file);
+            let replayer = gap_fill::Replayer::new(file.listen, &file).map_err(CommandError::Runtime)?;
             let mut failed = 0;
             for item in &missing {
-                let outcome = runtime.block_on(gap_fill::replay(&http, &url, item));
+                let outcome = runtime.block_on(replayer.replay(item));
                 failed += usize::from(!outcome.stored());
                 let _ = writeln!(out, "{}  {outcome}", describe(item));
             }
