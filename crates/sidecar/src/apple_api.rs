@@ -357,15 +357,16 @@ impl HttpTransport {
 impl Transport for HttpTransport {
     async fn send(&self, request: http::Request<Vec<u8>>) -> Result<http::Response<Vec<u8>>, TransportError> {
         let (parts, body) = request.into_parts();
-        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
         let endpoint = Endpoint::of_path(parts.uri.path());
-        let url = match &self.base_url {
-            Some(base) => format!("{base}{path_and_query}"),
-            None => parts.uri.to_string(),
+        let uri = match &self.base_url {
+            None => parts.uri.clone(),
+            // `baseUrl` is checked at load; the message holds the parser's reason, not the URL.
+            Some(base) => {
+                let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                http::Uri::try_from(format!("{base}{path_and_query}"))
+                    .map_err(|e| TransportError::NetworkError(format!("not a valid request URI: {e}")))?
+            }
         };
-        // `baseUrl` is checked at load; the message holds the parser's reason, not the URL.
-        let uri = http::Uri::try_from(url)
-            .map_err(|e| TransportError::NetworkError(format!("not a valid request URI: {e}")))?;
         let body = Bytes::from(body);
         let mut rate_limited = 0;
         loop {

@@ -447,7 +447,7 @@ async fn forward(
         Ok(answer) => answer,
         Err(outbound::Failure::Timeout) => return unavailable("timeout"),
         // Refused, reset, or an answer cut short: Apple's retry brings the notification again.
-        Err(outbound::Failure::Connect(_) | outbound::Failure::Request(_)) => return unavailable("unreachable"),
+        Err(outbound::Failure::Failed(_)) => return unavailable("unreachable"),
     };
     state.metrics.count_upstream(answer.status.as_str());
     let mut response = Response::new(Body::from(bytes));

@@ -55,10 +55,9 @@ pub fn client(connect_timeout: Duration, max_idle_per_host: usize) -> Result<Cli
 pub enum Failure {
     /// No complete answer within the timeout.
     Timeout,
-    /// No connection: the kind and innermost cause, e.g. `connect error: Connection refused (os error 111)`.
-    Connect(String),
-    /// The connection broke while sending or reading.
-    Request(String),
+    /// No connection, or it broke while sending or reading: the kind and innermost cause, e.g.
+    /// `connect error: Connection refused (os error 111)`.
+    Failed(String),
 }
 
 impl Failure {
@@ -69,14 +68,13 @@ impl Failure {
             source = next;
         }
         let cause = source.to_string();
-        let text = if cause.contains("://") { kind.to_string() } else { format!("{kind}: {cause}") };
-        if connect { Failure::Connect(text) } else { Failure::Request(text) }
+        Failure::Failed(if cause.contains("://") { kind.to_string() } else { format!("{kind}: {cause}") })
     }
 
     pub fn describe(&self) -> &str {
         match self {
             Failure::Timeout => "timeout",
-            Failure::Connect(text) | Failure::Request(text) => text,
+            Failure::Failed(text) => text,
         }
     }
 }
@@ -204,7 +202,7 @@ mod tests {
     #[test]
     fn a_failure_names_its_innermost_cause_but_never_a_url() {
         let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
-        assert_eq!(Failure::of(&refused, true), Failure::Connect("connect error: Connection refused".into()));
+        assert_eq!(Failure::of(&refused, true).describe(), "connect error: Connection refused");
         let leaky = std::io::Error::other("cannot reach https://api.example.test/hook?token=s3cret");
         assert_eq!(Failure::of(&leaky, false).describe(), "request error");
         assert_eq!(Failure::Timeout.describe(), "timeout");
